@@ -1,0 +1,236 @@
+"""Configuration of the model and of a stream: one dataclass per part, presets in one table.
+
+Every knob of the Knot Forcing recipe lives in `StreamKnobs`, which is chosen per stream
+(per session, per evaluation run) so the paper's ablations can be reproduced without
+touching code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+
+# Per-video-frame motion/expression driving, in this order. Pose angles are in radians
+# (yaw left/right, pitch up/down, roll tilt); blink 0 open .. 1 closed; gaze in [-1, 1]
+# (x right, y down); mouth_open/mouth_wide/smile/brow in [0, 1] (brow: 0.5 neutral).
+# The driving vector carries each value plus a "given" flag (1 = set by the client), so
+# "not given" (the model chooses, e.g. idle motion or lips from audio) differs from 0.
+MOTION_FIELDS = ("yaw", "pitch", "roll", "blink", "gaze_x", "gaze_y",
+                 "mouth_open", "mouth_wide", "smile", "brow")
+
+
+@dataclass
+class VAEConfig:
+    """Causal video VAE: temporal x`temporal_stride` (first frame alone), spatial x`spatial_stride`."""
+
+    z_channels: int = 16
+    base_channels: int = 32
+    # Channel multiplier per resolution level, from full resolution down.
+    channel_mults: tuple[int, ...] = (1, 2, 4, 4)
+    temporal_stride: int = 4
+    spatial_stride: int = 8
+    # Per-channel latent normalisation, filled in after VAE training (Wan keeps these too).
+    latent_mean: tuple[float, ...] | None = None
+    latent_std: tuple[float, ...] | None = None
+
+
+@dataclass
+class DrivingConfig:
+    """Driving encoders: audio (log-mel) and motion vectors -> per-video-frame tokens."""
+
+    sample_rate: int = 16000
+    n_mels: int = 80
+    hop_length: int = 160  # 10 ms mel hop at 16 kHz
+    n_fft: int = 400
+    # Mel frames of context each video frame sees: `audio_context_frames` video frames
+    # before it, itself, and `lookahead_frames` after it.
+    audio_context_frames: int = 2
+    lookahead_frames: int = 1
+    # Motion vector layout (see model/driving.py MOTION_FIELDS): pose, blinks, gaze,
+    # mouth/expression, each with a "given" flag so absent fields differ from zero.
+    motion_dim: int = 2 * len(MOTION_FIELDS)
+    hidden: int = 256
+    tokens_per_frame: int = 2  # one audio token + one motion token per video frame
+
+
+@dataclass
+class DiTConfig:
+    """Wan2.1-compatible causal DiT geometry."""
+
+    latent_channels: int = 16
+    # Image-to-video condition channels concatenated to the noisy latent: a mask
+    # (`cond_mask_channels`) plus the condition latent (`latent_channels`). Wan I2V uses
+    # 4 mask channels (one per frame of the temporal stride); we do the same.
+    cond_mask_channels: int = 4
+    dim: int = 256
+    ffn_dim: int = 1024
+    num_heads: int = 4
+    num_layers: int = 8
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    freq_dim: int = 256
+    # Text cross-attention context width (umT5 4096 for Wan); 0 = no text cross-attention.
+    text_dim: int = 0
+    # Driving cross-attention width; 0 = no driving cross-attention.
+    drive_dim: int = 256
+    eps: float = 1e-6
+    rope_theta: float = 10000.0
+    cross_attn_norm: bool = True
+
+    in_channels: int = field(init=False)
+    head_dim: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.patch_size = tuple(self.patch_size)
+        if self.dim % self.num_heads:
+            raise ValueError(f"dim {self.dim} is not divisible by num_heads {self.num_heads}")
+        self.head_dim = self.dim // self.num_heads
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim {self.head_dim} must be even for RoPE")
+        self.in_channels = self.latent_channels + self.cond_mask_channels + self.latent_channels
+
+
+@dataclass
+class SamplerConfig:
+    """Flow-matching few-step sampler."""
+
+    denoise_steps: int = 4
+    shift: float = 5.0
+    # Training runs on 1000 discrete timesteps, as Wan; the model sees t in [0, 1000].
+    num_train_timesteps: int = 1000
+
+
+@dataclass
+class StreamKnobs:
+    """Per-stream knobs of the chunk loop; all in latent frames unless named otherwise."""
+
+    chunk_frames: int = 2
+    window_frames: int = 6
+    knot_frames: int = 1
+    # Reference temporal coordinate is kept this many frames ahead of the end of the
+    # current chunk (running ahead). 0 turns running ahead off: the reference stays at
+    # temporal position 0 and frames start at position 1.
+    ahead_frames: int = 4
+    denoise_steps: int = 4
+    shift: float = 5.0
+    # Absolute positions are rebased once they exceed this many frames.
+    rebase_every: int = 1024
+    # Weight of the previous chunk's prediction when fusing knot frames (0.5 = average).
+    knot_fusion: float = 0.5
+
+    def __post_init__(self) -> None:
+        checks = {
+            "chunk_frames": self.chunk_frames >= 1,
+            "window_frames": self.window_frames >= 0,
+            "knot_frames": 0 <= self.knot_frames <= self.chunk_frames,
+            "ahead_frames": self.ahead_frames >= 0,
+            "denoise_steps": 1 <= self.denoise_steps <= 100,
+            "shift": self.shift > 0,
+            "rebase_every": self.rebase_every >= 16,
+            "knot_fusion": 0.0 <= self.knot_fusion <= 1.0,
+        }
+        bad = [name for name, ok in checks.items() if not ok]
+        if bad:
+            raise ValueError(f"invalid stream knobs: {', '.join(f'{n}={getattr(self, n)!r}' for n in bad)}")
+
+    def replace(self, **changes) -> "StreamKnobs":
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass
+class ModelConfig:
+    """Everything needed to build a model, plus the stream defaults it was trained for."""
+
+    name: str
+    dit: DiTConfig
+    vae: VAEConfig
+    driving: DrivingConfig
+    sampler: SamplerConfig
+    stream: StreamKnobs
+    height: int = 128
+    width: int = 128
+    fps: int = 25
+
+    def __post_init__(self) -> None:
+        s = self.vae.spatial_stride * self.dit.patch_size[1]
+        if self.height % s or self.width % s:
+            raise ValueError(f"{self.name}: {self.height}x{self.width} is not a multiple of {s}")
+        if self.dit.latent_channels != self.vae.z_channels:
+            raise ValueError("dit.latent_channels must equal vae.z_channels")
+
+    @property
+    def latent_hw(self) -> tuple[int, int]:
+        return self.height // self.vae.spatial_stride, self.width // self.vae.spatial_stride
+
+    @property
+    def tokens_per_frame(self) -> int:
+        h, w = self.latent_hw
+        return (h // self.dit.patch_size[1]) * (w // self.dit.patch_size[2])
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        def build(kind, values):
+            names = {f.name for f in dataclasses.fields(kind) if f.init}
+            unknown = set(values) - {f.name for f in dataclasses.fields(kind)}
+            if unknown:
+                raise ValueError(f"unknown {kind.__name__} fields: {sorted(unknown)}")
+            kw = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k in names}
+            return kind(**kw)
+
+        return cls(
+            name=d["name"],
+            dit=build(DiTConfig, d["dit"]),
+            vae=build(VAEConfig, d["vae"]),
+            driving=build(DrivingConfig, d["driving"]),
+            sampler=build(SamplerConfig, d["sampler"]),
+            stream=build(StreamKnobs, d["stream"]),
+            height=d.get("height", 128),
+            width=d.get("width", 128),
+            fps=d.get("fps", 25),
+        )
+
+
+def _tiny() -> ModelConfig:
+    # Sized for real time on 2 CPU cores at 128x128, 25 fps: 64 tokens per latent frame.
+    return ModelConfig(
+        name="tiny",
+        dit=DiTConfig(dim=256, ffn_dim=1024, num_heads=4, num_layers=8, drive_dim=256),
+        vae=VAEConfig(z_channels=16, base_channels=32, channel_mults=(1, 2, 4, 4)),
+        driving=DrivingConfig(hidden=256),
+        sampler=SamplerConfig(denoise_steps=4, shift=3.0),
+        stream=StreamKnobs(chunk_frames=2, window_frames=6, knot_frames=1, ahead_frames=4,
+                           denoise_steps=4, shift=3.0),
+        height=128,
+        width=128,
+        fps=25,
+    )
+
+
+def _wan_1_3b() -> ModelConfig:
+    # Wan2.1-T2V-1.3B geometry; 36 input channels as Wan I2V (16 noisy + 4 mask + 16 latent).
+    return ModelConfig(
+        name="wan-1.3b",
+        dit=DiTConfig(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30, text_dim=4096,
+                      drive_dim=1536, latent_channels=16, cond_mask_channels=4),
+        vae=VAEConfig(z_channels=16, base_channels=96, channel_mults=(1, 2, 4, 4)),
+        driving=DrivingConfig(hidden=1024),
+        sampler=SamplerConfig(denoise_steps=4, shift=5.0),
+        stream=StreamKnobs(chunk_frames=3, window_frames=12, knot_frames=1, ahead_frames=4,
+                           denoise_steps=4, shift=5.0),
+        height=480,
+        width=832,
+        fps=16,
+    )
+
+
+PRESETS = {"tiny": _tiny, "wan-1.3b": _wan_1_3b}
+
+
+def from_name(name: str) -> ModelConfig:
+    try:
+        return PRESETS[name]()
+    except KeyError:
+        raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}") from None
