@@ -1,0 +1,29 @@
+"""The trained parts of an avatar model, held together: DiT, VAE and driving encoder."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from model.config import ModelConfig
+from model.dit import DiT
+from model.driving import DrivingEncoder
+from model.vae import CausalVAE
+
+
+class AvatarModel(nn.Module):
+    """`dit`, `vae` and `driving` of one `ModelConfig`; saved and loaded as one safetensors file."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.dit = DiT(config.dit)
+        self.vae = CausalVAE(config.vae)
+        self.driving = DrivingEncoder(config.driving, config.dit.drive_dim)
+
+    @classmethod
+    def random(cls, config: ModelConfig, seed: int = 0) -> "AvatarModel":
+        """Seeded random weights (the untrained fallback; benchmarks and shape tests use it)."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return cls(config)

@@ -1,0 +1,295 @@
+"""Engine and Stream: the chunk loop of Knot Forcing.
+
+One `Stream` per live session. Each `step()` generates one chunk:
+
+1. running ahead: if the chunk would pass the reference's temporal coordinate, move the
+   reference forward by `ahead_frames` (a rotation of the cached reference keys);
+2. denoise `chunk_frames + knot_frames` latent frames with few-step Euler; queries see
+   the reference cache, the window ring buffer and the chunk itself; the first
+   `knot_frames` are conditioned (image-to-video mask + latent) on the previous chunk's
+   knot prediction, and fused with it at the last step;
+3. write the committed `chunk_frames` clean frames into the window cache by one extra
+   pass at noise level 0 with no condition (as Self Forcing); knot frames are never
+   cached, they become the next chunk's condition;
+4. decode the committed latents with the streaming VAE decoder;
+5. rebase positions when they exceed `rebase_every` (rotate every cached key by the
+   same negative offset: attention is unchanged, numbers stay small).
+
+Latent frame f covers video frames [4f - 3, 4f] (frame 0 alone, as Wan's VAE), so the
+first step returns 4c - 3 frames and every later one 4c.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from model import driving as drv
+from model.avatar import AvatarModel
+from model.cache import ReferenceCache, WindowCache
+from model.config import ModelConfig, StreamKnobs, from_name, PRESETS
+from model.dit import EncodeReference, Streaming
+from model.media import fit_portrait
+from model.sampler import denoise, get_sigmas
+
+log = logging.getLogger("knotstream.engine")
+
+ASSETS = Path(__file__).parent / "assets"
+
+
+class Engine:
+    """A loaded model; starts streams. Thread-compatible: one stream is stepped by one thread at a time."""
+
+    def __init__(self, model: AvatarModel, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                 trained: bool = True):
+        self.model = model.to(device=device, dtype=dtype).eval()
+        self.config: ModelConfig = model.config
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.trained = trained
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str = "tiny", device: str = "cpu",
+                        dtype: torch.dtype = torch.float32) -> "Engine":
+        """A preset name (its bundled weights when shipped, seeded random weights otherwise) or a
+        local safetensors path written by `model.weights.save_model`. Nothing is downloaded."""
+        from model.weights import load_model
+
+        path = Path(name_or_path)
+        if name_or_path in PRESETS:
+            bundled = ASSETS / f"{name_or_path}.safetensors"
+            if bundled.exists():
+                return cls(load_model(bundled, device=device), device, dtype)
+            log.warning("no bundled weights for preset %r: using seeded random weights (untrained)", name_or_path)
+            return cls(AvatarModel.random(from_name(name_or_path)), device, dtype, trained=False)
+        if path.exists():
+            return cls(load_model(path, device=device), device, dtype)
+        raise FileNotFoundError(
+            f"model {name_or_path!r} is neither a preset ({', '.join(sorted(PRESETS))}) nor an existing file")
+
+    def start(self, reference: np.ndarray, knobs: StreamKnobs | None = None, seed: int = 0) -> "Stream":
+        """reference: (H, W, 3) uint8 RGB portrait of any size (cropped/resized to the model's)."""
+        return Stream(self, reference, knobs or self.config.stream, seed)
+
+    def step_many(self, streams: list["Stream"], audios: list[np.ndarray | None],
+                  motions: list[np.ndarray | None]) -> list[np.ndarray]:
+        """Batching hook for the generation worker. Today: one stream after another."""
+        return [s.step(a, m) for s, a, m in zip(streams, audios, motions)]
+
+
+class Stream:
+    """One endless video. Not thread-safe; the generation worker owns it."""
+
+    def __init__(self, engine: Engine, reference: np.ndarray, knobs: StreamKnobs, seed: int):
+        self.engine = engine
+        self.knobs = knobs
+        cfg = engine.config
+        self.cfg = cfg
+        m = engine.model
+        dev, dt = engine.device, engine.dtype
+        self.generator = torch.Generator(device="cpu").manual_seed(seed)
+        self.latent_hw = cfg.latent_hw
+        T = cfg.tokens_per_frame
+        d = cfg.dit
+        self.reference = ReferenceCache(d.num_layers, 1, d.num_heads, T, d.head_dim, dt, dev)
+        self.window = WindowCache(d.num_layers, 1, d.num_heads, knobs.window_frames, T, d.head_dim, dt, dev)
+        self.decoder = m.vae.stream_decoder()
+        self.rope = m.dit.rope
+
+        self.next_latent = 0           # latent index of the next chunk's first frame
+        self.offset = 0                # positions are (latent index + 1 - offset)
+        self.knot: Tensor | None = None  # previous chunk's knot prediction (B, z, k, h, w)
+        self.chunks = 0
+        self.closed = False
+
+        sr, fps = cfg.driving.sample_rate, cfg.fps
+        self._samples_per_frame = sr / fps
+        self._audio = np.zeros(0, dtype=np.float32)  # history, starting at sample self._audio_origin
+        self._audio_origin = 0
+        self._motion: dict[int, np.ndarray] = {}     # video frame -> motion vector (given fields only)
+
+        image = fit_portrait(reference, cfg.height, cfg.width)
+        self.reference_image = image
+        with torch.inference_mode():
+            video = torch.from_numpy(image).to(dev, dt).permute(2, 0, 1)[None, :, None] / 127.5 - 1  # (1, 3, 1, H, W)
+            self.reference_latent = m.vae.encode(video)  # (1, z, 1, h, w)
+            # Running ahead off: the reference sits at position 0 and frames start at 1.
+            self.reference.position = float(self._chunk_span_end(0) + knobs.ahead_frames) if knobs.ahead_frames else 0.0
+            pos = torch.tensor([self.reference.position], dtype=torch.float64)
+            zero_t = torch.zeros(1, 1, device=dev)
+            m.dit(self.reference_latent, zero_t, pos, EncodeReference(self.reference))
+
+    # ----- geometry -------------------------------------------------------------------
+
+    def _chunk_span_end(self, latent: int) -> int:
+        """Exclusive end position of the chunk (with knots) starting at `latent`."""
+        return latent + 1 - self.offset + self.knobs.chunk_frames + self.knobs.knot_frames
+
+    @property
+    def frame_index(self) -> int:
+        """Index of the first video frame the next step() returns."""
+        return 0 if self.next_latent == 0 else 4 * self.next_latent - 3
+
+    @property
+    def next_frames(self) -> int:
+        """Video frames the next step() returns."""
+        c = self.knobs.chunk_frames
+        return 4 * c - 3 if self.next_latent == 0 else 4 * c
+
+    @property
+    def driving_frames(self) -> int:
+        """Video frames of driving the next step() reads, from `frame_index`: its own frames,
+        the knot frames' and the audio lookahead."""
+        last = 4 * (self.next_latent + self.knobs.chunk_frames + self.knobs.knot_frames - 1)
+        return last + 1 - self.frame_index + self.cfg.driving.lookahead_frames
+
+    @property
+    def audio_samples_needed(self) -> int:
+        return self._sample(self.frame_index + self.driving_frames) - self._sample(self.frame_index)
+
+    def _sample(self, frame: int) -> int:
+        return int(round(frame * self._samples_per_frame))
+
+    # ----- driving --------------------------------------------------------------------
+
+    def _ingest(self, audio: np.ndarray | None, motion: np.ndarray | None) -> None:
+        """Store this step's driving by output frame time; it replaces what was given before
+        for the same frames (a later step re-sends its lookahead with the real audio)."""
+        start = self._sample(self.frame_index)
+        kept = self._audio[: max(0, start - self._audio_origin)]
+        parts = [kept, np.zeros(start - self._audio_origin - len(kept), dtype=np.float32)]
+        if audio is not None:
+            audio = np.asarray(audio, dtype=np.float32).reshape(-1)
+            if not np.isfinite(audio).all():
+                raise ValueError("driving audio contains NaN or infinite samples")
+            parts.append(audio[: self.audio_samples_needed])
+        hist = np.concatenate(parts)
+        # Keep only what a later chunk can still read (its audio context reaches back).
+        keep_from = self._sample(max(0, self.frame_index - self.cfg.driving.audio_context_frames - 8))
+        keep_from = (keep_from // self.cfg.driving.hop_length) * self.cfg.driving.hop_length
+        cut = max(0, keep_from - self._audio_origin)
+        self._audio, self._audio_origin = hist[cut:], self._audio_origin + cut
+
+        n = self.driving_frames
+        for f in list(self._motion):
+            if f < self.frame_index - 8 or f >= self.frame_index:
+                del self._motion[f]  # new motion replaces what was given for these frames
+        if motion is not None:
+            motion = np.asarray(motion, dtype=np.float32)
+            if motion.ndim != 2 or motion.shape[1] != self.cfg.driving.motion_dim:
+                raise ValueError(f"motion must be (frames, {self.cfg.driving.motion_dim}), got {motion.shape}")
+            for i, vec in enumerate(motion[:n]):
+                self._motion[self.frame_index + i] = vec
+
+    def _driving_tokens(self, first_frame: int, n_frames: int) -> Tensor:
+        """Driving tokens for video frames [first_frame, first_frame + n_frames) grouped by latent
+        frame: (1, n_frames // 4, 4 * tokens_per_frame, drive_dim)."""
+        dc = self.cfg.driving
+        fps = self.cfg.fps
+        # Mel over the kept history; frames outside it read as silence inside audio_windows.
+        s0 = (self._audio_origin // dc.hop_length) * dc.hop_length
+        audio = self._audio[s0 - self._audio_origin:] if s0 >= self._audio_origin else self._audio
+        if len(audio) < dc.n_fft:
+            audio = np.pad(audio, (0, dc.n_fft - len(audio)))
+        mel = drv.log_mel(torch.from_numpy(np.ascontiguousarray(audio)), dc)
+        win = drv.audio_windows(mel, fps, first_frame, n_frames, dc, mel_offset=s0 // dc.hop_length)
+        motion = np.zeros((n_frames, dc.motion_dim), dtype=np.float32)
+        for i in range(n_frames):
+            vec = self._motion.get(first_frame + i)
+            if vec is not None:
+                motion[i] = vec
+        dev, dt = self.engine.device, self.engine.dtype
+        tokens = self.engine.model.driving(win[None].to(dev, dt), torch.from_numpy(motion)[None].to(dev, dt))
+        B, Tv, M, D = tokens.shape
+        return tokens.reshape(B, Tv // 4, 4 * M, D)  # (1, F, 4M, D)
+
+    # ----- the chunk loop -------------------------------------------------------------
+
+    @torch.inference_mode()
+    def step(self, audio: np.ndarray | None = None, motion: np.ndarray | None = None) -> np.ndarray:
+        """Generate the next chunk. Returns (next_frames, H, W, 3) uint8.
+
+        audio: float32 mono at the model's sample rate covering video frames
+        [frame_index, frame_index + driving_frames); shorter = silence after it; it
+        replaces earlier audio for those frames. motion: (frames, motion_dim) from
+        `model.driving.motion_vector`, from frame_index; None = not given.
+        """
+        if self.closed:
+            raise RuntimeError("stream is closed")
+        k = self.knobs
+        m = self.engine.model
+        dev, dt = self.engine.device, self.engine.dtype
+        c, kn = k.chunk_frames, k.knot_frames
+        Fr = c + kn
+        z = self.cfg.vae.z_channels
+        h, w = self.latent_hw
+        self._ingest(audio, motion)
+
+        # 1. Running ahead: keep the reference's temporal coordinate ahead of this chunk.
+        if k.ahead_frames:
+            end = self._chunk_span_end(self.next_latent)
+            while end > self.reference.position:
+                self.reference.move(self.rope, float(k.ahead_frames))
+
+        pos = torch.arange(Fr, dtype=torch.float64) + (self.next_latent + 1 - self.offset)
+        drive = self._driving_tokens(4 * self.next_latent - 3, 4 * Fr)
+
+        # 2. Denoise chunk + knot frames, conditioned on the previous knot prediction.
+        cond = torch.zeros(1, m.dit.cond_channels, Fr, h, w, device=dev, dtype=dt)
+        prev = self.knot
+        if prev is not None:
+            n_mask = m.dit.cond_channels - z
+            cond[:, :n_mask, :kn] = 1.0
+            cond[:, n_mask:, :kn] = prev
+        ctx = Streaming(self.reference, self.window, write=False)
+
+        def velocity(x: Tensor, sigma: float) -> Tensor:
+            t = torch.full((1, Fr), sigma * self.cfg.sampler.num_train_timesteps, device=dev, dtype=dt)
+            return m.dit(x, t, pos, ctx, cond=cond, drive=drive)
+
+        def fuse_knot(x0: Tensor) -> Tensor:
+            if prev is not None:
+                x0[:, :, :kn] = k.knot_fusion * prev + (1 - k.knot_fusion) * x0[:, :, :kn]
+            return x0
+
+        noise = torch.randn(1, z, Fr, h, w, generator=self.generator).to(dev, dt)
+        x0 = denoise(velocity, noise, get_sigmas(k.denoise_steps, k.shift), on_last=fuse_knot)
+        committed, self.knot = x0[:, :, :c], (x0[:, :, c:].clone() if kn else None)
+
+        # 3. Cache the committed clean frames (noise level 0, no condition).
+        t0 = torch.zeros(1, c, device=dev, dtype=dt)
+        m.dit(committed, t0, pos[:c], Streaming(self.reference, self.window, write=True), drive=drive[:, :c])
+        self.window.commit(c)
+
+        # 4. Decode.
+        frames = self.decoder.decode(committed)  # (1, 3, n, H, W) in [-1, 1]
+        out = ((frames[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        out = out.permute(1, 2, 3, 0).cpu().numpy()  # (n, H, W, 3)
+
+        self.next_latent += c
+        self.chunks += 1
+        # 5. Rebase: the next chunk starts again at position 1.
+        if self.next_latent + 1 - self.offset > k.rebase_every:
+            self.rebase()
+        return out
+
+    def rebase(self) -> None:
+        """Shift every position so the next chunk starts at 1; outputs are unchanged."""
+        delta = self.next_latent - self.offset
+        self.reference.move(self.rope, -float(delta))
+        self.window.move(self.rope, -float(delta))
+        self.offset += delta
+
+    def cache_nbytes(self) -> int:
+        return self.reference.nbytes() + self.window.nbytes()
+
+    def close(self) -> None:
+        """Free the caches (the worker calls this when a session ends)."""
+        self.closed = True
+        self.reference = self.window = self.decoder = self.knot = None
