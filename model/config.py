@@ -150,6 +150,11 @@ class ModelConfig:
     height: int = 128
     width: int = 128
     fps: int = 25
+    # Give every frame the reference latent in the condition channels (mask 0; knot
+    # frames carry their knot latent with mask 1). A copy shortcut that lets a small
+    # model start from "repeat the reference" (see research/training-feasibility.md);
+    # off for Wan checkpoints, whose I2V condition is zero outside given frames.
+    reference_hint: bool = True
 
     def __post_init__(self) -> None:
         s = self.vae.spatial_stride * self.dit.patch_size[1]
@@ -190,6 +195,7 @@ class ModelConfig:
             height=d.get("height", 128),
             width=d.get("width", 128),
             fps=d.get("fps", 25),
+            reference_hint=d.get("reference_hint", True),
         )
 
 
@@ -223,6 +229,7 @@ def _wan_1_3b() -> ModelConfig:
         height=480,
         width=832,
         fps=16,
+        reference_hint=False,
     )
 
 

@@ -9,7 +9,7 @@ One `Stream` per live session. Each `step()` generates one chunk:
    `knot_frames` are conditioned (image-to-video mask + latent) on the previous chunk's
    knot prediction, and fused with it at the last step;
 3. write the committed `chunk_frames` clean frames into the window cache by one extra
-   pass at noise level 0 with no condition (as Self Forcing); knot frames are never
+   pass at noise level 0 (as Self Forcing), condition without knot; knot frames are never
    cached, they become the next chunk's condition;
 4. decode the committed latents with the streaming VAE decoder;
 5. rebase positions when they exceed `rebase_every` (rotate every cached key by the
@@ -41,6 +41,25 @@ from model.sampler import denoise, get_sigmas
 log = logging.getLogger("knotstream.engine")
 
 ASSETS = Path(__file__).parent / "assets"
+
+
+def build_cond(cfg: ModelConfig, reference_latent: Tensor, knot: Tensor | None, n_frames: int) -> Tensor:
+    """Image-to-video condition of a chunk: (B, mask + z, n_frames, h, w).
+
+    The first knot frames carry the previous chunk's knot prediction with mask 1; the
+    other frames carry the reference latent with mask 0 when `cfg.reference_hint` is on
+    (zeros otherwise). The trainer builds its conditions with this same function.
+    """
+    B, z, _, h, w = reference_latent.shape
+    n_mask = cfg.dit.in_channels - 2 * z
+    cond = reference_latent.new_zeros(B, n_mask + z, n_frames, h, w)
+    if cfg.reference_hint:
+        cond[:, n_mask:] = reference_latent
+    if knot is not None:
+        kn = knot.shape[2]
+        cond[:, :n_mask, :kn] = 1.0
+        cond[:, n_mask:, :kn] = knot
+    return cond
 
 
 class Engine:
@@ -241,12 +260,8 @@ class Stream:
         drive = self._driving_tokens(4 * self.next_latent - 3, 4 * Fr)
 
         # 2. Denoise chunk + knot frames, conditioned on the previous knot prediction.
-        cond = torch.zeros(1, m.dit.cond_channels, Fr, h, w, device=dev, dtype=dt)
         prev = self.knot
-        if prev is not None:
-            n_mask = m.dit.cond_channels - z
-            cond[:, :n_mask, :kn] = 1.0
-            cond[:, n_mask:, :kn] = prev
+        cond = build_cond(self.cfg, self.reference_latent, prev, Fr)
         ctx = Streaming(self.reference, self.window, write=False)
 
         def velocity(x: Tensor, sigma: float) -> Tensor:
@@ -262,9 +277,10 @@ class Stream:
         x0 = denoise(velocity, noise, get_sigmas(k.denoise_steps, k.shift), on_last=fuse_knot)
         committed, self.knot = x0[:, :, :c], (x0[:, :, c:].clone() if kn else None)
 
-        # 3. Cache the committed clean frames (noise level 0, no condition).
+        # 3. Cache the committed clean frames (noise level 0, no knot condition).
         t0 = torch.zeros(1, c, device=dev, dtype=dt)
-        m.dit(committed, t0, pos[:c], Streaming(self.reference, self.window, write=True), drive=drive[:, :c])
+        m.dit(committed, t0, pos[:c], Streaming(self.reference, self.window, write=True),
+              cond=build_cond(self.cfg, self.reference_latent, None, c), drive=drive[:, :c])
         self.window.commit(c)
 
         # 4. Decode.

@@ -1,0 +1,110 @@
+"""`knotstream bench engine`: per-chunk cost vs stream length, ours next to a no-cache baseline.
+
+Ours: the real `Stream` (reference cache, window ring buffer, knots, streaming decode).
+Baseline, in the same run: a naive causal model that re-runs every past frame (clean)
+together with the chunk at every denoising step, as a model without KV caches must. It
+grows with the stream; ours stays flat. Prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("what", choices=["engine"], help="what to benchmark")
+    p.add_argument("--model", default="tiny")
+    p.add_argument("--lengths", default="10,100,1000", help="stream lengths in chunks")
+    p.add_argument("--baseline-max-chunks", type=int, default=100,
+                   help="longest history the quadratic baseline is run at (longer: not run)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+
+
+def _time(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def run(args: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+
+    from model.dit import FullSequence
+    from model.engine import Engine
+    from model.sampler import get_sigmas
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    lengths = sorted({int(x) for x in args.lengths.split(",")})
+    engine = Engine.from_pretrained(args.model)
+    cfg = engine.config
+    knobs = cfg.stream
+    c = knobs.chunk_frames
+    image = np.full((cfg.height, cfg.width, 3), 128, dtype=np.uint8)
+    rng = np.random.default_rng(0)
+    sr, fps = cfg.driving.sample_rate, cfg.fps
+
+    # Ours: one stream, timed at each requested length.
+    ours = {}
+    stream = engine.start(image, knobs, seed=0)
+    done = 0
+    for n in lengths:
+        while done < n - args.repeats:
+            stream.step(rng.standard_normal(stream.audio_samples_needed).astype(np.float32) * 0.1)
+            done += 1
+        per = []
+        for _ in range(args.repeats):
+            audio = rng.standard_normal(stream.audio_samples_needed).astype(np.float32) * 0.1
+            t0 = time.perf_counter()
+            frames = stream.step(audio)
+            per.append((time.perf_counter() - t0, len(frames)))
+            done += 1
+        ms = statistics.median(p[0] for p in per) * 1000
+        ours[n] = (ms, per[-1][1] / (ms / 1000))
+
+    # Baseline: the same DiT re-running [reference | all past frames | chunk] per step.
+    dit = engine.model.dit
+    h, w = cfg.latent_hw
+    z = cfg.vae.z_channels
+    T = cfg.tokens_per_frame
+    steps = knobs.denoise_steps
+    base = {}
+    for n in lengths:
+        if n > args.baseline_max_chunks:
+            continue
+        frames_total = 1 + n * c  # reference + history + chunk
+        x = torch.randn(1, z, frames_total, h, w)
+        t = torch.zeros(1, frames_total)
+        pos = torch.arange(frames_total, dtype=torch.float64)
+        ctx = FullSequence(prefix_len=T, chunk_len=c * T, window_len=None)
+        drive = torch.zeros(1, frames_total - 1, 4 * cfg.driving.tokens_per_frame, cfg.dit.drive_dim)
+
+        def chunk():
+            with torch.inference_mode():
+                for _ in get_sigmas(steps, knobs.shift)[:-1]:
+                    dit(x, t, pos, ctx, drive=drive)
+
+        ms = _time(chunk, args.repeats) * 1000
+        base[n] = (ms, 4 * c / (ms / 1000))
+
+    print(f"engine benchmark: model {args.model} ({cfg.width}x{cfg.height}, {fps} fps), "
+          f"chunk {c} latent frames = {4 * c} video frames, window {knobs.window_frames}, "
+          f"knot {knobs.knot_frames}, {steps} steps, torch threads {torch.get_num_threads()}"
+          + ("" if engine.trained else ", seeded random weights"))
+    print()
+    print("| stream length (chunks) | ours ms/chunk | ours frames/s | real-time factor | "
+          "no-cache baseline ms/chunk | baseline frames/s | ours / baseline speed |")
+    print("|---|---|---|---|---|---|---|")
+    for n in lengths:
+        ms, fs = ours[n]
+        b = base.get(n)
+        bcol = f"{b[0]:.1f} | {b[1]:.1f} | {b[0] / ms:.2f}x" if b else "not run (quadratic) | - | -"
+        print(f"| {n} | {ms:.1f} | {fs:.1f} | {fs / fps:.2f}x | {bcol} |")
+    return 0
