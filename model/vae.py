@@ -1,0 +1,321 @@
+"""Causal video VAE: temporal x4 with the first frame alone (as Wan), spatial x8, streaming.
+
+T = 1 + 4k video frames <-> 1 + k latent frames; latent frame f covers video frames
+[4f - 3, 4f] (frame 0 alone). All convolutions pad only the past in time, so the encoder
+and decoder stream: `stream_decoder()` / `stream_encoder()` keep per-layer caches (the
+last frames each causal conv needs) and give, chunk by chunk, the same output as one
+pass over the whole clip.
+
+Widths are `base_channels * channel_mults` from full resolution down; one level per
+entry, a 2x spatial resample between levels (so spatial_stride = 2 ** (levels - 1)); the
+time resamples sit at the deepest transitions (cheap there, as in Wan).
+
+The encoder (runs once per reference image at inference, and in training) has RMS-normed
+SiLU residual blocks with 3-frame temporal kernels at every level. The decoder is the
+real-time part and is TAEHV-like: ReLU residual blocks without norms whose first conv
+remembers the previous frame (temporal kernel 2), nothing at full resolution: the image
+comes out of a sub-pixel conv at half resolution. Its widths are widths[1:] (widths[0]
+is the encoder's full-resolution width).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from model.config import VAEConfig
+from model.vae_blocks import (CausalConv3d, CausalState, ChannelRMSNorm, ResBlock, SpatialUp, TimeUp, ToPixels,
+                              number_slots)
+
+# Residual blocks per level. Encoder: at every level plus one at the bottom. Decoder:
+# `_DEC_DEEP_BLOCKS` at the latent resolution, `_DEC_MID_BLOCKS` at each level in
+# between, none at full resolution (the most expensive place for a conv).
+_ENC_BLOCKS = 1
+_DEC_DEEP_BLOCKS = 2
+_DEC_MID_BLOCKS = 1
+_LOGVAR_RANGE = (-30.0, 20.0)
+
+
+def frames_for_latents(n_latents: int, first: bool, temporal_stride: int = 4) -> int:
+    """Video frames that `n_latents` latent frames cover: 1 + 4(n - 1) for a clip's first
+    chunk (frame 0 stands alone), 4n for any later chunk."""
+    if n_latents < 1:
+        raise ValueError(f"n_latents must be >= 1, got {n_latents}")
+    return 1 + temporal_stride * (n_latents - 1) if first else temporal_stride * n_latents
+
+
+def latents_for_frames(n_frames: int, first: bool, temporal_stride: int = 4) -> int:
+    """Inverse of `frames_for_latents`; ValueError if `n_frames` is not a whole number of latents."""
+    rest = n_frames - 1 if first else n_frames
+    if n_frames < 1 or rest % temporal_stride:
+        rule = f"1 + {temporal_stride}k" if first else f"{temporal_stride}k (k >= 1)"
+        raise ValueError(f"{'a first' if first else 'a later'} chunk needs {rule} frames, got {n_frames}")
+    return rest // temporal_stride + 1 if first else rest // temporal_stride
+
+
+class _Chain(nn.ModuleList):
+    """Blocks applied in order, each called as block(x, state)."""
+
+    def forward(self, x: Tensor, state: CausalState) -> Tensor:
+        for block in self:
+            x = block(x, state)
+        return x
+
+
+def _geometry(cfg: VAEConfig) -> tuple[list[int], int]:
+    """Widths per level (full resolution first) and the number of x2 time resamples."""
+    widths = [cfg.base_channels * m for m in cfg.channel_mults]
+    levels = len(widths)
+    if levels < 1 or min(widths) < 1 or cfg.z_channels < 1:
+        raise ValueError(f"VAE needs positive widths and z_channels, got widths {widths}, z {cfg.z_channels}")
+    if cfg.spatial_stride != 2 ** (levels - 1):
+        raise ValueError(f"spatial_stride {cfg.spatial_stride} must be 2 ** (len(channel_mults) - 1) "
+                         f"= {2 ** (levels - 1)}: one x2 resample between levels")
+    n_time = int(math.log2(cfg.temporal_stride)) if cfg.temporal_stride >= 1 else -1
+    if cfg.temporal_stride < 1 or 2 ** n_time != cfg.temporal_stride or n_time > levels - 1:
+        raise ValueError(f"temporal_stride {cfg.temporal_stride} must be a power of two "
+                         f"<= spatial_stride {cfg.spatial_stride}")
+    return widths, n_time
+
+
+class Encoder(nn.Module):
+    """video (B, 3, T, H, W) -> moments (B, 2z, T', H/s, W/s): mean then logvar channels."""
+
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        widths, n_time = _geometry(cfg)
+        L = len(widths)
+        self.conv_in = CausalConv3d(3, widths[0], (3, 3, 3))
+        self.levels = nn.ModuleList()
+        for i, c in enumerate(widths):
+            level = _Chain(ResBlock(c, c, 3, True, nn.SiLU) for _ in range(_ENC_BLOCKS))
+            if i < L - 1:
+                # The last n_time transitions also halve time (kernel 3, stride 2: first frame alone).
+                if i >= L - 1 - n_time:
+                    level.append(CausalConv3d(c, widths[i + 1], (3, 3, 3), stride=(2, 2, 2)))
+                else:
+                    level.append(CausalConv3d(c, widths[i + 1], (1, 3, 3), stride=(1, 2, 2)))
+            self.levels.append(level)
+        self.mid = ResBlock(widths[-1], widths[-1], 3, True, nn.SiLU)
+        self.norm_out = ChannelRMSNorm(widths[-1])
+        self.act = nn.SiLU()
+        self.conv_out = CausalConv3d(widths[-1], 2 * cfg.z_channels, (1, 3, 3))
+        self.n_slots = number_slots(self)
+
+    def forward(self, video: Tensor, state: CausalState) -> Tensor:
+        """video (B, 3, T, H, W) -> moments (B, 2z, T', h, w), advancing `state` by one chunk."""
+        x = self.conv_in(video.transpose(1, 2), state)  # frame-major (B, T, C, H, W) inside
+        for level in self.levels:
+            x = level(x, state)
+        x = self.mid(x, state)
+        out = self.conv_out(self.act(self.norm_out(x)), state)  # (B, T', 2z, h, w)
+        state.first = False
+        return out.transpose(1, 2).contiguous()
+
+
+class Decoder(nn.Module):
+    """latent (B, z, F, h, w), unnormalised -> video (B, 3, 1 + 4(F - 1) or 4F, H, W), unclamped.
+
+    Widths from the bottom level up; level 0 (full resolution) has no conv of its own:
+    the last stage is a sub-pixel conv from level 1 (`ToPixels`)."""
+
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        widths, n_time = _geometry(cfg)
+        L = len(widths)
+        self.conv_in = CausalConv3d(cfg.z_channels, widths[-1], (3, 3, 3))
+        self.mid = _Chain(ResBlock(widths[-1], widths[-1], 2, False, nn.ReLU) for _ in range(_DEC_DEEP_BLOCKS))
+        self.ups = nn.ModuleList()
+        for i in range(L - 1, 0, -1):  # transition from level i up to level i - 1
+            up = _Chain()
+            if i > L - 1 - n_time:  # the first n_time transitions also double time
+                up.append(TimeUp(widths[i]))
+            if i > 1:
+                up.append(SpatialUp(widths[i], widths[i - 1]))
+                up.extend(ResBlock(widths[i - 1], widths[i - 1], 2, False, nn.ReLU) for _ in range(_DEC_MID_BLOCKS))
+            else:
+                up.append(ToPixels(widths[1], nn.ReLU))
+            self.ups.append(up)
+        # Spatial stride 1 (a single level): a plain output conv.
+        self.conv_out = CausalConv3d(widths[0], 3, (1, 3, 3)) if L == 1 else None
+        self.n_slots = number_slots(self)
+
+    def forward(self, z: Tensor, state: CausalState) -> Tensor:
+        """z (B, z, F, h, w) -> video (B, 3, n, H, W), advancing `state` by one chunk."""
+        x = self.mid(self.conv_in(z.transpose(1, 2), state), state)  # frame-major (B, F, C, h, w) inside
+        for up in self.ups:
+            x = up(x, state)
+        if self.conv_out is not None:
+            x = self.conv_out(torch.relu(x), state)
+        state.first = False
+        return x.transpose(1, 2).contiguous()  # (B, 3, n, H, W)
+
+
+class CausalVAE(nn.Module):
+    """Causal video VAE for `VAEConfig`; see the module docstring for the geometry."""
+
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        self.cfg = cfg
+        _geometry(cfg)
+        for name in ("latent_mean", "latent_std"):
+            v = getattr(cfg, name)
+            if v is not None and len(v) != cfg.z_channels:
+                raise ValueError(f"{name} has {len(v)} entries, expected z_channels = {cfg.z_channels}")
+        if (cfg.latent_mean is None) != (cfg.latent_std is None):
+            raise ValueError("set both latent_mean and latent_std, or neither")
+        if cfg.latent_std is not None and min(cfg.latent_std) <= 0:
+            raise ValueError(f"latent_std must be positive, got {cfg.latent_std}")
+        self.encoder = Encoder(cfg)
+        self.decoder = Decoder(cfg)
+
+    # ----- geometry and normalisation ---------------------------------------------------
+
+    def _check_video(self, video: Tensor, first: bool = True) -> None:
+        s = self.cfg.spatial_stride
+        if video.dim() != 5 or video.shape[1] != 3:
+            raise ValueError(f"video must be (B, 3, T, H, W), got {tuple(video.shape)}")
+        latents_for_frames(video.shape[2], first, self.cfg.temporal_stride)
+        if video.shape[3] % s or video.shape[4] % s:
+            raise ValueError(f"video height/width {tuple(video.shape[3:])} must be multiples of {s}")
+
+    def _check_latent(self, latent: Tensor) -> None:
+        if latent.dim() != 5 or latent.shape[1] != self.cfg.z_channels or latent.shape[2] < 1:
+            raise ValueError(f"latent must be (B, {self.cfg.z_channels}, F >= 1, h, w), got {tuple(latent.shape)}")
+
+    def _stats(self, like: Tensor) -> tuple[Tensor, Tensor] | None:
+        """Per-channel (mean, std) as (1, z, 1, 1, 1) tensors, or None when not set.
+
+        Built from the config on each call (16 numbers) rather than kept as buffers, so
+        the state dict is the same whether or not the statistics are known yet."""
+        if self.cfg.latent_mean is None:
+            return None
+        mean = torch.tensor(self.cfg.latent_mean, device=like.device, dtype=like.dtype).view(1, -1, 1, 1, 1)
+        std = torch.tensor(self.cfg.latent_std, device=like.device, dtype=like.dtype).view(1, -1, 1, 1, 1)
+        return mean, std
+
+    def normalize(self, z: Tensor) -> Tensor:
+        """Raw posterior latent -> the normalised latent the DiT sees (identity when stats unset)."""
+        stats = self._stats(z)
+        return z if stats is None else (z - stats[0]) / stats[1]
+
+    def denormalize(self, z: Tensor) -> Tensor:
+        """Inverse of `normalize`."""
+        stats = self._stats(z)
+        return z if stats is None else z * stats[1] + stats[0]
+
+    # ----- whole clips ----------------------------------------------------------------------
+
+    def encode_dist(self, video: Tensor) -> tuple[Tensor, Tensor]:
+        """video (B, 3, 1 + 4k, H, W) in [-1, 1] -> (mean, logvar), each (B, z, 1 + k, H/8, W/8),
+        unnormalised (for the KL term in training)."""
+        self._check_video(video)
+        moments = self.encoder(video, CausalState(self.encoder.n_slots, keep=False))
+        return _split_moments(moments)
+
+    def encode(self, video: Tensor, sample: bool = False, generator: torch.Generator | None = None) -> Tensor:
+        """video (B, 3, 1 + 4k, H, W) in [-1, 1] -> normalised latent (B, z, 1 + k, H/8, W/8).
+
+        The posterior mean, or a sample from the posterior when `sample` (drawn with
+        `generator`, on the generator's device)."""
+        mean, logvar = self.encode_dist(video)
+        if sample:
+            dev = generator.device if generator is not None else mean.device
+            eps = torch.randn(mean.shape, generator=generator, device=dev, dtype=mean.dtype).to(mean.device)
+            mean = mean + torch.exp(0.5 * logvar) * eps
+        return self.normalize(mean)
+
+    def decode(self, latent: Tensor, clamp: bool = True) -> Tensor:
+        """normalised latent (B, z, F, h, w) -> video (B, 3, 1 + 4(F - 1), 8h, 8w) in [-1, 1].
+
+        clamp=False returns the raw decoder output (for reconstruction losses: clamping
+        would stop gradients outside [-1, 1])."""
+        self._check_latent(latent)
+        video = self.decoder(self.denormalize(latent), CausalState(self.decoder.n_slots, keep=False))
+        return video.clamp(-1, 1) if clamp else video
+
+    # ----- streams --------------------------------------------------------------------------
+
+    def stream_decoder(self) -> "StreamingDecoder":
+        return StreamingDecoder(self)
+
+    def stream_encoder(self) -> "StreamingEncoder":
+        return StreamingEncoder(self)
+
+
+def _split_moments(moments: Tensor) -> tuple[Tensor, Tensor]:
+    mean, logvar = moments.chunk(2, dim=1)
+    return mean, logvar.clamp(*_LOGVAR_RANGE)
+
+
+class StreamingDecoder:
+    """Decodes one stream chunk by chunk; output identical to decoding the whole clip.
+
+    The first chunk's first latent gives 1 frame, every later latent 4 (see
+    `frames_for_latents`). Holds the decoder's causal caches (fixed size); one per stream.
+    """
+
+    def __init__(self, vae: CausalVAE):
+        self.vae = vae
+        self.state = CausalState(vae.decoder.n_slots)
+        self.frames_out = 0   # video frames produced so far
+        self.latents_in = 0   # latent frames consumed so far
+
+    def decode(self, latent_chunk: Tensor, clamp: bool = True) -> Tensor:
+        """normalised latent_chunk (B, z, f, h, w) -> frames (B, 3, n, H, W) in [-1, 1],
+        n = frames_for_latents(f, first=this is the stream's first chunk)."""
+        self.vae._check_latent(latent_chunk)
+        video = self.vae.decoder(self.vae.denormalize(latent_chunk), self.state)
+        self.frames_out += video.shape[2]
+        self.latents_in += latent_chunk.shape[2]
+        return video.clamp(-1, 1) if clamp else video
+
+    def reset(self) -> None:
+        """Start a new stream: forget the caches (the next chunk is a first chunk)."""
+        self.state.reset()
+        self.frames_out = self.latents_in = 0
+
+    def cache_shapes(self) -> list[tuple[int, ...] | None]:
+        return self.state.shapes()
+
+    def cache_nbytes(self) -> int:
+        return self.state.nbytes()
+
+
+class StreamingEncoder:
+    """Encodes one stream chunk by chunk; output identical to encoding the whole clip.
+
+    The first chunk has 1 + 4a frames (the lone first frame plus a groups of 4) and gives
+    1 + a latents; every later chunk has 4b frames and gives b latents.
+    """
+
+    def __init__(self, vae: CausalVAE):
+        self.vae = vae
+        self.state = CausalState(vae.encoder.n_slots)
+        self.frames_in = 0
+        self.latents_out = 0
+
+    def encode_dist(self, video_chunk: Tensor) -> tuple[Tensor, Tensor]:
+        """video_chunk (B, 3, n, H, W) in [-1, 1] -> unnormalised (mean, logvar) of its latents."""
+        self.vae._check_video(video_chunk, first=self.state.first)
+        mean, logvar = _split_moments(self.vae.encoder(video_chunk, self.state))
+        self.frames_in += video_chunk.shape[2]
+        self.latents_out += mean.shape[2]
+        return mean, logvar
+
+    def encode(self, video_chunk: Tensor) -> Tensor:
+        """video_chunk (B, 3, n, H, W) in [-1, 1] -> normalised posterior mean (B, z, f, H/8, W/8),
+        f = latents_for_frames(n, first=this is the stream's first chunk)."""
+        return self.vae.normalize(self.encode_dist(video_chunk)[0])
+
+    def reset(self) -> None:
+        self.state.reset()
+        self.frames_in = self.latents_out = 0
+
+    def cache_shapes(self) -> list[tuple[int, ...] | None]:
+        return self.state.shapes()
+
+    def cache_nbytes(self) -> int:
+        return self.state.nbytes()
