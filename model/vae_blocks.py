@@ -100,6 +100,9 @@ class CausalConv3d(nn.Conv3d):
             past = state.past(self.slot)
             if past is None:
                 past = x.new_zeros(B, kt - 1, C, H, W)  # the causal pad of the first chunk
+            elif past.shape[0] != B or past.shape[2:] != x.shape[2:]:
+                raise ValueError(f"chunk geometry changed mid-stream: cached frames {tuple(past.shape)}, "
+                                 f"new chunk {tuple(x.shape)} (B, T, C, H, W); call reset() first")
             x = torch.cat([past, x], dim=1)  # (B, n_past + T, Cin, H, W)
             if (x.shape[1] - kt) % st:
                 raise ValueError(f"a chunk of {T} frames does not fill whole windows of a stride-{st} "
