@@ -62,6 +62,24 @@ def build_cond(cfg: ModelConfig, reference_latent: Tensor, knot: Tensor | None, 
     return cond
 
 
+def latent_driving_tokens(encoder, cfg: ModelConfig, mel: Tensor, mel_offset: int, motion: Tensor,
+                          first_frame: int, n_latents: int) -> Tensor:
+    """Driving tokens of `n_latents` latent frames whose video frames start at `first_frame`.
+
+    mel: (B, n_mel, n_mels) log-mel whose row 0 is mel frame `mel_offset` of the stream;
+    motion: (B, 4 * n_latents, motion_dim) for those video frames.
+    Returns (B, n_latents, 4 * tokens_per_frame, drive_dim): each latent frame gets the
+    tokens of its own 4 video frames (and, inside each audio window, the lookahead).
+    The engine and the trainer both call this.
+    """
+    n_frames = 4 * n_latents
+    win = torch.stack([drv.audio_windows(m, cfg.fps, first_frame, n_frames, cfg.driving, mel_offset=mel_offset)
+                       for m in mel])  # (B, n_frames, win, n_mels)
+    tokens = encoder(win, motion)  # (B, n_frames, M, D)
+    B, _, M, D = tokens.shape
+    return tokens.reshape(B, n_latents, 4 * M, D)
+
+
 class Engine:
     """A loaded model; starts streams. Thread-compatible: one stream is stepped by one thread at a time."""
 
@@ -207,26 +225,22 @@ class Stream:
                 self._motion[self.frame_index + i] = vec
 
     def _driving_tokens(self, first_frame: int, n_frames: int) -> Tensor:
-        """Driving tokens for video frames [first_frame, first_frame + n_frames) grouped by latent
-        frame: (1, n_frames // 4, 4 * tokens_per_frame, drive_dim)."""
+        """Driving tokens for video frames [first_frame, first_frame + n_frames), grouped by latent frame."""
         dc = self.cfg.driving
-        fps = self.cfg.fps
-        # Mel over the kept history; frames outside it read as silence inside audio_windows.
-        s0 = (self._audio_origin // dc.hop_length) * dc.hop_length
-        audio = self._audio[s0 - self._audio_origin:] if s0 >= self._audio_origin else self._audio
+        # Mel over the kept history (origin is hop-aligned); frames outside it read as silence.
+        audio = self._audio
         if len(audio) < dc.n_fft:
             audio = np.pad(audio, (0, dc.n_fft - len(audio)))
-        mel = drv.log_mel(torch.from_numpy(np.ascontiguousarray(audio)), dc)
-        win = drv.audio_windows(mel, fps, first_frame, n_frames, dc, mel_offset=s0 // dc.hop_length)
-        motion = np.zeros((n_frames, dc.motion_dim), dtype=np.float32)
+        mel = drv.log_mel(torch.from_numpy(np.ascontiguousarray(audio)), dc)[None]
+        motion = np.zeros((1, n_frames, dc.motion_dim), dtype=np.float32)
         for i in range(n_frames):
             vec = self._motion.get(first_frame + i)
             if vec is not None:
-                motion[i] = vec
+                motion[0, i] = vec
         dev, dt = self.engine.device, self.engine.dtype
-        tokens = self.engine.model.driving(win[None].to(dev, dt), torch.from_numpy(motion)[None].to(dev, dt))
-        B, Tv, M, D = tokens.shape
-        return tokens.reshape(B, Tv // 4, 4 * M, D)  # (1, F, 4M, D)
+        return latent_driving_tokens(self.engine.model.driving, self.cfg, mel.to(dev, dt),
+                                     self._audio_origin // dc.hop_length, torch.from_numpy(motion).to(dev, dt),
+                                     first_frame, n_frames // 4)
 
     # ----- the chunk loop -------------------------------------------------------------
 
