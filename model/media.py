@@ -72,7 +72,9 @@ def load_image(src: str | os.PathLike | bytes | np.ndarray, *, max_pixels: int =
             rgb = np.asarray(im.convert("RGB"))
     except MediaError:
         raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+    except Image.DecompressionBombError as exc:  # Pillow refuses huge headers itself
+        raise MediaError("image_too_large", f"image is too large: {exc}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise MediaError("image_unreadable", f"not a readable image ({exc.__class__.__name__}: {exc})") from None
     return np.ascontiguousarray(rgb)
 
@@ -182,18 +184,19 @@ def load_audio(src: str | os.PathLike | bytes | np.ndarray, *, sample_rate: int 
                 raise MediaError("audio_unreadable", "no audio stream in the file")
             stream = container.streams.audio[0]
             rate = stream.rate or stream.codec_context.sample_rate
-            # Let FFmpeg mix to mono float; we resample ourselves (exact polyphase).
-            resampler = av.AudioResampler(format="flt", layout="mono", rate=rate)
+            # Planar float at the source rate; channels are averaged here (FFmpeg's own
+            # downmix applies -3 dB per channel) and resampling is ours (exact polyphase).
+            resampler = av.AudioResampler(format="fltp", rate=rate)
             total = 0
             for frame in container.decode(stream):
                 for out in resampler.resample(frame):
-                    arr = out.to_ndarray().reshape(-1)
+                    arr = out.to_ndarray().mean(axis=0)
                     chunks.append(arr)
                     total += len(arr)
                     if total / rate > max_seconds:
                         raise MediaError("audio_too_long", f"audio is longer than {max_seconds:.0f} s")
             for out in resampler.resample(None):
-                chunks.append(out.to_ndarray().reshape(-1))
+                chunks.append(out.to_ndarray().mean(axis=0))
     except MediaError:
         raise
     except (av.error.FFmpegError, ValueError, IndexError, UnicodeDecodeError) as exc:
