@@ -1,0 +1,191 @@
+"""Training-time chunk step: the engine's chunk, with gradients, on ground-truth clips.
+
+A training sample is a clip treated as the start of a stream. One chunk of it is the
+training target; the latent frames before it fill the window cache exactly as the
+engine fills it (the cache pass at noise level 0, chunk by chunk), the reference is
+encoded into the reference cache, and the chunk is denoised from one noise level with
+the same attention contexts, the same condition (`build_cond`) and the same driving
+tokens (`latent_driving_tokens`) as at inference. Nothing here is a copy of the
+engine's math; it drives the same modules.
+
+Context frames come from one of two sources:
+- teacher forcing: the clip's own clean latents;
+- rollout (exposure-bias stage): the model's own few-step generations of those chunks,
+  under no_grad, as the engine would have produced them. The target stays the ground
+  truth of the renderer, which knows every frame; this is what Self Forcing's
+  rollouts buy, without a distillation teacher (we have real targets).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from model.avatar import AvatarModel
+from model.cache import ReferenceCache, WindowCache
+from model.config import ModelConfig, StreamKnobs
+from model.dit import EncodeReference, Streaming
+from model.driving import log_mel
+from model.engine import build_cond, latent_driving_tokens
+from model.sampler import denoise, get_sigmas, shift_sigma
+
+
+@dataclass
+class ClipBatch:
+    """frames (B, 3, 1 + 4(N-1), H, W) in [-1, 1]; reference (B, 3, H, W) in [-1, 1];
+    audio (B, S) float32 16 kHz, sample 0 = frame 0; motion (B, frames, motion_dim) as
+    given to the model; weight (B, 1, frames, H, W) pixel loss weights (mouth/eyes > 1)."""
+
+    frames: Tensor
+    reference: Tensor
+    audio: Tensor
+    motion: Tensor
+    weight: Tensor
+
+    def to(self, device) -> "ClipBatch":
+        return ClipBatch(*(t.to(device) for t in (self.frames, self.reference, self.audio, self.motion, self.weight)))
+
+
+@dataclass
+class ChunkPlan:
+    """Where the trained chunk sits: latent frames [start, start + chunk + knot)."""
+
+    start: int
+    knobs: StreamKnobs
+    ref_lead: int  # reference position minus the chunk's exclusive end position (running ahead)
+
+
+def plan_chunk(n_latents: int, knobs: StreamKnobs, gen: torch.Generator) -> ChunkPlan:
+    span = knobs.chunk_frames + knobs.knot_frames
+    if n_latents < span:
+        raise ValueError(f"clip has {n_latents} latent frames, a chunk needs {span}")
+    # Chunk starts on the engine's grid (multiples of chunk_frames) so context chunks match.
+    starts = list(range(0, n_latents - span + 1, knobs.chunk_frames))
+    start = starts[int(torch.randint(len(starts), (1,), generator=gen))]
+    lead = int(torch.randint(knobs.ahead_frames + 1, (1,), generator=gen)) if knobs.ahead_frames else 0
+    return ChunkPlan(start, knobs, lead)
+
+
+def _positions(first: int, n: int) -> Tensor:
+    return torch.arange(n, dtype=torch.float64) + first + 1  # the engine's positions before any rebase
+
+
+class ChunkTrainer:
+    """Builds caches for a batch of clips and returns the trained chunk's prediction."""
+
+    def __init__(self, model: AvatarModel):
+        self.model = model
+        self.cfg: ModelConfig = model.config
+
+    def latents(self, batch: ClipBatch) -> tuple[Tensor, Tensor]:
+        """VAE latents of the clip frames and of the reference (no gradient: the VAE is frozen here)."""
+        with torch.no_grad():
+            vae = self.model.vae
+            z = vae.encode(batch.frames)  # (B, z, N, h, w)
+            ref = vae.encode(batch.reference[:, :, None])  # (B, z, 1, h, w)
+        return z, ref
+
+    def drive(self, batch: ClipBatch, first_latent: int, n_latents: int) -> Tensor:
+        """(B, n_latents, 4M, D) driving tokens; frames before the clip read as silence / not given."""
+        dc = self.cfg.driving
+        mel = log_mel(batch.audio, dc)  # (B, n_mel, n_mels)
+        first_frame = 4 * first_latent - 3
+        n_frames = 4 * n_latents
+        B, T, md = batch.motion.shape
+        motion = batch.motion.new_zeros(B, n_frames, md)
+        lo, hi = max(0, first_frame), min(T, first_frame + n_frames)
+        if hi > lo:
+            motion[:, lo - first_frame:hi - first_frame] = batch.motion[:, lo:hi]
+        return latent_driving_tokens(self.model.driving, self.cfg, mel, 0, motion, first_frame, n_latents)
+
+    def forward(self, batch: ClipBatch, plan: ChunkPlan, sigma: Tensor, gen: torch.Generator,
+                rollout: bool = False) -> dict[str, Tensor]:
+        """Predict the clean latents of the planned chunk from noise level `sigma` (B,).
+
+        Returns x0_pred (B, z, F, h, w), x0 target, and the chunk's latent frame range.
+        """
+        m, cfg, k = self.model.dit, self.cfg, plan.knobs
+        z, ref = self.latents(batch)
+        B = z.shape[0]
+        c, kn = k.chunk_frames, k.knot_frames
+        Fr = c + kn
+        if plan.start + Fr > z.shape[2]:
+            raise ValueError(f"chunk [{plan.start}, {plan.start + Fr}) runs past the clip's {z.shape[2]} latents")
+        d = cfg.dit
+        T = cfg.tokens_per_frame
+        dev, dt = z.device, z.dtype
+
+        # 1. Reference into its cache (with gradient: identity is learned through it).
+        rc = ReferenceCache(d.num_layers, B, d.num_heads, T, d.head_dim, dt, dev)
+        end = plan.start + 1 + Fr
+        rc.position = float(end + plan.ref_lead) if k.ahead_frames else 0.0
+        m(ref, torch.zeros(B, 1, device=dev), torch.tensor([rc.position], dtype=torch.float64),
+          EncodeReference(rc))
+
+        # 2. Window: the context chunks before the trained one, as the engine writes them.
+        wc = WindowCache(d.num_layers, B, d.num_heads, k.window_frames, T, d.head_dim, dt, dev)
+        # The clip is a stream from its first frame: every earlier chunk goes through the
+        # cache as in the engine (a chunk's K/V depend on the window it saw), the ring
+        # buffer evicting what falls out of the window.
+        knot = None
+        with torch.no_grad():
+            for s in range(0, plan.start, c):
+                drive = self.drive(batch, s, c + kn)
+                if rollout:
+                    clean, knot = self._generate(ref, s, knot, drive, rc, wc, k, gen)
+                else:
+                    clean = z[:, :, s:s + c]
+                m(clean, torch.zeros(B, c, device=dev), _positions(s, c), Streaming(rc, wc, write=True),
+                  cond=build_cond(cfg, ref, None, c), drive=drive[:, :c])
+                wc.commit(c)
+
+        # 3. The trained chunk: noisy target frames, knot condition from the previous chunk.
+        target = z[:, :, plan.start:plan.start + Fr]
+        if plan.start > 0 and kn:
+            if knot is None:
+                # Teacher forcing: the previous chunk's knot prediction is imperfect at
+                # inference; imitate it with a lightly noised ground truth.
+                knot = target[:, :, :kn] + 0.1 * torch.randn(target[:, :, :kn].shape, generator=gen).to(dev, dt)
+            cond = build_cond(cfg, ref, knot, Fr)
+        else:
+            cond = build_cond(cfg, ref, None, Fr)
+        noise = torch.randn(target.shape, generator=gen).to(dev, dt)
+        s = sigma.view(B, 1, 1, 1, 1).to(dt)
+        x_t = (1 - s) * target + s * noise
+        t = (sigma * cfg.sampler.num_train_timesteps).view(B, 1).expand(B, Fr).to(dt)
+        drive = self.drive(batch, plan.start, Fr)
+        v = m(x_t, t, _positions(plan.start, Fr), Streaming(rc, wc, write=False), cond=cond, drive=drive)
+        return {"x0_pred": x_t - s * v, "x0": target, "ref": ref, "start": plan.start}
+
+    def _generate(self, ref, start, knot, drive, rc, wc, k: StreamKnobs, gen) -> tuple[Tensor, Tensor | None]:
+        """The engine's few-step generation of one context chunk (no grad)."""
+        m, cfg = self.model.dit, self.cfg
+        B = ref.shape[0]
+        c, kn = k.chunk_frames, k.knot_frames
+        Fr = c + kn
+        cond = build_cond(cfg, ref, knot, Fr)
+        pos = _positions(start, Fr)
+        ctx = Streaming(rc, wc, write=False)
+
+        def velocity(x, sigma):
+            t = torch.full((B, Fr), sigma * cfg.sampler.num_train_timesteps, device=x.device, dtype=x.dtype)
+            return m(x, t, pos, ctx, cond=cond, drive=drive)
+
+        def fuse(x0):
+            if knot is not None:
+                x0[:, :, :kn] = k.knot_fusion * knot + (1 - k.knot_fusion) * x0[:, :, :kn]
+            return x0
+
+        h, w = ref.shape[-2:]
+        noise = torch.randn(B, cfg.vae.z_channels, Fr, h, w, generator=gen).to(ref.device, ref.dtype)
+        x0 = denoise(velocity, noise, get_sigmas(k.denoise_steps, k.shift), on_last=fuse)
+        return x0[:, :, :c], (x0[:, :, c:] if kn else None)
+
+
+def sample_sigma(batch: int, shift: float, gen: torch.Generator) -> Tensor:
+    """Training noise levels: uniform then shifted toward high noise (the task is nearly
+    deterministic given the conditioning; what matters is the high-noise regime)."""
+    u = torch.rand(batch, generator=gen, dtype=torch.float64)
+    return shift_sigma(u, shift).float().clamp(1e-3, 1.0)

@@ -1,0 +1,38 @@
+"""Training losses: VAE reconstruction, and the DiT's clean-frame loss with region weights."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def latent_weight(weight: Tensor, start: int, n_latents: int, spatial: int = 8) -> Tensor:
+    """Pixel loss weights (B, 1, frames, H, W) -> latent-grid weights (B, 1, n, H/8, W/8).
+
+    Latent frame f covers video frames [4f - 3, 4f] (frame 0 alone); each latent cell
+    takes the largest weight of the pixels and frames it covers, so the mouth region
+    keeps its weight after the 8x8x4 reduction.
+    """
+    B, _, T, H, W = weight.shape
+    out = []
+    for f in range(start, start + n_latents):
+        lo, hi = max(0, 4 * f - 3), min(T, 4 * f + 1)
+        w = weight[:, :, lo:hi].amax(dim=2)  # (B, 1, H, W)
+        out.append(F.max_pool2d(w, spatial))
+    return torch.stack(out, dim=2)
+
+
+def x0_loss(x0_pred: Tensor, x0: Tensor, weight: Tensor) -> Tensor:
+    """Unweighted-in-time clean-frame MSE (no velocity weighting, which would favour low
+    noise), spatially weighted toward mouth and eyes. weight broadcasts over channels."""
+    return ((x0_pred - x0) ** 2 * weight).sum() / (weight.sum() * x0.shape[1]).clamp_min(1e-8)
+
+
+def vae_loss(recon: Tensor, frames: Tensor, weight: Tensor, mean: Tensor, logvar: Tensor,
+             kl_weight: float = 1e-6) -> dict[str, Tensor]:
+    """L1 + L2 reconstruction weighted by region, plus a small KL to keep the latent tame."""
+    err = recon - frames
+    rec = ((err.abs() + err ** 2) * weight).sum() / (weight.sum() * frames.shape[1])
+    kl = 0.5 * (mean ** 2 + logvar.exp() - 1 - logvar).mean()
+    return {"loss": rec + kl_weight * kl, "rec": rec.detach(), "kl": kl.detach()}
