@@ -200,11 +200,13 @@ class ModelConfig:
 
 
 def _tiny() -> ModelConfig:
-    # Sized for real time on 2 CPU cores at 128x128, 25 fps: 64 tokens per latent frame.
+    # Sized for 2x real time on 2 CPU cores at 128x128, 25 fps: 64 tokens per latent
+    # frame; a DiT pass ~22 ms, the decoder (widths 32/64/128, the full-resolution level
+    # is encoder-only) ~22 ms per 8 frames. See docs/benchmarks.md.
     return ModelConfig(
         name="tiny",
-        dit=DiTConfig(dim=256, ffn_dim=1024, num_heads=4, num_layers=8, drive_dim=256),
-        vae=VAEConfig(z_channels=16, base_channels=32, channel_mults=(1, 2, 4, 4)),
+        dit=DiTConfig(dim=256, ffn_dim=1024, num_heads=4, num_layers=6, drive_dim=256),
+        vae=VAEConfig(z_channels=16, base_channels=32, channel_mults=(1, 1, 2, 4)),
         driving=DrivingConfig(hidden=256),
         sampler=SamplerConfig(denoise_steps=4, shift=3.0),
         stream=StreamKnobs(chunk_frames=2, window_frames=6, knot_frames=1, ahead_frames=4,

@@ -10,7 +10,12 @@ from model.config import DiTConfig
 from model.dit import DiT, EncodeReference, FullSequence, Streaming
 from model.rope import Rope3D, apply_rope, cos_sin
 
-torch.set_grad_enabled(False)
+
+
+@pytest.fixture(autouse=True)
+def no_grad():
+    with torch.no_grad():
+        yield
 
 
 def small_dit(**kw) -> DiT:
