@@ -16,6 +16,8 @@ COMMANDS = {
     "serve": ("server.serve", "start the HTTP/WebRTC server with the web demo"),
     "render": ("model.render", "render a video offline from a portrait and driving audio/motion"),
     "bench": ("model.bench", "benchmarks that print ratios against a baseline (engine)"),
+    "train": ("model.train.trainer", "train the avatar model (VAE, DiT, rollout stages; resumable)"),
+    "eval": ("model.train.evaluate", "evaluate a model against ground-truth renders, write a report"),
 }
 
 
