@@ -1,0 +1,153 @@
+"""Training and evaluation data from the avatar world: a speech bank plus on-the-fly renders.
+
+Only speech is stored (a few MB of 16 kHz audio in `<folder>/speech_bank.npz`); frames
+are rendered when a clip is drawn (under a millisecond per frame, and exact).
+
+Held-out split, fixed: identity seeds >= `HELD_OUT_IDENTITY_SEED` and every sentence
+whose index is a multiple of 10 are never used for training.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from model.config import MOTION_FIELDS, ModelConfig
+from model.train import speech as sp
+from model.train import world
+
+HELD_OUT_IDENTITY_SEED = 1_000_000
+TRAIN_IDENTITIES = 5000
+_F = {name: i for i, name in enumerate(MOTION_FIELDS)}
+# The model is told pose, blinks, gaze, smile and brow; the mouth must come from the audio.
+GIVEN_TO_MODEL = ("yaw", "pitch", "roll", "blink", "gaze_x", "gaze_y", "smile", "brow")
+
+
+def model_motion(motion: np.ndarray, given: tuple[str, ...] = GIVEN_TO_MODEL) -> np.ndarray:
+    """(T, fields) ground-truth motion -> (T, 2 * fields) driving vectors (values + given flags)."""
+    T, n = motion.shape
+    out = np.zeros((T, 2 * n), np.float32)
+    for name in given:
+        i = _F[name]
+        out[:, i] = motion[:, i]
+        out[:, n + i] = 1.0
+    return out
+
+
+@dataclass
+class SpeechBank:
+    audio: np.ndarray      # all sentences concatenated, float32 16 kHz
+    offsets: np.ndarray    # (n + 1,) start sample of each sentence
+    texts: list[str]
+
+    def sentence(self, i: int) -> np.ndarray:
+        return self.audio[self.offsets[i]:self.offsets[i + 1]]
+
+    def split(self, held_out: bool) -> list[int]:
+        return [i for i in range(len(self.texts)) if (i % 10 == 0) == held_out]
+
+    @classmethod
+    def build(cls, n: int, seed: int, sample_rate: int = 16000, progress: bool = True) -> "SpeechBank":
+        from tqdm import tqdm
+
+        if not sp.tts_available():
+            raise sp.TTSUnavailable("no offline TTS: install Debian's espeak-ng and/or flite")
+        rng = np.random.default_rng(seed)
+        voices = [v for v in sp.VOICES if v[0] in sp.tts_available()]
+        texts, chunks = [], []
+        for _ in tqdm(range(n), desc="speech bank", disable=not progress):
+            text = sp.make_sentence(rng)
+            voice = voices[rng.integers(len(voices))]
+            texts.append(text)
+            chunks.append(sp.synthesize(text, voice, sample_rate))
+        offsets = np.concatenate([[0], np.cumsum([len(c) for c in chunks])])
+        return cls(np.concatenate(chunks).astype(np.float32), offsets, texts)
+
+    def save(self, path: Path) -> None:
+        np.savez_compressed(path, audio=self.audio, offsets=self.offsets, texts=np.array(self.texts))
+
+    @classmethod
+    def load(cls, path: Path) -> "SpeechBank":
+        d = np.load(path)
+        return cls(d["audio"], d["offsets"], [str(t) for t in d["texts"]])
+
+
+def speech_bank(folder: str | Path, n: int = 300, seed: int = 0) -> SpeechBank:
+    """The bank in `folder`, generated (with a progress bar) on first use."""
+    path = Path(folder) / "speech_bank.npz"
+    if path.exists():
+        return SpeechBank.load(path)
+    bank = SpeechBank.build(n, seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    bank.save(path)
+    return bank
+
+
+@dataclass
+class Clip:
+    """One ground-truth clip: identity, per-frame motion (truth), audio from frame 0."""
+
+    identity: world.Identity
+    motion: np.ndarray     # (T, fields)
+    audio: np.ndarray      # float32 16 kHz, sample 0 = frame 0
+    reference_motion: np.ndarray
+
+
+def draw_clip(bank: SpeechBank, n_frames: int, fps: int, rng: np.random.Generator, held_out: bool = False,
+              silence_prob: float = 0.15, identity_seed: int | None = None, sentence: int | None = None,
+              sample_rate: int = 16000, extra_samples: int = 0) -> Clip:
+    """A clip of `n_frames` where one sentence (or silence) is spoken at a random offset."""
+    if identity_seed is None:
+        base = HELD_OUT_IDENTITY_SEED if held_out else 0
+        identity_seed = base + int(rng.integers(100 if held_out else TRAIN_IDENTITIES))
+    ident = world.identity_from_seed(identity_seed)
+    n_samples = int(round(n_frames * sample_rate / fps)) + extra_samples
+    audio = np.zeros(n_samples, np.float32)
+    if sentence is not None or rng.random() > silence_prob:
+        idx = sentence if sentence is not None else int(rng.choice(bank.split(held_out)))
+        s = bank.sentence(idx) * rng.uniform(0.6, 1.0)
+        start = int(rng.integers(-len(s) // 2, max(1, n_samples - len(s) // 2)))
+        lo, hi = max(0, start), min(n_samples, start + len(s))
+        if hi > lo:
+            audio[lo:hi] = s[lo - start:hi - start]
+    motion = sp.speaking_motion(audio, fps, rng, sample_rate, n_frames=n_frames)
+    ref = sp.idle_motion(1, fps, rng)[0]
+    ref[_F["mouth_open"]] = ref[_F["mouth_wide"]] = 0.0
+    ref[_F["blink"]] = 0.0
+    return Clip(ident, motion, audio, ref)
+
+
+class TrainingData:
+    """Batches of rendered clips for the trainer (`clips()` returns a `ClipBatch`)."""
+
+    def __init__(self, folder: str | Path, config: ModelConfig, seed: int = 0, n_sentences: int = 300):
+        self.config = config
+        self.bank = speech_bank(folder, n_sentences, seed)
+
+    def clips(self, batch: int, n_latents: int, gen: torch.Generator, held_out: bool = False):
+        from model.train.chunks import ClipBatch
+
+        cfg = self.config
+        rng = np.random.default_rng(int(torch.randint(2**62, (1,), generator=gen)))
+        T = 1 + 4 * (n_latents - 1)
+        # Audio runs past the last frame by the lookahead the model reads.
+        extra = int(round((cfg.driving.lookahead_frames + 4) * cfg.driving.sample_rate / cfg.fps))
+        frames, refs, audio, motion, weight = [], [], [], [], []
+        for _ in range(batch):
+            clip = draw_clip(self.bank, T, cfg.fps, rng, held_out=held_out, extra_samples=extra)
+            frames.append(world.render_clip(clip.identity, clip.motion, cfg.height))
+            refs.append(world.render_frame(clip.identity, clip.reference_motion, cfg.height))
+            audio.append(clip.audio)
+            motion.append(model_motion(clip.motion))
+            weight.append(world.region_weights(clip.identity, clip.motion, cfg.height))
+        to_video = lambda a: torch.from_numpy(np.stack(a)).float().div(127.5).sub(1)  # noqa: E731
+        return ClipBatch(
+            frames=to_video(frames).permute(0, 4, 1, 2, 3).contiguous(),   # (B, 3, T, H, W)
+            reference=to_video(refs).permute(0, 3, 1, 2).contiguous(),     # (B, 3, H, W)
+            audio=torch.from_numpy(np.stack(audio)),
+            motion=torch.from_numpy(np.stack(motion)),
+            weight=torch.from_numpy(np.stack(weight))[:, None],
+        )

@@ -1,0 +1,226 @@
+"""`knotstream train`: VAE stage, DiT stage (teacher forcing), rollout stage (exposure bias).
+
+Resumable: every stage keeps a checkpoint (model, optimiser, step, RNG) in `--out`
+and continues from it when run again with the same command. Seeded. A progress bar
+shows the loss and it/s. `--export` writes the bundled-model safetensors file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+
+log = logging.getLogger("knotstream.train")
+
+STAGES = ("vae", "dit", "rollout")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--stage", choices=STAGES + ("all",), default="all")
+    p.add_argument("--model", default="tiny", help="preset to train (or a .safetensors file to start from)")
+    p.add_argument("--out", default="runs/train", help="checkpoint folder (kept out of git)")
+    p.add_argument("--data", default="runs/data", help="dataset folder (generated when missing)")
+    p.add_argument("--vae-steps", type=int, default=3000)
+    p.add_argument("--dit-steps", type=int, default=20000)
+    p.add_argument("--rollout-steps", type=int, default=4000)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--clip-latents", type=int, default=6, help="latent frames per training clip")
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save-every", type=int, default=200)
+    p.add_argument("--max-minutes", type=float, default=0, help="stop (checkpointed) after this long; 0 = no limit")
+    p.add_argument("--export", help="write the trained model here (e.g. model/assets/tiny.safetensors)")
+
+
+def _checkpoint_path(out: Path, stage: str) -> Path:
+    return out / f"{stage}.pt"
+
+
+def save_checkpoint(path: Path, model, opt, step: int, gen, extra: dict | None = None) -> None:
+    import torch
+
+    tmp = path.with_suffix(".tmp")
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict() if opt else None, "step": step,
+                "config": model.config.to_dict(), "gen": gen.get_state(), "extra": extra or {}}, tmp)
+    tmp.replace(path)  # atomic: an interrupted save never leaves a broken checkpoint
+
+
+def load_checkpoint(path: Path):
+    import torch
+
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+class Loop:
+    """Step counting, progress bar, periodic checkpoints and the time limit of one stage."""
+
+    def __init__(self, stage: str, total: int, start: int, args, deadline: float | None):
+        from tqdm import tqdm
+
+        self.stage, self.total, self.step, self.args, self.deadline = stage, total, start, args, deadline
+        self.bar = tqdm(total=total, initial=start, desc=stage, unit="it", file=sys.stderr, dynamic_ncols=True)
+        self.ema = None
+
+    def update(self, loss: float, **info) -> None:
+        self.step += 1
+        self.ema = loss if self.ema is None else 0.98 * self.ema + 0.02 * loss
+        self.bar.set_postfix(loss=f"{self.ema:.4f}", **{k: f"{v:.4g}" for k, v in info.items()})
+        self.bar.update(1)
+
+    @property
+    def done(self) -> bool:
+        return self.step >= self.total
+
+    @property
+    def out_of_time(self) -> bool:
+        return self.deadline is not None and time.time() > self.deadline
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _build_model(args, out: Path):
+    """The model to train: from the latest checkpoint of any stage, else fresh/preset/file."""
+    from model.avatar import AvatarModel
+    from model.config import ModelConfig, from_name
+    from model.weights import load_model
+
+    for stage in reversed(STAGES):
+        ck = _checkpoint_path(out, stage)
+        if ck.exists():
+            state = load_checkpoint(ck)
+            model = AvatarModel(ModelConfig.from_dict(state["config"]))
+            model.load_state_dict(state["model"])
+            return model
+    if Path(args.model).is_file():
+        return load_model(args.model)
+    return AvatarModel.random(from_name(args.model), seed=args.seed)
+
+
+def train_vae(model, data, args, out: Path, deadline) -> None:
+    import torch
+
+    from model.train.losses import vae_loss
+
+    ck = _checkpoint_path(out, "vae")
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    opt = torch.optim.AdamW(model.vae.parameters(), lr=args.lr, weight_decay=0.0)
+    start = 0
+    if ck.exists():
+        state = load_checkpoint(ck)
+        if state["extra"].get("stats_done"):
+            return
+        opt.load_state_dict(state["opt"])
+        gen.set_state(state["gen"])
+        start = state["step"]
+    model.train()
+    loop = Loop("vae", args.vae_steps, start, args, deadline)
+    while not loop.done and not loop.out_of_time:
+        batch = data.clips(args.batch, n_latents=3, gen=gen)
+        mean, logvar = model.vae.encode_dist(batch.frames)
+        z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=gen)
+        recon = model.vae.decode(model.vae.normalize(z), clamp=False)
+        losses = vae_loss(recon, batch.frames, batch.weight, mean, logvar)
+        opt.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(model.vae.parameters(), 1.0)
+        opt.step()
+        loop.update(losses["loss"].item(), rec=losses["rec"].item())
+        if loop.step % args.save_every == 0:
+            save_checkpoint(ck, model, opt, loop.step, gen)
+    loop.close()
+    if loop.done:
+        # Latent statistics (per channel) so the DiT sees unit-variance latents.
+        model.eval()
+        with torch.no_grad():
+            zs = torch.cat([model.vae.encode_dist(data.clips(args.batch, n_latents=3, gen=gen).frames)[0]
+                            for _ in range(8)], dim=0)
+        zs = zs.transpose(0, 1).reshape(zs.shape[1], -1)
+        model.config.vae.latent_mean = tuple(float(x) for x in zs.mean(1))
+        model.config.vae.latent_std = tuple(float(x) for x in zs.std(1).clamp_min(1e-3))
+        log.info("VAE latent std per channel: %s", [round(x, 3) for x in model.config.vae.latent_std])
+    save_checkpoint(ck, model, opt, loop.step, gen, {"stats_done": loop.done})
+
+
+def train_dit(model, data, args, out: Path, deadline, stage: str) -> None:
+    import torch
+
+    from model.train.chunks import ChunkTrainer, plan_chunk, sample_sigma
+    from model.train.losses import latent_weight, x0_loss
+
+    steps = args.dit_steps if stage == "dit" else args.rollout_steps
+    ck = _checkpoint_path(out, stage)
+    gen = torch.Generator().manual_seed(args.seed + (2 if stage == "dit" else 3))
+    params = list(model.dit.parameters()) + list(model.driving.parameters())
+    lr = args.lr if stage == "dit" else args.lr / 3
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+    start = 0
+    if ck.exists():
+        state = load_checkpoint(ck)
+        opt.load_state_dict(state["opt"])
+        gen.set_state(state["gen"])
+        start = state["step"]
+    if start >= steps:
+        return
+    model.train()
+    model.vae.eval().requires_grad_(False)
+    trainer = ChunkTrainer(model)
+    knobs = model.config.stream
+    warmup = 300
+    loop = Loop(stage, steps, start, args, deadline)
+    while not loop.done and not loop.out_of_time:
+        for g in opt.param_groups:  # linear warm-up, cosine decay to 10%
+            p = loop.step / max(1, steps)
+            g["lr"] = lr * min(1.0, (loop.step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
+        batch = data.clips(args.batch, n_latents=args.clip_latents, gen=gen)
+        plan = plan_chunk(args.clip_latents, knobs, gen)
+        sigma = sample_sigma(args.batch, model.config.sampler.shift, gen)
+        out_ = trainer.forward(batch, plan, sigma, gen, rollout=(stage == "rollout"))
+        w = latent_weight(batch.weight, plan.start, out_["x0"].shape[2])
+        loss = x0_loss(out_["x0_pred"], out_["x0"], w)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gn = torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        loop.update(loss.item(), gnorm=float(gn))
+        if loop.step % args.save_every == 0:
+            save_checkpoint(ck, model, opt, loop.step, gen)
+    loop.close()
+    save_checkpoint(ck, model, opt, loop.step, gen)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from model.train.data import TrainingData
+    from model.weights import save_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    deadline = time.time() + 60 * args.max_minutes if args.max_minutes else None
+    model = _build_model(args, out)
+    data = TrainingData(args.data, model.config, seed=args.seed)
+    stages = STAGES if args.stage == "all" else (args.stage,)
+    t0 = time.time()
+    for stage in stages:
+        if stage == "vae":
+            train_vae(model, data, args, out, deadline)
+        else:
+            train_dit(model, data, args, out, deadline, stage)
+        if deadline is not None and time.time() > deadline:
+            print(f"stopped at the time limit during {stage}; run the same command to resume", file=sys.stderr)
+            break
+    print(f"training wall time this run: {(time.time() - t0) / 60:.1f} min", file=sys.stderr)
+    if args.export:
+        save_model(model.eval(), args.export, extra={"trained_stages": list(stages)})
+        print(f"exported {args.export}")
+    return 0
