@@ -110,6 +110,8 @@ def idle_motion(n_frames: int, fps: int, rng: np.random.Generator, lively: float
     """(n_frames, len(MOTION_FIELDS)) natural idle motion; mouth fields are left at 0."""
     t = np.arange(n_frames) / fps
     m = np.zeros((n_frames, len(MOTION_FIELDS)), np.float32)
+    if n_frames == 0:
+        return m
     # Head sway: a few slow sinusoids per axis.
     for name, amp in (("yaw", 0.18), ("pitch", 0.1), ("roll", 0.08)):
         x = np.zeros(n_frames)
@@ -119,7 +121,7 @@ def idle_motion(n_frames: int, fps: int, rng: np.random.Generator, lively: float
         m[:, _F[name]] = amp * lively * x / 2.0 + rng.uniform(-0.5, 0.5) * amp
     # Blinks: every 2-6 s, ~200 ms, closing fast.
     s = rng.uniform(0, 3)
-    while s < t[-1] + 1 if n_frames else False:
+    while s < t[-1] + 1:
         d = rng.uniform(0.15, 0.25)
         phase = (t - s) / d
         shape = np.where((phase >= 0) & (phase <= 1), np.sin(np.pi * np.clip(phase, 0, 1)) ** 0.7, 0)
@@ -127,7 +129,7 @@ def idle_motion(n_frames: int, fps: int, rng: np.random.Generator, lively: float
         s += rng.uniform(2.0, 6.0)
     # Gaze saccades: hold a target for 0.5-3 s, jump quickly.
     s, gx, gy = 0.0, 0.0, 0.0
-    while n_frames and s < t[-1] + 1:
+    while s < t[-1] + 1:
         e = s + rng.uniform(0.5, 3.0)
         sel = (t >= s) & (t < e)
         m[sel, _F["gaze_x"]] = gx
@@ -138,7 +140,7 @@ def idle_motion(n_frames: int, fps: int, rng: np.random.Generator, lively: float
     for name, base, amp in (("smile", 0.0, 0.8), ("brow", 0.5, 0.4)):
         x = np.full(n_frames, base, np.float32)
         s = rng.uniform(0, 4)
-        while n_frames and s < t[-1]:
+        while s < t[-1]:
             d = rng.uniform(0.8, 2.5)
             phase = np.clip((t - s) / d, 0, 1)
             x += amp * rng.uniform(0.3, 1.0) * np.sin(np.pi * phase) * ((t >= s) & (t <= s + d))
