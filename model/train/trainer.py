@@ -103,6 +103,18 @@ def _build_model(args, out: Path):
     return AvatarModel.random(from_name(args.model), seed=args.seed)
 
 
+def _random_crop(frames, weight, size: int, gen):
+    """The same random (size x size) window of frames (B, 3, T, H, W) and weights, 8-aligned."""
+    import torch
+
+    H, W = frames.shape[-2:]
+    if H <= size and W <= size:
+        return frames, weight
+    y = int(torch.randint((H - size) // 8 + 1, (1,), generator=gen)) * 8
+    x = int(torch.randint((W - size) // 8 + 1, (1,), generator=gen)) * 8
+    return frames[..., y:y + size, x:x + size], weight[..., y:y + size, x:x + size]
+
+
 def train_vae(model, data, args, out: Path, deadline) -> None:
     import torch
 
@@ -122,11 +134,14 @@ def train_vae(model, data, args, out: Path, deadline) -> None:
     model.train()
     loop = Loop("vae", args.vae_steps, start, args, deadline)
     while not loop.done and not loop.out_of_time:
-        batch = data.clips(args.batch, n_latents=3, gen=gen)
-        mean, logvar = model.vae.encode_dist(batch.frames)
+        # Fully convolutional: train on random 64x64 crops of 2-latent clips (8x cheaper
+        # than whole 128x128 frames, same receptive field per pixel).
+        batch = data.clips(args.batch, n_latents=2, gen=gen)
+        frames, weight = _random_crop(batch.frames, batch.weight, 64, gen)
+        mean, logvar = model.vae.encode_dist(frames)
         z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=gen)
         recon = model.vae.decode(model.vae.normalize(z), clamp=False)
-        losses = vae_loss(recon, batch.frames, batch.weight, mean, logvar)
+        losses = vae_loss(recon, frames, weight, mean, logvar)
         opt.zero_grad(set_to_none=True)
         losses["loss"].backward()
         torch.nn.utils.clip_grad_norm_(model.vae.parameters(), 1.0)
