@@ -28,7 +28,8 @@ class Rope3D:
         self.dims = axis_dims(head_dim)
         # Inverse frequencies per axis, in float64 so positions in the thousands stay exact.
         self.inv_freq = [
-            1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d)) for d in self.dims
+            # Explicit CPU: a model built under `torch.device("meta")` still gets real tables.
+            1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.float64, device="cpu") / d)) for d in self.dims
         ]
 
     def angles(self, t: Tensor, h: Tensor, w: Tensor) -> Tensor:
