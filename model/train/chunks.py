@@ -38,14 +38,16 @@ class ClipBatch:
     audio (B, S) float32 16 kHz, sample 0 = frame 0; motion (B, frames, motion_dim) as
     given to the model; weight (B, 1, frames, H, W) pixel loss weights (mouth/eyes > 1)."""
 
-    frames: Tensor
-    reference: Tensor
+    frames: Tensor | None
+    reference: Tensor | None
     audio: Tensor
     motion: Tensor
-    weight: Tensor
-
-    def to(self, device) -> "ClipBatch":
-        return ClipBatch(*(t.to(device) for t in (self.frames, self.reference, self.audio, self.motion, self.weight)))
+    weight: Tensor | None
+    # Precomputed VAE latents (a latent pool): (B, z, N, h, w), (B, z, 1, h, w) and
+    # latent-grid loss weights (B, 1, N, h, w); when set, frames/reference are not needed.
+    latents: Tensor | None = None
+    ref_latent: Tensor | None = None
+    latent_weight: Tensor | None = None
 
 
 @dataclass
@@ -81,6 +83,8 @@ class ChunkTrainer:
 
     def latents(self, batch: ClipBatch) -> tuple[Tensor, Tensor]:
         """VAE latents of the clip frames and of the reference (no gradient: the VAE is frozen here)."""
+        if batch.latents is not None:
+            return batch.latents, batch.ref_latent
         with torch.no_grad():
             vae = self.model.vae
             z = vae.encode(batch.frames)  # (B, z, N, h, w)

@@ -30,7 +30,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rollout-steps", type=int, default=4000)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--lr", type=float, default=3e-4)
-    p.add_argument("--clip-latents", type=int, default=6, help="latent frames per training clip")
+    p.add_argument("--clip-latents", type=int, default=8, help="latent frames per training clip")
+    p.add_argument("--pool", type=int, default=400, help="clips pre-encoded by the VAE for the DiT stages")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-every", type=int, default=200)
@@ -91,13 +92,12 @@ def _build_model(args, out: Path):
     from model.config import ModelConfig, from_name
     from model.weights import load_model
 
-    for stage in reversed(STAGES):
-        ck = _checkpoint_path(out, stage)
-        if ck.exists():
-            state = load_checkpoint(ck)
-            model = AvatarModel(ModelConfig.from_dict(state["config"]))
-            model.load_state_dict(state["model"])
-            return model
+    existing = [_checkpoint_path(out, s) for s in STAGES if _checkpoint_path(out, s).exists()]
+    for ck in sorted(existing, key=lambda p: p.stat().st_mtime, reverse=True)[:1]:  # the newest weights
+        state = load_checkpoint(ck)
+        model = AvatarModel(ModelConfig.from_dict(state["config"]))
+        model.load_state_dict(state["model"])
+        return model
     if Path(args.model).is_file():
         return load_model(args.model)
     return AvatarModel.random(from_name(args.model), seed=args.seed)
@@ -167,7 +167,8 @@ def train_dit(model, data, args, out: Path, deadline, stage: str) -> None:
     import torch
 
     from model.train.chunks import ChunkTrainer, plan_chunk, sample_sigma
-    from model.train.losses import latent_weight, x0_loss
+    from model.train.data import LatentPool
+    from model.train.losses import x0_loss
 
     steps = args.dit_steps if stage == "dit" else args.rollout_steps
     ck = _checkpoint_path(out, stage)
@@ -183,6 +184,12 @@ def train_dit(model, data, args, out: Path, deadline, stage: str) -> None:
         start = state["step"]
     if start >= steps:
         return
+    pool_path = out / f"latent_pool_{args.clip_latents}.pt"
+    if pool_path.exists():
+        pool = LatentPool.load(pool_path)
+    else:
+        pool = LatentPool.build(data, model.vae, args.pool, args.clip_latents, torch.Generator().manual_seed(args.seed))
+        pool.save(pool_path)
     model.train()
     model.vae.eval().requires_grad_(False)
     trainer = ChunkTrainer(model)
@@ -193,11 +200,11 @@ def train_dit(model, data, args, out: Path, deadline, stage: str) -> None:
         for g in opt.param_groups:  # linear warm-up, cosine decay to 10%
             p = loop.step / max(1, steps)
             g["lr"] = lr * min(1.0, (loop.step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
-        batch = data.clips(args.batch, n_latents=args.clip_latents, gen=gen)
+        batch = pool.clips(args.batch, gen)
         plan = plan_chunk(args.clip_latents, knobs, gen)
         sigma = sample_sigma(args.batch, model.config.sampler.shift, gen)
         out_ = trainer.forward(batch, plan, sigma, gen, rollout=(stage == "rollout"))
-        w = latent_weight(batch.weight, plan.start, out_["x0"].shape[2])
+        w = batch.latent_weight[:, :, plan.start:plan.start + out_["x0"].shape[2]]
         loss = x0_loss(out_["x0_pred"], out_["x0"], w)
         opt.zero_grad(set_to_none=True)
         loss.backward()
