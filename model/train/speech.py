@@ -12,10 +12,14 @@ per frame.
 
 from __future__ import annotations
 
+import functools
+import math
 import os
+import re
 import shutil
 import subprocess
 import tempfile
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -157,3 +161,126 @@ def speaking_motion(audio: np.ndarray, fps: int, rng: np.random.Generator, sampl
     m[:, _F["mouth_open"]] = track[:, 0]
     m[:, _F["mouth_wide"]] = track[:, 1]
     return m
+
+
+# ------------------------------------------------------------------------------------------
+# Mouth shapes from phone timings: pocketsphinx forced alignment -> visemes -> per frame.
+# ------------------------------------------------------------------------------------------
+
+# CMU/pocketsphinx phone -> (mouth_open, mouth_wide) target. Bilabials close the lips,
+# open vowels open them, front vowels and sibilants spread them, rounded vowels narrow.
+PHONE_VISEMES: dict[str, tuple[float, float]] = {
+    "SIL": (0.0, 0.0), "P": (0.0, 0.0), "B": (0.0, 0.0), "M": (0.0, 0.0),
+    "F": (0.1, 0.3), "V": (0.1, 0.3),
+    "W": (0.15, 0.0), "UW": (0.25, 0.0), "UH": (0.3, 0.05), "OW": (0.45, 0.0), "OY": (0.5, 0.1),
+    "AO": (0.6, 0.05), "AW": (0.75, 0.15),
+    "AA": (0.9, 0.3), "AE": (0.75, 0.55), "AH": (0.6, 0.3), "AY": (0.8, 0.4), "EH": (0.55, 0.55),
+    "ER": (0.35, 0.2), "EY": (0.5, 0.6), "IH": (0.4, 0.6), "IY": (0.3, 0.8),
+    "TH": (0.25, 0.4), "DH": (0.25, 0.4), "T": (0.25, 0.35), "D": (0.25, 0.35), "N": (0.25, 0.35),
+    "L": (0.3, 0.35), "S": (0.15, 0.6), "Z": (0.15, 0.6), "SH": (0.25, 0.15), "ZH": (0.25, 0.15),
+    "CH": (0.25, 0.15), "JH": (0.25, 0.15), "R": (0.25, 0.2), "Y": (0.25, 0.6),
+    "K": (0.35, 0.35), "G": (0.35, 0.35), "NG": (0.3, 0.35), "HH": (0.45, 0.3),
+}
+_ALIGN_PAD_S = 0.2  # silence added on both sides: the aligner wants leading/trailing silence
+
+
+@dataclass(frozen=True)
+class Phone:
+    name: str      # CMU phone ("AA", "M", ...) or "SIL"
+    start: float   # seconds from sample 0 of the aligned audio
+    end: float
+
+
+class AlignmentError(RuntimeError):
+    """Forced alignment could not place the text on the audio (unknown word, no speech...)."""
+
+
+@functools.lru_cache(maxsize=2)
+def _decoder(sample_rate: int):
+    try:
+        from pocketsphinx import Decoder
+    except ImportError as e:
+        raise ImportError("forced alignment needs the PyPI package 'pocketsphinx' (5.1.1 ships en-us models)") from e
+    return Decoder(samprate=sample_rate, loglevel="FATAL")
+
+
+def _normalise_text(text: str) -> str:
+    words = re.sub(r"[^a-z' ]+", " ", text.lower()).split()
+    if not words:
+        raise AlignmentError(f"no words to align in {text!r}")
+    return " ".join(words)
+
+
+def align_phones(audio: np.ndarray, text: str, sample_rate: int = 16000) -> list[Phone]:
+    """Phone timings of `text` spoken in `audio` ((S,) float32 mono) by pocketsphinx forced
+    alignment (10 ms resolution). Raises AlignmentError when the text cannot be aligned."""
+    audio = np.asarray(audio, np.float32)
+    if audio.ndim != 1:
+        raise ValueError(f"audio must be mono (S,), got {audio.shape}")
+    words = _normalise_text(text)
+    pad = np.zeros(int(_ALIGN_PAD_S * sample_rate), np.float32)
+    pcm = (np.clip(np.concatenate([pad, audio, pad]), -1, 1) * 32767).astype(np.int16).tobytes()
+    d = _decoder(sample_rate)
+    try:
+        d.set_align_text(words)
+        for second_pass in (False, True):  # word alignment, then phone alignment
+            if second_pass:
+                d.set_alignment()
+            d.start_utt()
+            d.process_raw(pcm, full_utt=True)
+            d.end_utt()
+        alignment = d.get_alignment()
+    except RuntimeError as e:
+        raise AlignmentError(f"pocketsphinx could not align {words!r}: {e}") from e
+    if alignment is None:
+        raise AlignmentError(f"pocketsphinx returned no alignment for {words!r}")
+    frame_s = 0.01  # pocketsphinx frame rate: 100 frames per second
+    phones = []
+    for word in alignment:
+        for p in word:
+            name = "SIL" if p.name.startswith("+") else p.name
+            start = p.start * frame_s - _ALIGN_PAD_S
+            end = start + p.duration * frame_s
+            if end > 0 and start < len(audio) / sample_rate:
+                phones.append(Phone(name, max(0.0, start), min(end, len(audio) / sample_rate)))
+    if not any(p.name != "SIL" for p in phones):
+        raise AlignmentError(f"alignment of {words!r} placed no phones inside the audio")
+    return phones
+
+
+def viseme_track(phones: list[Phone], n_frames: int, fps: int, smooth_s: float = 0.03) -> np.ndarray:
+    """(n_frames, 2) per-video-frame (mouth_open, mouth_wide) from phone timings.
+
+    Targets are laid out at 100 Hz, blended across phone borders with a Gaussian of
+    `smooth_s` seconds (co-articulation: lips move towards the next shape early), then
+    read at each frame's time v / fps. Time not covered by a phone is silence (closed)."""
+    rate = 100
+    n = int(math.ceil(n_frames / fps * rate)) + 1
+    target = np.zeros((n, 2), np.float64)
+    for p in phones:
+        if p.name not in PHONE_VISEMES:
+            raise ValueError(f"unknown phone {p.name!r}; expected one of {sorted(PHONE_VISEMES)}")
+        a, b = int(round(p.start * rate)), int(round(p.end * rate))
+        target[max(0, a):max(0, min(n, b))] = PHONE_VISEMES[p.name]
+    sigma = smooth_s * rate
+    k = np.arange(-int(3 * sigma) - 1, int(3 * sigma) + 2)
+    kernel = np.exp(-0.5 * (k / sigma) ** 2)
+    kernel /= kernel.sum()
+    padded = np.pad(target, ((len(k) // 2, len(k) // 2), (0, 0)))
+    smooth = np.stack([np.convolve(padded[:, c], kernel, mode="valid") for c in range(2)], -1)
+    t = np.arange(n_frames) / fps * rate - 0.5  # sample i holds the interval [i, i + 1) / rate
+    return np.stack([np.interp(t, np.arange(n), smooth[:, c]) for c in range(2)], -1).astype(np.float32)
+
+
+def speech_mouth_track(audio: np.ndarray, text: str, fps: int, sample_rate: int = 16000,
+                       n_frames: int | None = None) -> tuple[np.ndarray, str, list[Phone]]:
+    """(n_frames, 2) mouth track of `text` spoken in `audio`, and which source made it:
+    "alignment" (pocketsphinx phones -> visemes) or, when alignment fails, the named
+    fallback "loudness" (`mouth_track`, the voiced-band envelope). Also the phones ([] on
+    the fallback)."""
+    n = n_frames if n_frames is not None else int(np.ceil(len(audio) / sample_rate * fps))
+    try:
+        phones = align_phones(audio, text, sample_rate)
+    except AlignmentError:
+        return mouth_track(audio, fps, sample_rate, n), "loudness", []
+    return viseme_track(phones, n, fps), "alignment", phones
