@@ -15,14 +15,19 @@ H = hop_length and a video rate of fps:
     the last mel frame centred at or before the window's start time, computed in exact
     integer arithmetic from v (never by accumulating per-frame steps, so rounding cannot
     drift over an endless stream);
-  * every window has the same length for a given fps:
-    ceil((audio_context_frames + 1 + lookahead_frames) * R / (fps * H)) mel frames.
+  * every window has the same length for a given fps, the longest any frame needs to
+    reach its span's end: with span = audio_context_frames + 1 + lookahead_frames and
+    R / (fps * H) = p / q in lowest terms, ceil(span * p / q + (q - 1) / q) mel frames
+    (16 at fps 25; 26 at fps 16, where the floored start can lose up to 3/4 of a frame).
+    So the window holds the mel frame at or before the span start and every mel frame
+    centred inside the span [(v - audio_context_frames) / fps, (v + 1 + lookahead_frames) / fps).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from fractions import Fraction
 from functools import lru_cache
 
 import numpy as np
@@ -135,10 +140,16 @@ def mel_frames_per_video_frame(fps: int, cfg: DrivingConfig) -> float:
 
 
 def window_length(fps: int, cfg: DrivingConfig) -> int:
-    """Mel frames in every video frame's window, fixed for a given fps (16 at fps 25, 25 at fps 16)."""
+    """Mel frames in every video frame's window, fixed for a given fps (16 at fps 25, 26 at fps 16).
+
+    The window starts at a floored mel index, losing a fraction k / q of a mel frame
+    (q = denominator of the mel-frames-per-video-frame ratio); the length covers the worst
+    case k = q - 1 so every frame's span end is inside its window.
+    """
     _check_fps(fps)
-    frames = cfg.audio_context_frames + 1 + cfg.lookahead_frames
-    return -((-frames * cfg.sample_rate) // (fps * cfg.hop_length))  # exact ceil
+    span = cfg.audio_context_frames + 1 + cfg.lookahead_frames
+    per = Fraction(cfg.sample_rate, fps * cfg.hop_length)
+    return math.ceil(span * per + Fraction(per.denominator - 1, per.denominator))
 
 
 def window_start(frames: Tensor | int, fps: int, cfg: DrivingConfig) -> Tensor:
