@@ -198,6 +198,8 @@ def test_eval_quick_end_to_end(tmp_path, capsys):
         cells = r.strip("| ").split(" | ")[1:]
         assert len(cells) in (len(evaluate.METRICS), 3) and all(np.isfinite(float(c)) for c in cells), r
     assert "Identity drift" in report
+    verdicts = [line for line in report.splitlines() if line.startswith(("- PASS", "- FAIL"))]
+    assert len(verdicts) == len(evaluate.METRICS) - 1 + 3  # beats baselines per metric, lip sync, seams, drift
     import cv2
 
     strip = cv2.imread(str(out / "strip.png"))
@@ -210,3 +212,29 @@ def test_eval_rejects_clips_shorter_than_two_chunks(tmp_path):
     small_speech_bank(tmp_path)
     assert main(["eval", "--seconds", "0.2", "--long-seconds", "0", "--data", str(tmp_path),
                  "--out", str(tmp_path / "eval")]) == 2
+
+
+def test_bars_decide_on_the_numbers():
+    from model.train import evaluate as E
+
+    good = {"PSNR": 30.0, "SSIM": 0.9, "mouth PSNR": 25.0, "mouth SSIM": 0.8, "lip-sync r": 0.9, "jitter": 1.0}
+    bad = {"PSNR": 20.0, "SSIM": 0.7, "mouth PSNR": 15.0, "mouth SSIM": 0.5, "lip-sync r": 0.1, "jitter": 1.0}
+    drift = {"model": M.Drift(30.0, 29.8, -0.2)}
+    verdicts = E.bars({"model": [good], E.REFERENCE: [bad], E.ZEROED: [bad]}, 1.0, drift)
+    assert all(v.startswith("- PASS") for v in verdicts) and len(verdicts) == 8
+    jittery = dict(good, jitter=1.5)
+    verdicts = E.bars({"model": [jittery], E.REFERENCE: [good], E.ZEROED: [bad]}, 1.0, None)
+    assert [v[2:6] for v in verdicts] == ["FAIL"] * 5 + ["PASS", "FAIL"]
+
+
+def test_strip_rows_and_mouth_tiles():
+    from model.train import evaluate as E
+
+    gen, truth = clip(0, n=10, size=64), clip(1, n=10, size=64)
+    strip = E.strip_image(gen, truth, [(10, 20, 40, 30)] * 10, n=5)
+    assert strip.shape == (4 * 64, 5 * 64, 3)
+    np.testing.assert_array_equal(strip[:64, :64], gen[0])
+    np.testing.assert_array_equal(strip[64:128, -64:], truth[-1])
+    # A 30x10 crop keeps its aspect: scaled x2 (64 / 30 -> 2.13, 64 / 10 -> 6.4), black above and below.
+    tile = strip[192:256, :64]
+    assert (tile[:5] == 0).all() and (tile[-5:] == 0).all() and tile[32].any()
