@@ -61,6 +61,10 @@ def test_alignment_opens_mouth_in_speech_and_closes_it_in_silence():
     at_vowels = [track[int(round((p.start + p.end) / 2 * FPS)), 0] for p in vowels]
     assert np.mean(at_vowels) > 0.35
     assert track[first:last, 0].mean() > 5 * track[silent, 0].mean() + 0.1
+    # Deterministic, whatever was aligned before (a reused decoder would carry state).
+    other = sp.synthesize("A clever fox painted seven apples.", sp.VOICES[4])
+    sp.align_phones(other, "A clever fox painted seven apples.")
+    assert sp.align_phones(audio, text) == phones
 
 
 @needs_tts
