@@ -238,3 +238,79 @@ def test_strip_rows_and_mouth_tiles():
     # A 30x10 crop keeps its aspect: scaled x2 (64 / 30 -> 2.13, 64 / 10 -> 6.4), black above and below.
     tile = strip[192:256, :64]
     assert (tile[:5] == 0).all() and (tile[-5:] == 0).all() and tile[32].any()
+
+
+class FakeStream:
+    """The engine's stream geometry (first chunk 4c-3 frames, then 4c) without a model:
+    frame t is filled with t % 256, and every step's driving is recorded."""
+
+    def __init__(self, log, chunk=2, lookahead=1):
+        self.log, self.c, self.look, self.frame_index = log, chunk, lookahead, 0
+
+    @property
+    def driving_frames(self):
+        return (4 * self.c - 3 if self.frame_index == 0 else 4 * self.c) + 4 + self.look
+
+    def step(self, audio, motion):
+        self.log.append((self.frame_index, audio.copy(), None if motion is None else motion.copy()))
+        n = 4 * self.c - 3 if self.frame_index == 0 else 4 * self.c
+        frames = np.stack([np.full((128, 128, 3), (self.frame_index + i) % 256, np.uint8) for i in range(n)])
+        self.frame_index += n
+        return frames
+
+    def close(self):
+        pass
+
+
+class FakeEngine:
+    def __init__(self):
+        from model.config import from_name
+
+        self.config, self.log = from_name("tiny"), []
+
+    def start(self, reference, knobs, seed):
+        return FakeStream(self.log, knobs.chunk_frames)
+
+
+def test_stream_driving_alignment_and_long_run_scoring():
+    """Each step gets the audio and given motion of exactly its frames (from frame_index,
+    driving_frames long); the last chunk is cut at the clip's end; the long run's chunk-wise
+    per-frame PSNR equals PSNR on the whole clip."""
+    from model.train import evaluate as E
+    from model.train.data import SpeechBank
+
+    t = np.arange(16000) / 16000
+    bank = SpeechBank(np.tile((0.2 * np.sin(2 * np.pi * 200 * t)).astype(np.float32), 11),
+                      np.arange(12) * 16000, [str(i) for i in range(11)])
+    clip = E.held_out_clip(bank, 30, 25, 128, np.random.default_rng(0))
+    from model.config import MOTION_FIELDS
+
+    F = len(MOTION_FIELDS)
+    for name in MOTION_FIELDS:  # the mouth is never given: it must come from the audio
+        i = MOTION_FIELDS.index(name)
+        given = name not in ("mouth_open", "mouth_wide")
+        assert (clip.given[:, F + i] == float(given)).all(), name
+        np.testing.assert_array_equal(clip.given[:, i], clip.motion[:, i] if given else 0.0)
+    assert clip.motion[:, MOTION_FIELDS.index("mouth_open")].max() > 0.3  # the truth does speak
+    engine = FakeEngine()
+    chunks = list(E.iter_stream(engine, clip, engine.config.stream, seed=0))
+    assert [f0 for f0, _ in chunks] == [0, 5, 13, 21, 29]
+    gen = np.concatenate([f for _, f in chunks])
+    assert len(gen) == 30 and (gen[:, 0, 0, 0] == np.arange(30)).all()
+    for f0, audio, motion in engine.log:
+        k = len(audio) // 640
+        np.testing.assert_array_equal(audio, clip.audio[f0 * 640:(f0 + k) * 640])
+        np.testing.assert_array_equal(motion, clip.given[f0:f0 + k])
+    assert engine.log[-1][2] is not None and len(engine.log[-1][2]) == 1  # only frame 29 is inside the clip
+    zeroed = FakeEngine()
+    list(E.iter_stream(zeroed, clip, zeroed.config.stream, seed=0, zero_audio=True))
+    assert all(not a.any() for _, a, _ in zeroed.log)
+
+    class Bar:
+        def update(self, n):
+            pass
+
+    model_psnr, ref_psnr = E.long_run(FakeEngine(), clip, engine.config.stream, 0, 128, Bar())
+    truth = clip.truth(128)
+    np.testing.assert_allclose(model_psnr, M.psnr_frames(gen, truth), rtol=1e-12)
+    np.testing.assert_allclose(ref_psnr, M.psnr_frames(np.repeat(clip.reference[None], 30, 0), truth), rtol=1e-12)

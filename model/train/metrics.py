@@ -29,13 +29,14 @@ Box = tuple[int, int, int, int]
 
 
 def _pair(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Validate two clips (T, H, W, 3) of the same shape; return them as float64."""
+    """Validate two clips (T, H, W, 3) of the same shape; return them unconverted (metrics
+    work frame by frame in float64, so a minutes-long clip never exists in float64)."""
     a, b = np.asarray(a), np.asarray(b)
     if a.shape != b.shape:
         raise ValueError(f"clips must have the same shape, got {a.shape} and {b.shape}")
     if a.ndim != 4 or a.shape[-1] != 3 or len(a) == 0:
         raise ValueError(f"clips must be (T, H, W, 3) with T >= 1, got {a.shape}")
-    return a.astype(np.float64), b.astype(np.float64)
+    return a, b
 
 
 def _boxes(boxes: Sequence[Box] | Box, n: int) -> list[Box]:
@@ -57,12 +58,12 @@ def psnr_frames(a: np.ndarray, b: np.ndarray, boxes: Sequence[Box] | Box | None 
     (whole frame) or one box per frame (only the pixels inside count; an empty box scores
     PSNR_CAP, as there is nothing to differ). Returns (T,) float64."""
     a, b = _pair(a, b)
-    sq = (a - b) ** 2  # (T, H, W, 3)
-    if boxes is None:
-        mse = sq.reshape(len(sq), -1).mean(1)
-    else:
-        mse = np.array([sq[t, y0:y1, x0:x1].mean() if (y1 > y0 and x1 > x0) else 0.0
-                        for t, (x0, y0, x1, y1) in enumerate(_boxes(boxes, len(sq)))])
+    boxes = [(0, 0, a.shape[2], a.shape[1])] * len(a) if boxes is None else _boxes(boxes, len(a))
+    mse = np.zeros(len(a))
+    for t, (x0, y0, x1, y1) in enumerate(boxes):
+        if y1 > y0 and x1 > x0:
+            d = a[t, y0:y1, x0:x1].astype(np.float64) - b[t, y0:y1, x0:x1]  # (h, w, 3)
+            mse[t] = (d * d).mean()
     with np.errstate(divide="ignore"):
         vals = 10 * np.log10(255.0 ** 2 / mse)  # inf where mse == 0
     return np.minimum(vals, PSNR_CAP)
@@ -164,10 +165,13 @@ def boundary_jitter(frames: np.ndarray, starts: Sequence[int]) -> float:
     Energy is the mean squared 8-bit difference; JITTER_EPS is added to both means so a
     static clip scores 1. Raises ValueError when there is no border step or no inside step.
     """
-    f = np.asarray(frames, np.float64)
+    f = np.asarray(frames)
     if f.ndim != 4 or len(f) < 3:
         raise ValueError(f"need a clip (T >= 3, H, W, C), got {f.shape}")
-    energy = ((f[1:] - f[:-1]) ** 2).reshape(len(f) - 1, -1).mean(1)  # (T-1,), energy[t-1]: step t-1 -> t
+    energy = np.zeros(len(f) - 1)  # energy[t-1]: step t-1 -> t
+    for t in range(1, len(f)):
+        d = f[t].astype(np.float64) - f[t - 1]
+        energy[t - 1] = (d * d).mean()
     border = np.zeros(len(energy), bool)
     for t in starts:
         if 1 <= t < len(f):
