@@ -70,6 +70,14 @@ def _composite_on_white(rgba: np.ndarray) -> np.ndarray:
     return rgb.astype(np.uint8)
 
 
+def _png_header_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from a PNG's IHDR chunk, or None when `data` is not a PNG. Pillow
+    refuses a zero-size PNG as "cannot identify"; this lets us say what is wrong."""
+    if len(data) >= 24 and data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR":
+        return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    return None
+
+
 def _pil_to_rgb(im) -> np.ndarray:
     """Any Pillow mode -> (H, W, 3) uint8 RGB."""
     if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
@@ -136,6 +144,9 @@ def load_image(src: str | os.PathLike | bytes | np.ndarray, *, max_pixels: int =
     except MemoryError:
         raise MediaError("image_too_large", "image is too large to decode") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
+        size = _png_header_size(data)
+        if size is not None and 0 in size:
+            raise MediaError("image_empty", f"image has zero width or height ({size[0]}x{size[1]})") from None
         raise MediaError("image_unreadable", f"not a readable image ({exc.__class__.__name__}: {exc}); "
                                              f"send PNG, JPEG, WebP, GIF, BMP or TIFF") from None
     if rgb.shape[0] == 0 or rgb.shape[1] == 0:
