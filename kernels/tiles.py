@@ -1,0 +1,82 @@
+"""Shared pieces of the Triton kernels: tile configurations and per-call compile-time flags.
+
+Importing this module imports triton. On CPU tensors the kernels only run under the
+Triton interpreter, which must be switched on (`TRITON_INTERPRET=1`) before triton is
+first imported; `interpreted()` reads that flag.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+
+
+@dataclass(frozen=True)
+class Tiles:
+    """One kernel launch configuration. BLOCK_M: query rows per program; BLOCK_N: keys per step."""
+
+    block_m: int
+    block_n: int
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+def interpreted() -> bool:
+    """True when triton runs kernels in its CPU interpreter."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def check_tensors(*tensors: torch.Tensor) -> None:
+    """Raise ValueError unless every tensor can be read by a kernel here (same device, dtype, 4-D)."""
+    first = tensors[0]
+    if first.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"triton attention supports float32/float16/bfloat16, got {first.dtype}; "
+                         "use backend='sdpa' for other dtypes")
+    for t in tensors:
+        if t.dim() != 4:
+            raise ValueError(f"attention tensors must be (B, H, L, D), got shape {tuple(t.shape)}")
+        if t.dtype != first.dtype or t.device != first.device:
+            raise ValueError(f"attention tensors must share dtype and device: {t.dtype}@{t.device} vs "
+                             f"{first.dtype}@{first.device}")
+    if first.is_cuda == interpreted():
+        where = "CUDA tensors with TRITON_INTERPRET=1" if first.is_cuda else "CPU tensors without TRITON_INTERPRET=1"
+        raise ValueError(f"triton attention cannot run on {where}")
+
+
+def dot_flags(dtype: torch.dtype) -> dict:
+    """Compile-time flags for tl.dot.
+
+    UPCAST: load tiles as float32 before every dot. Needed in the interpreter for bf16
+    (its bf16 dot multiplies bit patterns) and harmless there for the others.
+    PRECISION: float32 inputs use exact IEEE dots on GPUs (TF32 would cost ~1e-3 relative).
+    """
+    return {"UPCAST": interpreted(), "PRECISION": "ieee" if dtype == torch.float32 else "tf32"}
+
+
+def block_d(head_dim: int) -> int:
+    """Head-dim tile: the next power of two (at least 16, tl.dot's minimum); padding is masked."""
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def forward_tiles(head_dim: int) -> Tiles:
+    """Forward tiles: small in the interpreter (numpy per tile), FA2-like on GPUs."""
+    if interpreted():
+        return Tiles(32, 32)
+    if head_dim <= 64:
+        return Tiles(128, 64, num_warps=4, num_stages=3)
+    return Tiles(128, 64, num_warps=8, num_stages=3)
+
+
+def backward_tiles(head_dim: int) -> Tiles:
+    """Backward tiles (both the dQ and the dK/dV kernel)."""
+    if interpreted():
+        return Tiles(32, 32)
+    return Tiles(64, 64, num_warps=4 if head_dim <= 64 else 8, num_stages=2)
+
+
+def strides(t: torch.Tensor) -> tuple[int, int, int, int]:
+    """(batch, head, token, dim) element strides of a (B, H, L, D) tensor (0 for expanded dims)."""
+    return tuple(t.stride())  # type: ignore[return-value]
