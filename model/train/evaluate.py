@@ -313,10 +313,11 @@ def run(args: argparse.Namespace) -> int:
             clip = held_out_clip(bank, n_frames, fps, size, rng, cfg.driving.sample_rate)
             truth, boxes = clip.truth(size), clip.mouth_boxes(size)
             for name, (knobs, zero_audio) in runs.items():
-                t = time.perf_counter()
-                chunks = list(iter_stream(engine, clip, knobs, args.seed + c, zero_audio))
+                t, chunks = time.perf_counter(), []
+                for f0, frames in iter_stream(engine, clip, knobs, args.seed + c, zero_audio):
+                    chunks.append((f0, frames))
+                    bar.update(len(frames))
                 engine_time, engine_frames = engine_time + time.perf_counter() - t, engine_frames + n_frames
-                bar.update(n_frames)
                 gen, starts = np.concatenate([f for _, f in chunks]), [f0 for f0, _ in chunks]
                 rows[name].append(score(gen, truth, boxes, starts))
                 if name == "model":
