@@ -22,12 +22,18 @@ from model.dit import DiT
 FORMAT = "knotstream-avatar-v1"
 
 
-def save_model(model: "AvatarModel", path: str | Path, extra: dict | None = None) -> None:
-    """Write all parameters and persistent buffers plus the config to `path`."""
+def save_model(model: "AvatarModel", path: str | Path, extra: dict | None = None,
+               dtype: torch.dtype | None = None) -> None:
+    """Write all parameters and persistent buffers plus the config to `path`.
+
+    dtype (e.g. torch.float16) stores floating tensors in that type: the bundled model
+    ships in fp16 (half the size); the engine casts to its compute dtype on load."""
     meta = {"format": FORMAT, "config": json.dumps(model.config.to_dict())}
     if extra:
         meta["extra"] = json.dumps(extra)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if dtype is not None:
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     save_file(state, str(path), metadata=meta)
 
@@ -43,8 +49,8 @@ def read_metadata(path: str | Path) -> dict:
     return out
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> "AvatarModel":
-    """Build on the meta device, then assign the stored tensors."""
+def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> "AvatarModel":
+    """Build on the meta device, then assign the stored tensors (cast to `dtype`)."""
     from model.avatar import AvatarModel  # the converter below does not need the VAE/driving parts
 
     path = Path(path)
@@ -58,7 +64,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> "AvatarM
     missing = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if missing:
         raise RuntimeError(f"{path}: tensors not in the file and not derivable: {missing[:5]}")
-    return model.to(device)
+    return model.to(device=device, dtype=dtype)
 
 
 # --------------------------------------------------------------------------------------

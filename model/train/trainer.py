@@ -243,6 +243,6 @@ def run(args: argparse.Namespace) -> int:
             break
     print(f"training wall time this run: {(time.time() - t0) / 60:.1f} min", file=sys.stderr)
     if args.export:
-        save_model(model.eval(), args.export, extra={"trained_stages": list(stages)})
+        save_model(model.eval(), args.export, extra={"trained_stages": list(stages)}, dtype=torch.float16)
         print(f"exported {args.export}")
     return 0
