@@ -7,8 +7,13 @@ Two operations:
   block-causal sliding-window mask with an always-visible prefix (training, tests).
 
 Backends, chosen per call in this order (the reason is logged once at debug level):
-`KNOTSTREAM_ATTENTION` (`sdpa`, `triton`, `auto`) or the `backend=` argument; `triton`
-when the tensors are on CUDA and the fused kernels import; otherwise `sdpa` (PyTorch).
+the `backend=` argument, else `KNOTSTREAM_ATTENTION` (`sdpa`, `triton`, `auto`); under
+`auto`, `triton` when the tensors are on CUDA and the fused kernels import, otherwise
+`sdpa` (PyTorch). Forcing `triton` on CPU tensors needs `TRITON_INTERPRET=1` set before
+triton is first imported (tests do this); otherwise a ValueError says why it cannot run.
+
+Modules: `sdpa` (PyTorch path), `triton_window` (fused inference kernel), `triton_block`
+(fused training kernel, forward + backward), `reference` (dense float64-capable definition).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import logging
 import os
 
+import torch
 from torch import Tensor
 
 from kernels import sdpa
@@ -23,15 +29,7 @@ from kernels import sdpa
 log = logging.getLogger("knotstream.kernels")
 BACKENDS = ("sdpa", "triton")
 _logged: set[tuple] = set()
-
-
-def _triton_module():
-    """The fused kernels, or None with the reason they cannot run here."""
-    try:
-        from kernels import triton_window  # noqa: F401  (optional: needs triton)
-    except ImportError as exc:
-        return None, f"triton kernels unavailable ({exc})"
-    return triton_window, ""
+_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def choose_backend(q: Tensor, backend: str | None = None) -> str:
@@ -41,17 +39,29 @@ def choose_backend(q: Tensor, backend: str | None = None) -> str:
         raise ValueError(f"unknown attention backend {wanted!r}; choose from {BACKENDS + ('auto',)}")
     if wanted == "sdpa":
         return _log_once("sdpa", "forced (KNOTSTREAM_ATTENTION or backend=)")
-    mod, why = _triton_module()
-    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    if wanted == "auto" and not q.is_cuda:
+        return _log_once("sdpa", "tensors are not on CUDA")
+    why = _triton_refusal(q)
     if wanted == "triton":
-        if mod is None:
+        if why:
             raise ValueError(f"attention backend 'triton' was forced but {why}")
-        if not (q.is_cuda or interpreted):
-            raise ValueError("attention backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 on CPU)")
-        return _log_once("triton", "forced")
-    if mod is not None and q.is_cuda:
-        return _log_once("triton", "CUDA tensors and the fused kernels import")
-    return _log_once("sdpa", why or "tensors are not on CUDA")
+        return _log_once("triton", "forced (KNOTSTREAM_ATTENTION or backend=)")
+    if why:
+        return _log_once("sdpa", why)
+    return _log_once("triton", "CUDA tensors and the fused kernels import")
+
+
+def _triton_refusal(q: Tensor) -> str:
+    """Why the fused kernels cannot run on tensors like `q` ("" when they can)."""
+    try:
+        from kernels import tiles, triton_block, triton_window  # noqa: F401  (optional: needs triton)
+    except ImportError as exc:
+        return f"the triton kernels do not import ({exc})"
+    if q.dtype not in _TRITON_DTYPES:
+        return f"the fused kernels take float32/float16/bfloat16, not {q.dtype}"
+    if not q.is_cuda and not tiles.interpreted():
+        return "CPU tensors need TRITON_INTERPRET=1 set before triton is first imported"
+    return ""
 
 
 def _log_once(name: str, reason: str) -> str:
@@ -88,7 +98,7 @@ def block_window_attention(q: Tensor, k: Tensor, v: Tensor, *, prefix_len: int, 
     if chunk_len < 1 or prefix_len < 0 or (window_len is not None and window_len < 0):
         raise ValueError(f"bad mask geometry prefix={prefix_len} chunk={chunk_len} window={window_len}")
     if choose_backend(q, backend) == "triton":
-        from kernels import triton_window
-        return triton_window.block_window_attention(q, k, v, prefix_len=prefix_len, chunk_len=chunk_len,
+        from kernels import triton_block
+        return triton_block.block_window_attention(q, k, v, prefix_len=prefix_len, chunk_len=chunk_len,
                                                     window_len=window_len)
     return sdpa.block_window_attention(q, k, v, prefix_len=prefix_len, chunk_len=chunk_len, window_len=window_len)

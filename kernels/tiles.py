@@ -1,13 +1,13 @@
 """Shared pieces of the Triton kernels: tile configurations and per-call compile-time flags.
 
 Importing this module imports triton. On CPU tensors the kernels only run under the
-Triton interpreter, which must be switched on (`TRITON_INTERPRET=1`) before triton is
-first imported; `interpreted()` reads that flag.
+Triton interpreter, which must be switched on (`TRITON_INTERPRET=1`) before the kernel
+modules are imported (triton picks the interpreter when it decorates a function);
+`interpreted()` says which mode the kernels were built in.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -24,9 +24,16 @@ class Tiles:
     num_stages: int = 2
 
 
+@triton.jit
+def _probe():
+    """Decorated at import like the kernels, so its type tells how they were built."""
+    pass
+
+
 def interpreted() -> bool:
-    """True when triton runs kernels in its CPU interpreter."""
-    return os.environ.get("TRITON_INTERPRET") == "1"
+    """True when this module's kernels run in triton's CPU interpreter (TRITON_INTERPRET=1 at import)."""
+    from triton.runtime.interpreter import InterpretedFunction
+    return isinstance(_probe, InterpretedFunction)
 
 
 def check_tensors(*tensors: torch.Tensor) -> None:
@@ -41,9 +48,9 @@ def check_tensors(*tensors: torch.Tensor) -> None:
         if t.dtype != first.dtype or t.device != first.device:
             raise ValueError(f"attention tensors must share dtype and device: {t.dtype}@{t.device} vs "
                              f"{first.dtype}@{first.device}")
-    if first.is_cuda == interpreted():
-        where = "CUDA tensors with TRITON_INTERPRET=1" if first.is_cuda else "CPU tensors without TRITON_INTERPRET=1"
-        raise ValueError(f"triton attention cannot run on {where}")
+    if not first.is_cuda and not interpreted():
+        raise ValueError("triton attention on CPU tensors needs TRITON_INTERPRET=1 set before triton "
+                         "is first imported; use backend='sdpa' or CUDA tensors")
 
 
 def dot_flags(dtype: torch.dtype) -> dict:
