@@ -290,3 +290,34 @@ def test_full_sweep_block(triton_modules, dtype):
     for (L, P, CL, W), D in itertools.product(cases, [32, 60, 128]):
         _check_block_kernel(triton_modules[1], 1, 2, L, P, CL, W, D, dtype, grads=D != 128)
     _check_block_kernel(triton_modules[1], 1, 2, 500, 40, 60, 120, 64, dtype)
+
+
+# --------------------------------------------------------------------------------------
+# 7. The DiT's cache equivalence (streaming == one masked pass) with the fused kernels forced
+# --------------------------------------------------------------------------------------
+
+
+def test_dit_streaming_equals_full_pass_with_triton_forced(triton_modules, monkeypatch):
+    """tests/test_dit.py checks this in float64 (SDPA path); here both sides run the fused kernels in fp32."""
+    from model.dit import FullSequence
+    from tests.test_dit import small_dit, stream_chunks
+    monkeypatch.setenv("KNOTSTREAM_ATTENTION", "triton")
+    model = small_dit().float()
+    B, C, N, h, w, chunk, window = 1, 4, 5, 6, 8, 2, 2
+    T = (h // 2) * (w // 2)
+    g = torch.Generator().manual_seed(1)
+    ref, frames = torch.randn(B, C, 1, h, w, generator=g), torch.randn(B, C, N, h, w, generator=g)
+    t = torch.rand(B, N, generator=g) * 1000
+    drive = torch.randn(B, N, 5, 16, generator=g)
+    with torch.no_grad():
+        full = model(torch.cat([ref, frames], 2), torch.cat([torch.zeros(B, 1), t], 1),
+                     torch.cat([torch.tensor([9.0]), torch.arange(N, dtype=torch.float64) + 1]),
+                     FullSequence(prefix_len=T, chunk_len=chunk * T, window_len=window * T), drive=drive)[:, :, 1:]
+        streamed = stream_chunks(model, ref, 9.0, frames, t, drive, chunk, window)
+        wrong = stream_chunks(model, ref, 9.0, frames, t, drive, chunk, window + 1)
+        monkeypatch.setenv("KNOTSTREAM_ATTENTION", "sdpa")
+        streamed_sdpa = stream_chunks(model, ref, 9.0, frames, t, drive, chunk, window)
+    assert (streamed - full).abs().max().item() <= 1e-4
+    assert (streamed - streamed_sdpa).abs().max().item() <= 1e-4
+    assert (wrong - full).abs().max().item() > 1e-3  # the comparison can fail: a wrong window shows
+
