@@ -321,3 +321,15 @@ def test_dit_streaming_equals_full_pass_with_triton_forced(triton_modules, monke
     assert (streamed - streamed_sdpa).abs().max().item() <= 1e-4
     assert (wrong - full).abs().max().item() > 1e-3  # the comparison can fail: a wrong window shows
 
+
+
+def test_attention_bench_cpu_smoke_runs():
+    """bench/attention.py --cpu-smoke: every row ran or says why not, and the correctness gate passed."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    res = subprocess.run([sys.executable, "bench/attention.py", "--cpu-smoke"], cwd=root, capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    rows = [line for line in res.stdout.splitlines() if line.startswith("| inference") or line.startswith("| training")]
+    assert len(rows) == 20
+    ours = [r for r in rows if "| ours" in r]
+    assert len(ours) == 4 and all("n/a" not in r for r in ours)
