@@ -61,6 +61,14 @@ def encode_audio(audio: np.ndarray, rate: int, codec: str = "pcm_s16le", fmt: st
     return buf.getvalue()
 
 
+def wav_bytes(audio: np.ndarray, rate: int, channels: int = 1) -> bytes:
+    """16-bit WAV of mono (samples,) or stereo (2, samples) audio (tests/test_cli.py uses it)."""
+    audio = np.asarray(audio)
+    if (audio.ndim == 2) != (channels == 2):
+        raise ValueError(f"wav_bytes: channels={channels} does not match audio shape {audio.shape}")
+    return encode_audio(audio, rate)
+
+
 def empty_wav(rate=16000) -> bytes:
     """A valid 16-bit mono WAV header with a zero-length data chunk."""
     fmt = struct.pack("<HHIIHH", 1, 1, rate, rate * 2, 2, 16)
