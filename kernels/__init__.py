@@ -10,7 +10,7 @@ Backends, chosen per call in this order (the reason is logged once at debug leve
 the `backend=` argument, else `KNOTSTREAM_ATTENTION` (`sdpa`, `triton`, `auto`); under
 `auto`, `triton` when the tensors are on CUDA and the fused kernels import, otherwise
 `sdpa` (PyTorch). Forcing `triton` on CPU tensors needs `TRITON_INTERPRET=1` set before
-triton is first imported (tests do this); otherwise a ValueError says why it cannot run.
+the kernel modules are first imported (tests do this); otherwise a ValueError says why it cannot run.
 
 Modules: `sdpa` (PyTorch path), `triton_window` (fused inference kernel), `triton_block`
 (fused training kernel, forward + backward), `reference` (dense float64-capable definition).
@@ -60,7 +60,7 @@ def _triton_refusal(q: Tensor) -> str:
     if q.dtype not in _TRITON_DTYPES:
         return f"the fused kernels take float32/float16/bfloat16, not {q.dtype}"
     if not q.is_cuda and not tiles.interpreted():
-        return "CPU tensors need TRITON_INTERPRET=1 set before triton is first imported"
+        return "CPU tensors need TRITON_INTERPRET=1 set before the kernel modules are first imported"
     return ""
 
 

@@ -49,8 +49,8 @@ def check_tensors(*tensors: torch.Tensor) -> None:
             raise ValueError(f"attention tensors must share dtype and device: {t.dtype}@{t.device} vs "
                              f"{first.dtype}@{first.device}")
     if not first.is_cuda and not interpreted():
-        raise ValueError("triton attention on CPU tensors needs TRITON_INTERPRET=1 set before triton "
-                         "is first imported; use backend='sdpa' or CUDA tensors")
+        raise ValueError("triton attention on CPU tensors needs TRITON_INTERPRET=1 set before the "
+                         "kernel modules are first imported; use backend='sdpa' or CUDA tensors")
 
 
 def dot_flags(dtype: torch.dtype) -> dict:

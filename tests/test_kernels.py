@@ -1,14 +1,14 @@
 """Attention kernels against the float64 reference: PyTorch path, fused Triton kernels, dispatch.
 
 The Triton kernels run on CPU tensors in triton's interpreter, which must be switched on
-before triton is first imported: hence the environment line above the imports. The
+before the kernel modules are imported (triton decides when it decorates a kernel): hence the environment line above the imports. The
 interpreter is slow (numpy per tile), so the default subset uses toy sizes; the full
 sweep is marked `slow`.
 """
 
 import os
 
-os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported (kernels import it lazily)
+os.environ["TRITON_INTERPRET"] = "1"  # before the kernel modules decorate their kernels
 
 import itertools  # noqa: E402
 import logging  # noqa: E402
@@ -41,7 +41,7 @@ def triton_modules():
     pytest.importorskip("triton")
     from kernels import tiles, triton_block, triton_window
     if not tiles.interpreted():
-        pytest.skip("triton was imported before TRITON_INTERPRET=1 was set; run this module on its own")
+        pytest.skip("the kernels were imported before TRITON_INTERPRET=1 was set; run this module on its own")
     return triton_window, triton_block
 
 
