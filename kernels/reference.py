@@ -36,6 +36,7 @@ def ring_indices(ring_start: int, ring_len: int, capacity: int, device: torch.de
 
 
 def window_attention_reference(q, ref_k, ref_v, ring_k, ring_v, ring_start, ring_len, chunk_k, chunk_v) -> Tensor:
+    """Gather [reference | valid ring tokens, oldest first | chunk] and attend densely; (B, H, Lq, D)."""
     idx = ring_indices(ring_start, ring_len, ring_k.shape[2], q.device)
     k = torch.cat([ref_k, ring_k[:, :, idx], chunk_k], dim=2)
     v = torch.cat([ref_v, ring_v[:, :, idx], chunk_v], dim=2)
@@ -43,4 +44,5 @@ def window_attention_reference(q, ref_k, ref_v, ring_k, ring_v, ring_start, ring
 
 
 def block_window_attention_reference(q, k, v, *, prefix_len, chunk_len, window_len) -> Tensor:
+    """Dense (L, L) mask from `block_window_mask`, then plain softmax attention; (B, H, L, D)."""
     return attention(q, k, v, block_window_mask(q.shape[2], prefix_len, chunk_len, window_len, q.device))
