@@ -1,0 +1,245 @@
+"""The generation worker: ONE thread per process stepping every session's stream.
+
+Model work never runs on the event loop. Each loop iteration the worker picks the
+sessions whose playout holds fewer than `lead_frames` generated frames (the generation
+lead: how far generation runs ahead of the output), most urgent deadline first (the
+time their playout would run dry; ties go to the least recently served), takes up to
+`max_batch` of them and calls `engine.step_many` once (today it loops; on a GPU it will
+be one batched forward). Chunks go to each session's bounded `Playout`; the lead bound
+is the hand-off's backpressure, so no queue grows without bound.
+
+Failures are per session: a step that raises closes that session's stream and calls its
+`on_error` (the session then tells its client and closes); other sessions go on. When a
+batch of several sessions fails as a whole the worker cannot tell whose input was at
+fault (the streams may be half-stepped), so every session of that batch fails; with the
+default `max_batch=1` that never happens.
+
+Engine calls that are not steps (starting a stream: reference encoding; closing one) go
+through `call()`, so the engine is only ever used from this one thread.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from streaming.driving import DrivingBuffer
+from streaming.playout import Chunk, Playout
+
+log = logging.getLogger("knotstream.worker")
+
+
+@dataclass
+class Generation:
+    """What the worker needs of one session. `stream` is a model.engine.Stream (or anything with
+    its frame_index / next_frames / driving_frames / audio_samples_needed / close API)."""
+
+    id: str
+    stream: Any
+    driving: DrivingBuffer
+    playout: Playout
+    lead_frames: int
+    on_error: Callable[[BaseException], None] = lambda exc: None
+    on_chunk: Callable[[float, int], None] | None = None  # (step seconds, frames) after each chunk
+    chunks: int = 0
+    frames: int = 0
+    last_step_s: float = 0.0
+    last_served: float = 0.0
+    failed: bool = False
+    removed: bool = False
+
+
+@dataclass
+class WorkerStats:
+    steps: int = 0      # step_many calls
+    chunks: int = 0
+    errors: int = 0
+    busy_s: float = 0.0  # time spent in step_many
+    started: float = field(default_factory=time.monotonic)
+
+
+class GenerationWorker:
+    """One worker thread serving every session of a process (see the module docstring)."""
+
+    def __init__(self, engine, max_batch: int = 1, now: Callable[[], float] = time.monotonic,
+                 idle_wait_s: float = 0.01):
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        self.engine = engine
+        self.max_batch = max_batch
+        self.now = now
+        self.idle_wait_s = idle_wait_s
+        self.stats = WorkerStats()
+        self._sessions: dict[str, Generation] = {}
+        self._calls: list[tuple[Callable, tuple, concurrent.futures.Future]] = []
+        self._cond = threading.Condition()
+        self._stop = False
+        self._thread: threading.Thread | None = None
+
+    # ----- lifecycle ------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._thread is not None:
+            raise RuntimeError("worker already started")
+        self._thread = threading.Thread(target=self._run, name="knotstream-generation", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the thread after the current step; closes every remaining stream."""
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                log.error("generation worker did not stop within %.1f s", timeout)
+        for g in list(self._sessions.values()):
+            _close_stream(g)
+        self._sessions.clear()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    # ----- sessions -------------------------------------------------------------------
+
+    def add(self, gen: Generation) -> None:
+        with self._cond:
+            if gen.id in self._sessions:
+                raise ValueError(f"session {gen.id!r} is already served")
+            self._sessions[gen.id] = gen
+            self._cond.notify_all()
+
+    def remove(self, session_id: str) -> concurrent.futures.Future:
+        """Stop serving a session; its stream is closed on the worker thread. Returns a future."""
+        with self._cond:
+            gen = self._sessions.pop(session_id, None)
+            if gen is not None:
+                gen.removed = True
+        if gen is None:
+            fut: concurrent.futures.Future = concurrent.futures.Future()
+            fut.set_result(None)
+            return fut
+        return self.call(_close_stream, gen)
+
+    def sessions(self) -> list[Generation]:
+        with self._cond:
+            return list(self._sessions.values())
+
+    def call(self, fn: Callable, *args) -> concurrent.futures.Future:
+        """Run `fn(*args)` on the worker thread between steps (engine.start, stream.close)."""
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        with self._cond:
+            if self._stop or self._thread is None:
+                fut.set_exception(RuntimeError("generation worker is not running"))
+                return fut
+            self._calls.append((fn, args, fut))
+            self._cond.notify_all()
+        return fut
+
+    def wake(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    # ----- the loop -------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                if self._stop:
+                    break
+                calls, self._calls = self._calls, []
+            for fn, args, fut in calls:
+                if fut.set_running_or_notify_cancel():
+                    try:
+                        fut.set_result(fn(*args))
+                    except BaseException as exc:  # handed to the caller, never kills the loop
+                        fut.set_exception(exc)
+            batch = self._pick()
+            if batch:
+                self._step(batch)
+                continue
+            with self._cond:
+                if not self._calls and not self._stop:
+                    self._cond.wait(self.idle_wait_s)
+        for fn, args, fut in self._calls:
+            fut.cancel()
+
+    def _pick(self) -> list[Generation]:
+        now = self.now()
+        due = []
+        with self._cond:
+            sessions = list(self._sessions.values())
+        for g in sessions:
+            if g.failed or g.removed or g.playout.closed:
+                continue
+            buffered = g.playout.buffered_frames(now)
+            room = g.playout.max_frames - g.playout.queued_frames()
+            if buffered < g.lead_frames and room >= g.stream.next_frames:
+                due.append((now + buffered / g.playout.fps, g.last_served, g))
+        due.sort(key=lambda d: (d[0], d[1]))
+        return [g for _, _, g in due[: self.max_batch]]
+
+    def _step(self, batch: list[Generation]) -> None:
+        streams, audios, motions, spans = [], [], [], []
+        for g in batch:
+            st = g.stream
+            fi, n = st.frame_index, st.next_frames
+            audio, motion = g.driving.take(fi, st.driving_frames, st.audio_samples_needed, n)
+            own = g.driving.sample_of(fi + n) - g.driving.sample_of(fi)
+            streams.append(st)
+            audios.append(audio)
+            motions.append(motion)
+            spans.append((fi, n, audio[:own].copy()))
+        t = time.perf_counter()
+        try:
+            outs = self.engine.step_many(streams, audios, motions)
+        except Exception as exc:
+            self.stats.errors += 1
+            log.exception("generation failed for session(s) %s", [g.id for g in batch])
+            for g in batch:
+                self._fail(g, exc)
+            return
+        dt = time.perf_counter() - t
+        self.stats.steps += 1
+        self.stats.busy_s += dt
+        now = self.now()
+        for g, frames, (fi, n, own_audio) in zip(batch, outs, spans):
+            g.last_served = now
+            try:
+                if frames.shape[0] != n:
+                    raise RuntimeError(f"engine returned {frames.shape[0]} frames, expected {n}")
+                g.playout.put(Chunk(fi, frames, own_audio))
+            except Exception as exc:
+                self._fail(g, exc)
+                continue
+            g.chunks += 1
+            g.frames += n
+            g.last_step_s = dt
+            self.stats.chunks += 1
+            if g.on_chunk is not None:
+                try:
+                    g.on_chunk(dt, n)
+                except Exception:
+                    log.exception("on_chunk callback of session %s failed", g.id)
+
+    def _fail(self, g: Generation, exc: BaseException) -> None:
+        g.failed = True
+        with self._cond:
+            self._sessions.pop(g.id, None)
+        _close_stream(g)
+        try:
+            g.on_error(exc)
+        except Exception:
+            log.exception("on_error callback of session %s failed", g.id)
+
+
+def _close_stream(g: Generation) -> None:
+    try:
+        g.stream.close()
+    except Exception:
+        log.exception("closing the stream of session %s failed", g.id)
