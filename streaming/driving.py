@@ -1,0 +1,325 @@
+"""Driving signals of one session, indexed by *output frame time*, not arrival time.
+
+Three sources land on one timeline of driving samples (16 kHz) and video frames:
+
+- pushed speech (HTTP upload, data channel, TTS): segments with ids, played in order.
+  A segment starts at the first frame not yet generated (or right after the previous
+  segment, whichever is later), so pushing faster than real time just queues audio.
+- live microphone audio: arrives in real time and lands at `slot_now + latency_frames`
+  (a fixed delay the session chooses so generation never waits for it); contiguous
+  while it keeps up, re-anchored when it falls behind generation (the late part is
+  counted and dropped) or runs too far ahead (jitter burst).
+- motion/expression messages: piecewise-constant pose state; a message with a client
+  timestamp lands at the frame its timestamp maps to (the first message anchors the
+  client clock to the first frame not yet generated), clamped to that frame when late.
+
+`take()` (the generation worker) reads one step's driving and forgets everything before
+the step's own frames. `interrupt()` flushes pushed speech that has not been generated.
+Thread-safe: the event loop writes, the worker thread reads.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from model.config import MOTION_FIELDS
+from model.driving import motion_vector
+
+N_FIELDS = len(MOTION_FIELDS)
+
+
+class BufferFull(ValueError):
+    """Pushed speech would exceed the session's buffer limit."""
+
+    code = "audio_buffer_full"
+
+
+@dataclass
+class Segment:
+    """One pushed speech segment; samples [start, end) of the driving timeline."""
+
+    id: str
+    start: int
+    end: int
+    ended: bool = False          # the client said no more audio follows
+    interrupted: bool = False
+    started_event: bool = False  # playback_started already reported
+    finished_event: bool = False
+
+
+@dataclass
+class Marker:
+    """A driving input (arrival time) landed at frame `frame`: driving-to-frame latency probe."""
+
+    frame: int
+    arrival: float
+    kind: str
+
+
+class _Samples:
+    """A growable float32 timeline of samples starting at `origin` (absolute sample index)."""
+
+    def __init__(self) -> None:
+        self.origin = 0
+        self.data = np.zeros(0, np.float32)
+
+    def _ensure(self, end: int) -> None:
+        need = end - self.origin
+        if need > len(self.data):
+            grown = np.zeros(max(need, 2 * len(self.data)), np.float32)
+            grown[: len(self.data)] = self.data
+            self.data = grown
+
+    def write(self, at: int, samples: np.ndarray) -> None:
+        """Overwrite samples [at, at + n); the part before `origin` (already consumed) is dropped."""
+        skip = max(0, self.origin - at)
+        samples, at = samples[skip:], at + skip
+        if len(samples):
+            self._ensure(at + len(samples))
+            self.data[at - self.origin: at - self.origin + len(samples)] = samples
+
+    def read(self, at: int, n: int) -> np.ndarray:
+        out = np.zeros(n, np.float32)
+        lo, hi = max(at, self.origin), min(at + n, self.origin + len(self.data))
+        if hi > lo:
+            out[lo - at: hi - at] = self.data[lo - self.origin: hi - self.origin]
+        return out
+
+    def zero_from(self, at: int) -> None:
+        self.data[max(0, at - self.origin):] = 0.0
+
+    def drop_before(self, at: int) -> None:
+        cut = min(max(0, at - self.origin), len(self.data))
+        self.data = self.data[cut:].copy()
+        self.origin += cut
+
+
+class DrivingBuffer:
+    """Per-session driving, by output frame time. See the module docstring for the rules."""
+
+    def __init__(self, fps: int, sample_rate: int = 16000, max_speech_seconds: float = 300.0,
+                 max_mic_lead_frames: int = 50, now=time.monotonic):
+        if fps <= 0 or sample_rate <= 0:
+            raise ValueError(f"fps and sample_rate must be positive, got {fps}, {sample_rate}")
+        self.fps = fps
+        self.sample_rate = sample_rate
+        self.max_speech_samples = int(max_speech_seconds * sample_rate)
+        self.max_mic_lead_frames = max_mic_lead_frames
+        self.now = now
+        self._lock = threading.Lock()
+        self._speech = _Samples()
+        self._mic = _Samples()
+        self._next_frame = 0          # first frame whose driving has not been generated
+        self._speech_end = 0          # sample where the next pushed speech goes
+        self._mic_cursor: int | None = None
+        self._segments: list[Segment] = []
+        self._ids = itertools.count(1)
+        # Motion: piecewise constant; list of (frame, vector) sorted by frame.
+        self._motion_state = np.zeros(2 * N_FIELDS, np.float32)
+        self._motion_changes: list[tuple[int, np.ndarray]] = []
+        self._client_anchor: tuple[float, int] | None = None  # (client ms, frame)
+        self._markers: list[Marker] = []
+        self.stats = {"mic_late_samples": 0, "mic_reanchors": 0, "motion_late": 0, "speech_samples": 0,
+                      "interrupts": 0}
+
+    # ----- geometry -------------------------------------------------------------------
+
+    def sample_of(self, frame: int) -> int:
+        """First driving sample of video frame `frame` (ceil(frame * R / fps), as model.driving)."""
+        return -((-frame * self.sample_rate) // self.fps)
+
+    def frame_of(self, sample: int) -> int:
+        """The video frame that sample `sample` drives."""
+        return (sample * self.fps) // self.sample_rate
+
+    @property
+    def next_frame(self) -> int:
+        with self._lock:
+            return self._next_frame
+
+    # ----- pushed speech --------------------------------------------------------------
+
+    def push_speech(self, samples: np.ndarray, segment_id: str | None = None, end: bool = False) -> Segment:
+        """Append float32 mono samples (driving rate) to segment `segment_id` (a new one when the
+        id is unknown or None). `end=True` closes the segment. Raises BufferFull past the limit."""
+        samples = _mono_f32(samples)
+        with self._lock:
+            start = max(self._speech_end, self.sample_of(self._next_frame))
+            queued = start + len(samples) - self.sample_of(self._next_frame)
+            if queued > self.max_speech_samples:
+                raise BufferFull(f"pushed speech would queue {queued / self.sample_rate:.1f} s, "
+                                 f"limit {self.max_speech_samples / self.sample_rate:.0f} s")
+            seg = self._segment(segment_id)
+            if seg is None or seg.ended or seg.interrupted:
+                seg = Segment(segment_id or f"seg-{next(self._ids)}", start, start)
+                self._segments.append(seg)
+                self._markers.append(Marker(self.frame_of(start), self.now(), "speech"))
+            self._speech.write(start, samples)
+            self._speech_end = start + len(samples)
+            seg.end = self._speech_end
+            seg.ended = seg.ended or end
+            self.stats["speech_samples"] += len(samples)
+            return seg
+
+    def end_segment(self, segment_id: str) -> Segment:
+        with self._lock:
+            seg = self._segment(segment_id)
+            if seg is None:
+                raise KeyError(segment_id)
+            seg.ended = True
+            return seg
+
+    def _segment(self, segment_id: str | None) -> Segment | None:
+        if segment_id is None:
+            return None
+        return next((s for s in reversed(self._segments) if s.id == segment_id), None)
+
+    @property
+    def speech_pending(self) -> bool:
+        """True while pushed speech reaches past the generated frames."""
+        with self._lock:
+            return self._speech_end > self.sample_of(self._next_frame)
+
+    def segments(self) -> list[Segment]:
+        with self._lock:
+            return list(self._segments)
+
+    # ----- microphone -----------------------------------------------------------------
+
+    def push_mic(self, samples: np.ndarray, slot_now: int, latency_frames: int) -> None:
+        """Live samples arriving now; they drive frames from `slot_now + latency_frames` on."""
+        samples = _mono_f32(samples)
+        with self._lock:
+            target = self.sample_of(slot_now + latency_frames)
+            cur = self._mic_cursor
+            floor = self.sample_of(self._next_frame)
+            too_far = self.sample_of(slot_now + latency_frames + self.max_mic_lead_frames)
+            if cur is None or cur < floor or cur > too_far:
+                if cur is not None:
+                    self.stats["mic_reanchors"] += 1
+                    if cur < floor:
+                        self.stats["mic_late_samples"] += floor - cur
+                cur = max(target, floor)
+            self._mic.write(cur, samples)
+            self._mic_cursor = cur + len(samples)
+
+    # ----- motion ---------------------------------------------------------------------
+
+    def set_motion(self, fields: Mapping, client_ms: float | None = None) -> int:
+        """Merge motion/expression fields into the pose state from the frame they land on.
+
+        A field set to None is cleared (back to "not given"). Returns the landing frame.
+        Raises ValueError for unknown fields or out-of-range values (nothing is changed).
+        """
+        vec = motion_vector(fields)  # validates everything first
+        if client_ms is not None and not np.isfinite(client_ms):
+            raise ValueError(f"motion timestamp must be a finite number of ms, got {client_ms!r}")
+        with self._lock:
+            floor = self._next_frame
+            if client_ms is None:
+                frame = floor
+            else:
+                if self._client_anchor is None:
+                    self._client_anchor = (float(client_ms), floor)
+                ms0, f0 = self._client_anchor
+                frame = f0 + int(round((client_ms - ms0) * self.fps / 1000.0))
+                if frame < floor:
+                    self.stats["motion_late"] += 1
+                    # Persistently late (the client clock runs slow or we skipped): re-anchor.
+                    if floor - frame > self.fps:
+                        self._client_anchor = (float(client_ms), floor)
+                    frame = floor
+            base = self._state_at(frame).copy()
+            for name in fields:
+                i = MOTION_FIELDS.index(name)
+                base[i], base[N_FIELDS + i] = vec[i], vec[N_FIELDS + i]
+            # A new message replaces every later change (the newest message wins).
+            self._motion_changes = [(f, v) for f, v in self._motion_changes if f < frame]
+            self._motion_changes.append((frame, base))
+            self._markers.append(Marker(frame, self.now(), "motion"))
+            return frame
+
+    def _state_at(self, frame: int) -> np.ndarray:
+        state = self._motion_state
+        for f, v in self._motion_changes:
+            if f <= frame:
+                state = v
+            else:
+                break
+        return state
+
+    # ----- interrupt ------------------------------------------------------------------
+
+    def interrupt(self) -> list[Segment]:
+        """Drop pushed speech that has not been generated; returns the segments cut short."""
+        with self._lock:
+            floor = self.sample_of(self._next_frame)
+            self._speech.zero_from(floor)
+            self._speech_end = floor
+            cut = []
+            for seg in self._segments:
+                if seg.end > floor and not seg.interrupted:
+                    seg.interrupted = True
+                    seg.end = max(seg.start, floor)
+                    seg.ended = True
+                    cut.append(seg)
+            self.stats["interrupts"] += 1
+            return cut
+
+    # ----- the worker's side ----------------------------------------------------------
+
+    def take(self, frame_index: int, n_frames: int, n_samples: int, own_frames: int
+             ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Driving of one step: audio (n_samples,) float32 from sample_of(frame_index) and motion
+        (n_frames, 2 * len(MOTION_FIELDS)) from frame_index (None when nothing was ever given).
+
+        Afterwards frames before `frame_index + own_frames` count as generated: driving
+        arriving for them later lands on the next frame instead.
+        """
+        with self._lock:
+            s0 = self.sample_of(frame_index)
+            audio = self._speech.read(s0, n_samples) + self._mic.read(s0, n_samples)
+            np.clip(audio, -1.0, 1.0, out=audio)
+            motion = None
+            if self._motion_changes or self._motion_state.any():
+                motion = np.stack([self._state_at(frame_index + i) for i in range(n_frames)])
+            done = frame_index + own_frames
+            self._next_frame = max(self._next_frame, done)
+            # Forget what no later step reads; keep the last motion state before `done`.
+            self._motion_state = self._state_at(done - 1) if done > 0 else self._motion_state
+            self._motion_changes = [(f, v) for f, v in self._motion_changes if f >= done]
+            keep = self.sample_of(done)
+            self._speech.drop_before(keep)
+            self._mic.drop_before(keep)
+            return audio, motion
+
+    def pop_markers(self, up_to_frame: int) -> list[Marker]:
+        """Markers whose frame is <= `up_to_frame` (the frame just released), removed."""
+        with self._lock:
+            out = [m for m in self._markers if m.frame <= up_to_frame]
+            self._markers = [m for m in self._markers if m.frame > up_to_frame]
+            return out
+
+    def segment_audio_span(self, sample_lo: int, sample_hi: int) -> list[Segment]:
+        """Segments overlapping samples [lo, hi) or ending inside it (for playback events)."""
+        with self._lock:
+            return [s for s in self._segments if s.start < sample_hi and s.end >= sample_lo]
+
+    def forget_segments(self, before_sample: int) -> None:
+        with self._lock:
+            self._segments = [s for s in self._segments if not (s.finished_event and s.end <= before_sample)]
+
+
+def _mono_f32(samples: np.ndarray) -> np.ndarray:
+    a = np.asarray(samples, dtype=np.float32)
+    if a.ndim != 1:
+        raise ValueError(f"driving audio must be 1D mono samples, got shape {a.shape}")
+    if not np.isfinite(a).all():
+        raise ValueError("driving audio contains NaN or infinite samples")
+    return a
