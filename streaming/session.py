@@ -62,15 +62,29 @@ class SessionOptions:
 
 
 def check_offer(sdp: str) -> None:
-    """Refuse offers aiortc cannot answer as we need: the answer cannot add m-lines."""
+    """Refuse offers aiortc cannot answer as we need: the answer cannot add m-lines, so the
+    offer must carry a video and an audio section that can receive (sendrecv or recvonly)."""
     if not isinstance(sdp, str) or not sdp.startswith("v=0"):
         raise OfferError("bad_offer", "offer is not an SDP session description (it must start with v=0)")
-    kinds = {line.split()[0][2:] for line in sdp.splitlines() if line.startswith("m=") and line.split()}
-    missing = [k for k in ("video", "audio") if k not in kinds]
-    if missing:
-        raise OfferError("offer_missing_" + missing[0],
-                         f"offer has no {' or '.join(missing)} m-line; offer a {missing[0]} transceiver "
-                         f"(recvonly is enough) so the answer can carry the avatar's {missing[0]}")
+    directions: dict[str, str] = {}  # first m-section of each kind -> its direction
+    kind, first = None, False
+    for line in sdp.splitlines():
+        line = line.strip()
+        if line.startswith("m="):
+            kind = line[2:].split(" ", 1)[0]
+            first = kind not in directions
+            if first:
+                directions[kind] = "sendrecv"  # the SDP default
+        elif first and line in ("a=sendonly", "a=inactive", "a=recvonly", "a=sendrecv"):
+            directions[kind] = line[2:]
+    for kind in ("video", "audio"):
+        if kind not in directions:
+            raise OfferError(f"offer_missing_{kind}",
+                             f"offer has no {kind} m-line; offer a {kind} transceiver (recvonly is enough) "
+                             f"so the answer can carry the avatar's {kind}")
+        if directions[kind] in ("sendonly", "inactive"):
+            raise OfferError(f"offer_{kind}_not_receiving",
+                             f"the offer's {kind} m-line is {directions[kind]}; it must be sendrecv or recvonly")
 
 
 class LiveSession:
@@ -178,11 +192,8 @@ class LiveSession:
         tr = next((t for t in pc.getTransceivers() if t.kind == kind and t.sender.track is None), None)
         if tr is None:
             raise OfferError(f"offer_missing_{kind}", f"offer has no usable {kind} m-line")
-        if tr.direction == "recvonly":  # the offer said sendonly
-            raise OfferError(f"offer_{kind}_not_receiving",
-                             f"the offer's {kind} m-line does not receive (sendonly); use sendrecv or recvonly")
         tr.sender.replaceTrack(track)
-        tr.direction = "sendrecv" if tr.direction in ("sendrecv", "sendonly") else tr.direction
+        tr.direction = "sendrecv"  # aiortc intersects it with the offer's direction
         if kind == "video":
             caps = RTCRtpSender.getCapabilities("video").codecs
             want = CODECS[self.options.codec]
