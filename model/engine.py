@@ -145,8 +145,6 @@ class Stream:
         self.chunks = 0
         self.closed = False
 
-        sr, fps = cfg.driving.sample_rate, cfg.fps
-        self._samples_per_frame = sr / fps
         self._audio = np.zeros(0, dtype=np.float32)  # history, starting at sample self._audio_origin
         self._audio_origin = 0
         self._motion: dict[int, np.ndarray] = {}     # video frame -> motion vector (given fields only)
@@ -191,7 +189,8 @@ class Stream:
         return self._sample(self.frame_index + self.driving_frames) - self._sample(self.frame_index)
 
     def _sample(self, frame: int) -> int:
-        return int(round(frame * self._samples_per_frame))
+        """First audio sample of a video frame: the driving module's exact rule."""
+        return drv.frame_start_sample(frame, self.cfg.fps, self.cfg.driving)
 
     # ----- driving --------------------------------------------------------------------
 
