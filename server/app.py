@@ -69,6 +69,7 @@ def create_app(settings: Settings | None = None, engine=None, store: SessionStor
         worker = GenerationWorker(eng, max_batch=settings.max_batch)
         worker.start()
         metrics = Metrics(lambda: list(app.state.manager.sessions.values()))
+        app.state.loop = asyncio.get_running_loop()
         app.state.engine = eng
         app.state.worker = worker
         app.state.metrics = metrics

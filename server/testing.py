@@ -1,0 +1,176 @@
+"""A live in-process server and an aiortc client, for end-to-end tests and bench/gateway.py.
+
+`LiveServer` runs uvicorn with `create_app(settings, engine)` on a free port in a
+background thread (its own event loop). `AvatarClient` is a minimal aiortc client: it
+creates a session with its offer (recvonly video, audio sendrecv or recvonly, a
+`driving` data channel), records every received frame with its pts and arrival time,
+and collects data-channel messages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fractions
+import json
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+
+import av
+import numpy as np
+from aiortc.mediastreams import AudioStreamTrack
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LiveServer:
+    """`with LiveServer(settings, engine) as srv: srv.url ...` (uvicorn in a thread)."""
+
+    def __init__(self, settings=None, engine=None, start_timeout_s: float = 120.0):
+        import uvicorn
+
+        from server.app import create_app
+        from server.settings import Settings
+
+        self.settings = (settings or Settings()).model_copy(update={"port": free_port()})
+        self.app = create_app(self.settings, engine=engine)
+        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.settings.port, log_level="warning",
+                                lifespan="on")
+        self.server = uvicorn.Server(config)
+        self.start_timeout_s = start_timeout_s
+        self.thread = threading.Thread(target=self.server.run, name="knotstream-test-server", daemon=True)
+        self.url = f"http://127.0.0.1:{self.settings.port}"
+
+    def __enter__(self) -> "LiveServer":
+        self.thread.start()
+        end = time.monotonic() + self.start_timeout_s
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > end:
+                raise RuntimeError("test server did not start")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+
+    @property
+    def manager(self):
+        return self.app.state.manager
+
+    def call(self, coro, timeout_s: float = 30.0):
+        """Run a coroutine on the server's event loop (from another thread) and return its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self.app.state.loop).result(timeout_s)
+
+
+class ToneTrack(AudioStreamTrack):
+    """An aiortc audio source: a sine in 20 ms frames of 960 samples at 48 kHz, paced in real time."""
+
+    def __init__(self, freq: float = 220.0, amplitude: float = 0.3):
+        super().__init__()
+        self.freq, self.amplitude, self.n = freq, amplitude, 0
+
+    async def recv(self):
+        frame = await super().recv()  # aiortc's paced silence frame: we keep its pts
+        t = (self.n * 960 + np.arange(960)) / 48000
+        pcm = (self.amplitude * 32767 * np.sin(2 * np.pi * self.freq * t)).astype(np.int16)
+        out = av.AudioFrame.from_ndarray(pcm.reshape(1, -1), format="s16", layout="mono")
+        out.sample_rate, out.pts, out.time_base = 48000, frame.pts, fractions.Fraction(1, 48000)
+        self.n += 1
+        return out
+
+
+@dataclass
+class Received:
+    video: list = field(default_factory=list)   # (pts, arrival, image or None)
+    audio: list = field(default_factory=list)   # (pts, arrival, samples or None)
+    messages: list = field(default_factory=list)
+
+
+class AvatarClient:
+    """Minimal aiortc client of the sessions API (see the module docstring)."""
+
+    def __init__(self, base_url: str, keep_images: bool = False, keep_audio: bool = False):
+        self.base_url = base_url
+        self.keep_images = keep_images
+        self.keep_audio = keep_audio
+        self.got = Received()
+        self.pc = None
+        self.channel = None
+        self.session: dict | None = None
+        self._tasks: list[asyncio.Task] = []
+        self._opened = asyncio.Event()
+
+    @property
+    def headers(self) -> dict:
+        return {"Authorization": f"Bearer {self.session['token']}"}
+
+    async def connect(self, avatar: str = "ada", options: dict | None = None, mic=None,
+                      timeout_s: float = 60.0) -> dict:
+        import httpx
+        from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+
+        pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        self.pc = pc
+        pc.addTransceiver("video", direction="recvonly")
+        if mic is not None:
+            pc.addTrack(mic)
+        else:
+            pc.addTransceiver("audio", direction="recvonly")
+        self.channel = pc.createDataChannel("driving")
+        self.channel.on("open", self._opened.set)
+        self.channel.on("message", lambda m: self.got.messages.append((time.monotonic(), json.loads(m))))
+
+        @pc.on("track")
+        def on_track(track):
+            self._tasks.append(asyncio.ensure_future(self._read(track)))
+
+        await pc.setLocalDescription(await pc.createOffer())
+        async with httpx.AsyncClient(base_url=self.base_url, timeout=timeout_s) as http:
+            r = await http.post("/v1/sessions", json={"avatar": avatar, "options": options or {},
+                                                     "offer": {"sdp": pc.localDescription.sdp, "type": "offer"}})
+        if r.status_code != 201:
+            raise RuntimeError(f"session refused: {r.status_code} {r.text}")
+        self.session = r.json()
+        await pc.setRemoteDescription(RTCSessionDescription(self.session["answer"]["sdp"], "answer"))
+        await asyncio.wait_for(self._opened.wait(), timeout_s)
+        return self.session
+
+    async def _read(self, track) -> None:
+        from aiortc.mediastreams import MediaStreamError
+
+        while True:
+            try:
+                frame = await track.recv()
+            except MediaStreamError:
+                return
+            now = time.monotonic()
+            if track.kind == "video":
+                img = frame.to_ndarray(format="rgb24") if self.keep_images else None
+                self.got.video.append((frame.pts, now, img))
+            else:
+                pcm = frame.to_ndarray().reshape(-1) if self.keep_audio else None
+                self.got.audio.append((frame.pts, now, pcm))
+
+    def send(self, message) -> None:
+        self.channel.send(message if isinstance(message, str) else json.dumps(message))
+
+    async def wait_message(self, pred, timeout_s: float = 10.0) -> dict:
+        end = time.monotonic() + timeout_s
+        while time.monotonic() < end:
+            for _, m in self.got.messages:
+                if pred(m):
+                    return m
+            await asyncio.sleep(0.02)
+        raise TimeoutError(f"no matching data-channel message; got {[m for _, m in self.got.messages][-5:]}")
+
+    async def close(self) -> None:
+        if self.pc is not None:
+            await self.pc.close()
+        for t in self._tasks:
+            t.cancel()

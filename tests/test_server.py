@@ -1,0 +1,229 @@
+"""server/: the HTTP API against a live in-process server with the real tiny engine:
+status codes and stable JSON error codes, auth, uploads, audio push, speak, metrics."""
+
+import asyncio
+import io
+import json
+import shutil
+import wave
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from model.engine import Engine
+from server.settings import Settings
+from server.testing import LiveServer
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return Engine.from_pretrained("tiny")
+
+
+@pytest.fixture(scope="module")
+def server(engine, tmp_path_factory):
+    web = tmp_path_factory.mktemp("web")
+    (web / "index.html").write_text("<!doctype html><title>knotstream</title>")
+    settings = Settings(max_sessions=3, max_upload_bytes=200_000, offer_timeout_s=120, web_dir=web)
+    with LiveServer(settings, engine) as srv:
+        yield srv
+
+
+@pytest.fixture()
+def http(server):
+    with httpx.Client(base_url=server.url, timeout=120) as c:
+        yield c
+    # Every test leaves no session behind.
+    for sid in list(server.manager.sessions):
+        server.call(server.manager.close(sid, "test cleanup"))
+
+
+def offer_sdp(audio=True, video=True) -> str:
+    from aiortc import RTCConfiguration, RTCPeerConnection
+
+    async def make():
+        pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        if video:
+            pc.addTransceiver("video", direction="recvonly")
+        if audio:
+            pc.addTransceiver("audio", direction="recvonly")
+        pc.createDataChannel("driving")
+        await pc.setLocalDescription(await pc.createOffer())
+        sdp = pc.localDescription.sdp
+        await pc.close()
+        return sdp
+
+    return asyncio.run(make())
+
+
+def assert_error(r, status, code):
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert body["error"]["code"] == code, body
+    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+
+
+def png_bytes(size=96):
+    img = np.zeros((size, size, 3), np.uint8)
+    img[20:70, 30:66] = (200, 150, 120)
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def wav_bytes(seconds=0.5, rate=22050):
+    t = np.arange(int(seconds * rate)) / rate
+    pcm = (0.3 * 32767 * np.sin(2 * np.pi * 200 * t)).astype("<i2")
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(pcm.tobytes())
+    return buf.getvalue()
+
+
+def create(http, **json_body):
+    r = http.post("/v1/sessions", json={"avatar": "ada", **json_body})
+    assert r.status_code == 201, r.text
+    return r.json(), {"Authorization": f"Bearer {r.json()['token']}"}
+
+
+# ----- health, static, metrics ----------------------------------------------------------
+
+def test_health_ready_metrics_and_static_web(http):
+    assert http.get("/healthz").json() == {"status": "ok"}
+    ready = http.get("/readyz").json()
+    assert ready["status"] == "ready" and ready["model"] == "tiny"
+    metrics = http.get("/metrics").text
+    for name in ("knotstream_sessions", "knotstream_chunk_seconds", "knotstream_generated_fps",
+                 "knotstream_queue_depth_frames", "knotstream_late_frames_total",
+                 "knotstream_dropped_frames_total", "knotstream_driving_to_frame_seconds"):
+        assert name in metrics, name
+    assert "knotstream" in http.get("/").text
+    assert http.get("/v1/avatars").json()["avatars"] == ["ada", "ben", "cleo", "dev"]
+    assert_error(http.get("/v1/nothing-here"), 404, "not_found")
+
+
+# ----- session lifecycle and auth -------------------------------------------------------
+
+def test_create_without_offer_then_status_auth_and_delete(http, server):
+    body, auth = create(http, options={"seed": 3, "knobs": {"denoise_steps": 2}})
+    sid = body["id"]
+    assert body["location"] == f"/v1/sessions/{sid}" and body["answer"] is None
+    assert body["video"] == {"width": 128, "height": 128, "fps": 25, "codec": "vp8"}
+    assert server.manager.sessions[sid].stream.knobs.denoise_steps == 2
+    st = http.get(f"/v1/sessions/{sid}", headers=auth)
+    assert st.status_code == 200 and st.json()["state"] == "new"
+    assert_error(http.get(f"/v1/sessions/{sid}"), 401, "unauthorized")
+    assert_error(http.get(f"/v1/sessions/{sid}", headers={"Authorization": "Bearer nope"}), 403, "forbidden")
+    assert_error(http.get("/v1/sessions/0123456789abcdef", headers=auth), 404, "session_not_found")
+    assert http.delete(f"/v1/sessions/{sid}", headers=auth).status_code == 204
+    assert_error(http.get(f"/v1/sessions/{sid}", headers=auth), 404, "session_not_found")
+    assert sid not in server.manager.sessions
+
+
+def test_create_with_offer_returns_answer_and_location(http):
+    r = http.post("/v1/sessions", json={"avatar": "ben", "offer": {"sdp": offer_sdp(), "type": "offer"}})
+    assert r.status_code == 201, r.text
+    assert r.headers["location"] == f"/v1/sessions/{r.json()['id']}"
+    answer = r.json()["answer"]
+    assert answer["type"] == "answer" and "m=video" in answer["sdp"] and "m=audio" in answer["sdp"]
+    assert "VP8" in answer["sdp"].split("m=video", 1)[1].split("m=", 1)[0]
+
+
+def test_offer_later_with_application_sdp_and_second_offer_conflicts(http):
+    body, auth = create(http)
+    r = http.post(f"/v1/sessions/{body['id']}/offer", content=offer_sdp(),
+                  headers={**auth, "Content-Type": "application/sdp"})
+    assert r.status_code == 201 and r.headers["content-type"].startswith("application/sdp")
+    assert r.text.startswith("v=0")
+    r = http.post(f"/v1/sessions/{body['id']}/offer", json={"sdp": offer_sdp(), "type": "offer"}, headers=auth)
+    assert_error(r, 409, "offer_exists")
+
+
+def test_bad_offers_are_400_json(http, server):
+    before = len(server.manager.sessions)
+    assert_error(http.post("/v1/sessions", json={"avatar": "ada", "offer": "garbage"}), 400, "bad_offer")
+    assert_error(http.post("/v1/sessions", json={"avatar": "ada", "offer": {"sdp": "v=0\r\nnonsense", "type": "offer"}}),
+                 400, "offer_missing_video")
+    assert_error(http.post("/v1/sessions", json={"avatar": "ada", "offer": {"sdp": offer_sdp(audio=False)}}),
+                 400, "offer_missing_audio")
+    # Parses as far as the m-lines but aiortc cannot use it: still 400, and no session is left over.
+    broken = "v=0\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\n"
+    assert_error(http.post("/v1/sessions", json={"avatar": "ada", "offer": broken}), 400, "bad_offer")
+    assert len(server.manager.sessions) == before
+
+
+def test_uploads(http, server):
+    r = http.post("/v1/sessions", files={"image": ("me.png", png_bytes(), "image/png")},
+                  data={"options": json.dumps({"seed": 1})})
+    assert r.status_code == 201, r.text
+    ref = server.manager.sessions[r.json()["id"]].stream.reference_image
+    assert ref.shape == (128, 128, 3)
+    assert_error(http.post("/v1/sessions", files={"image": ("x.png", b"not an image at all", "image/png")}),
+                 415, "image_unreadable")
+    assert_error(http.post("/v1/sessions", files={"image": ("big.png", b"\0" * 300_000, "image/png")}),
+                 413, "image_too_large")
+    assert_error(http.post("/v1/sessions", files={"image": ("me.png", png_bytes(), "image/png")},
+                           data={"avatar": "ada"}), 422, "invalid_request")
+    assert_error(http.post("/v1/sessions", json={}), 422, "reference_required")
+    assert_error(http.post("/v1/sessions", json={"avatar": "zed"}), 404, "avatar_not_found")
+    assert_error(http.post("/v1/sessions", content=b"x", headers={"Content-Type": "text/plain"}),
+                 415, "unsupported_media_type")
+
+
+def test_options_are_validated(http):
+    assert_error(http.post("/v1/sessions", json={"avatar": "ada", "options": {"colour": "red"}}),
+                 422, "invalid_request")
+    assert_error(http.post("/v1/sessions", json={"avatar": "ada", "options": {"seed": -1}}), 422, "invalid_request")
+    assert_error(http.post("/v1/sessions", json={"avatar": "ada", "options": {"knobs": {"warp": 2}}}),
+                 400, "bad_knobs")
+    assert_error(http.post("/v1/sessions", json={"avatar": "ada", "options": {"knobs": {"knot_frames": 9}}}),
+                 400, "bad_knobs")
+
+
+def test_validation_errors_use_the_json_error_format(http):
+    body, auth = create(http)
+    r = http.post(f"/v1/sessions/{body['id']}/speak", json={"words": "hi"}, headers=auth)
+    assert_error(r, 422, "invalid_request")
+    assert r.json()["error"]["details"][0]["loc"][-1] == "text"
+
+
+def test_session_limit_is_503(http):
+    for _ in range(3):
+        create(http)
+    r = http.post("/v1/sessions", json={"avatar": "ada"})
+    assert_error(r, 503, "too_many_sessions")
+    assert r.headers["retry-after"]
+
+
+# ----- driving routes ---------------------------------------------------------------------
+
+def test_audio_push_speak_and_interrupt(http, server):
+    body, auth = create(http)
+    sid = body["id"]
+    base = f"/v1/sessions/{sid}"
+    r = http.post(f"{base}/audio", content=wav_bytes(0.5), headers={**auth, "Content-Type": "audio/wav"})
+    assert r.status_code == 202, r.text
+    assert r.json()["seconds"] == pytest.approx(0.5, abs=0.01)
+    pcm = (np.zeros(8000, "<i2")).tobytes()
+    r = http.post(f"{base}/audio?rate=8000&segment=s2&end=false", content=pcm,
+                  headers={**auth, "Content-Type": "audio/pcm"})
+    assert r.status_code == 202 and r.json() == {"segment": "s2", "seconds": 1.0}
+    segs = server.manager.sessions[sid].driving.segments()
+    assert [s.id for s in segs][-1] == "s2" and segs[-1].start == segs[-2].end  # queued in order
+    assert_error(http.post(f"{base}/audio", content=b"RIFF garbage", headers={**auth, "Content-Type": "audio/wav"}),
+                 415, "audio_unreadable")
+    assert_error(http.post(f"{base}/audio", content=b"\x01", headers={**auth, "Content-Type": "audio/pcm"}),
+                 400, "audio_invalid")
+    r = http.post(f"{base}/interrupt", headers=auth)
+    assert r.status_code == 200 and "s2" in r.json()["interrupted_segments"]
+    r = http.post(f"{base}/speak", json={"text": "hello there"}, headers=auth)
+    if shutil.which("espeak-ng") or shutil.which("flite"):
+        assert r.status_code == 202, r.text
+        assert r.json()["seconds"] > 0.3
+    else:
+        assert_error(r, 501, "tts_unavailable")
