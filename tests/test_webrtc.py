@@ -1,0 +1,165 @@
+"""End to end over WebRTC: an aiortc client against the live server with the real tiny engine.
+
+Pacing and A/V sync are asserted from pts and send/arrival times; the output fps does
+not depend on how fast the engine runs (slow steps hold the last frame, see
+streaming/playout.py), so these tests hold on a loaded CPU.
+"""
+
+import asyncio
+import statistics
+import time
+
+import httpx
+import numpy as np
+import pytest
+
+from model.engine import Engine
+from server.settings import Settings
+from server.testing import AvatarClient, LiveServer, ToneTrack
+from streaming.ice import allow_loopback, has_non_loopback_ipv4
+
+FPS = 25
+
+
+@pytest.fixture(scope="module")
+def server():
+    if not has_non_loopback_ipv4():
+        allow_loopback()  # aioice skips 127.0.0.1 (see research/webrtc.md)
+    engine = Engine.from_pretrained("tiny")
+    with LiveServer(Settings(max_sessions=4, disconnect_grace_s=2.0), engine) as srv:
+        yield srv
+
+
+async def until(pred, timeout_s):
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        if pred():
+            return True
+        await asyncio.sleep(0.05)
+    return False
+
+
+def offsets(records, rate, t_from, t_to):
+    """(arrival or send time) - pts / rate for records inside [t_from, t_to]."""
+    return [t - pts / rate for pts, t, *_ in records if t_from <= t <= t_to]
+
+
+async def test_frames_arrive_at_fps_with_monotonic_pts_and_audio_video_in_sync(server):
+    client = AvatarClient(server.url)
+    session = await client.connect("ada")
+    live = server.manager.sessions[session["id"]]
+    live.video.sent, live.audio.sent = [], []  # server-side (pts, send time) records
+    try:
+        assert await until(lambda: len(client.got.video) > 10, 30)
+        t_start = time.monotonic() + 1.0
+        await asyncio.sleep(21.5)
+        t_end = t_start + 20.0
+        video, audio = list(client.got.video), list(client.got.audio)
+        pts = [p for p, _, _ in video]
+        assert all(b > a for a, b in zip(pts, pts[1:])), "video pts not strictly increasing"
+        apts = [p for p, _, _ in audio]
+        assert all(b > a for a, b in zip(apts, apts[1:])), "audio pts not strictly increasing"
+        n = sum(1 for _, t, _ in video if t_start <= t < t_end)
+        assert abs(n / 20.0 - FPS) <= 0.05 * FPS, f"{n / 20.0:.2f} fps over 20 s"
+        # Server side: both tracks release media at t0 + pts (one clock): equal offsets.
+        sv = offsets(live.video.sent, 90000, t_start, t_end)
+        sa = offsets(live.audio.sent, 48000, t_start, t_end)
+        skew = statistics.median(sv) - statistics.median(sa)
+        assert abs(skew) < 1 / FPS, f"server A/V skew {skew * 1000:.1f} ms"
+        # Client side: the offset between the two streams' arrival-vs-pts does not drift.
+        cv0, cv1 = offsets(video, 90000, t_start, t_start + 3), offsets(video, 90000, t_end - 3, t_end)
+        ca0, ca1 = offsets(audio, 48000, t_start, t_start + 3), offsets(audio, 48000, t_end - 3, t_end)
+        drift = (statistics.median(cv1) - statistics.median(ca1)) - (statistics.median(cv0) - statistics.median(ca0))
+        assert abs(drift) < 1 / FPS, f"client A/V drift {drift * 1000:.1f} ms over 20 s"
+        st = live.status()
+        assert st["chunks"] > 0 and st["state"] == "live"
+    finally:
+        await client.close()
+
+
+async def test_malformed_data_channel_messages_get_errors_and_the_session_goes_on(server):
+    client = AvatarClient(server.url)
+    session = await client.connect("ben")
+    try:
+        client.send("{not json")
+        err = await client.wait_message(lambda m: m["type"] == "error")
+        assert err["code"] == "bad_json"
+        client.send({"type": "motion", "fields": {"yaw": 9.0}})
+        err = await client.wait_message(lambda m: m["type"] == "error" and m["code"] == "bad_motion")
+        assert "yaw" in err["message"]
+        client.send({"type": "motion", "fields": {"yaw": 0.3, "smile": 0.8}, "t": 1000})
+        ack = await client.wait_message(lambda m: m["type"] == "ack" and m["ref"] == "motion")
+        assert ack["frame"] >= 0
+        client.send({"type": "ping", "id": 7})
+        assert (await client.wait_message(lambda m: m["type"] == "pong"))["id"] == 7
+        n = len(client.got.video)
+        assert await until(lambda: len(client.got.video) > n + 25, 10), "frames stopped after bad messages"
+        live = server.manager.sessions[session["id"]]
+        assert live.state == "live" and live.messages["errors"] == 2
+        # The motion message reached the frames that left: its latency was observed.
+        assert await until(lambda: "knotstream_driving_to_frame_seconds_count{kind=\"motion\"}"
+                           in server.app.state.metrics.render().decode(), 60)
+    finally:
+        await client.close()
+
+
+async def test_microphone_is_consumed_and_closing_the_peer_frees_the_session(server):
+    client = AvatarClient(server.url)
+    session = await client.connect("cleo", mic=ToneTrack())
+    sid = session["id"]
+    live = server.manager.sessions[sid]
+    assert await until(lambda: live.status()["mic_seconds"] > 1.0, 20), live.status()
+    t = time.monotonic()
+    await client.close()
+    assert await until(lambda: sid not in server.manager.sessions, 10), "session not freed within 10 s"
+    assert time.monotonic() - t < 10
+    assert live.gen.removed or live.gen.failed
+    assert sid not in {g.id for g in server.manager.worker.sessions()}
+    async with httpx.AsyncClient(base_url=server.url) as http:
+        r = await http.get(f"/v1/sessions/{sid}", headers=client.headers)
+    assert r.status_code == 404
+
+
+async def test_data_channel_interrupt_finishes_speech_with_the_interrupted_flag(server):
+    client = AvatarClient(server.url)
+    session = await client.connect("dev")
+    try:
+        pcm = (0.3 * 32767 * np.sin(np.arange(16000 * 5) * 2 * np.pi * 180 / 16000)).astype("<i2")
+        async with httpx.AsyncClient(base_url=server.url) as http:
+            r = await http.post(f"/v1/sessions/{session['id']}/audio?segment=long", content=pcm.tobytes(),
+                                headers={**client.headers, "Content-Type": "audio/pcm"})
+        assert r.status_code == 202
+        client.send({"type": "interrupt"})
+        ack = await client.wait_message(lambda m: m["type"] == "ack" and m["ref"] == "interrupt")
+        assert ack["interrupted_segments"] == ["long"]
+        fin = await client.wait_message(lambda m: m["type"] == "playback_finished")
+        assert fin["segment"] == "long" and fin["interrupted"] is True and fin["position_ms"] < 5000
+    finally:
+        await client.close()
+
+
+@pytest.mark.xfail(strict=False, reason="bundled model not trained yet")
+async def test_speech_moves_the_mouth_more_than_silence(server):
+    async def mouth_motion(speak: bool) -> float:
+        client = AvatarClient(server.url, keep_images=True)
+        session = await client.connect("ada", options={"seed": 5})
+        try:
+            if speak:
+                t = np.arange(16000 * 8) / 16000
+                # Syllable-like bursts: a 150 Hz voice gated at 4 Hz.
+                pcm = (0.5 * 32767 * np.sin(2 * np.pi * 150 * t) * (np.sin(2 * np.pi * 4 * t) > 0)).astype("<i2")
+                async with httpx.AsyncClient(base_url=server.url) as http:
+                    await http.post(f"/v1/sessions/{session['id']}/audio", content=pcm.tobytes(),
+                                    headers={**client.headers, "Content-Type": "audio/pcm"})
+            live = server.manager.sessions[session["id"]]
+            assert await until(lambda: live.gen.frames >= 120, 120)
+            await asyncio.sleep(1.0)
+            frames = np.stack([img for _, _, img in client.got.video[-100:]]).astype(np.float32)
+        finally:
+            await client.close()
+        mouth = frames[:, 80:112, 40:88]  # lower-middle of the 128x128 portrait
+        return float(mouth.std(axis=0).mean())
+
+    silent = await mouth_motion(False)
+    spoken = await mouth_motion(True)
+    assert spoken > 1.5 * silent + 1.0, (spoken, silent)
