@@ -11,7 +11,8 @@ Three sources land on one timeline of driving samples (16 kHz) and video frames:
   counted and dropped) or runs too far ahead (jitter burst).
 - motion/expression messages: piecewise-constant pose state; a message with a client
   timestamp lands at the frame its timestamp maps to (the first message anchors the
-  client clock to the first frame not yet generated), clamped to that frame when late.
+  client clock to the first frame not yet generated), clamped to that frame when late,
+  re-anchored when it would land more than `max_motion_ahead_frames` (1 s) ahead.
 
 `take()` (the generation worker) reads one step's driving and forgets everything before
 the step's own frames. `interrupt()` flushes pushed speech that has not been generated.
@@ -104,13 +105,16 @@ class DrivingBuffer:
     """Per-session driving, by output frame time. See the module docstring for the rules."""
 
     def __init__(self, fps: int, sample_rate: int = 16000, max_speech_seconds: float = 300.0,
-                 max_mic_lead_frames: int = 50, now=time.monotonic):
+                 max_mic_lead_frames: int = 50, max_motion_ahead_frames: int | None = None,
+                 now=time.monotonic):
         if fps <= 0 or sample_rate <= 0:
             raise ValueError(f"fps and sample_rate must be positive, got {fps}, {sample_rate}")
         self.fps = fps
         self.sample_rate = sample_rate
         self.max_speech_samples = int(max_speech_seconds * sample_rate)
         self.max_mic_lead_frames = max_mic_lead_frames
+        # A timestamped motion message may land at most this far (1 s) past the next frame.
+        self.max_motion_ahead_frames = fps if max_motion_ahead_frames is None else max_motion_ahead_frames
         self.now = now
         self._lock = threading.Lock()
         self._speech = _Samples()
@@ -125,8 +129,8 @@ class DrivingBuffer:
         self._motion_changes: list[tuple[int, np.ndarray]] = []
         self._client_anchor: tuple[float, int] | None = None  # (client ms, frame)
         self._markers: list[Marker] = []
-        self.stats = {"mic_late_samples": 0, "mic_reanchors": 0, "motion_late": 0, "speech_samples": 0,
-                      "interrupts": 0}
+        self.stats = {"mic_late_samples": 0, "mic_reanchors": 0, "motion_late": 0, "motion_reanchors": 0,
+                      "speech_samples": 0, "interrupts": 0}
 
     # ----- geometry -------------------------------------------------------------------
 
@@ -234,6 +238,12 @@ class DrivingBuffer:
                     # Persistently late (the client clock runs slow or we skipped): re-anchor.
                     if floor - frame > self.fps:
                         self._client_anchor = (float(client_ms), floor)
+                    frame = floor
+                elif frame > floor + self.max_motion_ahead_frames:
+                    # Generation runs slower than the client's clock (overload: the output holds
+                    # frames) or the client clock jumped: re-anchor so latency stays bounded.
+                    self.stats["motion_reanchors"] += 1
+                    self._client_anchor = (float(client_ms), floor)
                     frame = floor
             base = self._state_at(frame).copy()
             for name in fields:

@@ -129,6 +129,10 @@ def test_motion_with_client_timestamps_lands_on_frames_and_merges_fields():
     # Late message (frame 2 already generated): clamped to the next frame, counted.
     assert d.set_motion({"blink": 1.0}, client_ms=1080.0) == 5
     assert d.stats["motion_late"] == 1
+    # Far ahead of generation (the output is holding frames): re-anchored to the next frame.
+    assert d.set_motion({"blink": 0.0}, client_ms=1000.0 + 5000) == 5
+    assert d.stats["motion_reanchors"] == 1
+    assert d.set_motion({"blink": 0.5}, client_ms=1000.0 + 5040) == 6
     with pytest.raises(ValueError, match="unknown motion field"):
         d.set_motion({"nose": 1.0})
     with pytest.raises(ValueError, match="outside"):
