@@ -11,7 +11,7 @@ import logging
 from contextlib import asynccontextmanager
 from typing import Literal
 
-from fastapi import FastAPI, Header, Request, Response
+from fastapi import FastAPI, Header, Query, Request, Response
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -154,7 +154,8 @@ def create_app(settings: Settings | None = None, engine=None, store: SessionStor
         return {"answer": {"type": "answer", "sdp": await _answer(session, sdp)}}
 
     @app.post("/v1/sessions/{session_id}/audio", status_code=202, summary="Push speech audio")
-    async def push_audio(session_id: str, request: Request, rate: int = 16000, segment: str | None = None,
+    async def push_audio(session_id: str, request: Request, rate: int = 16000,
+                         segment: str | None = Query(None, min_length=1, max_length=128),
                          end: bool = True, authorization: str | None = Header(None)):
         """Body: a wav/ogg/mp3/flac file, or raw PCM16 little-endian mono (`Content-Type:
         audio/pcm`, `audio/L16` or `application/octet-stream`) at `rate` Hz. Audio of one
@@ -210,6 +211,20 @@ def create_app(settings: Settings | None = None, engine=None, store: SessionStor
     @app.get("/v1/avatars", summary="Bundled avatars")
     async def list_avatars():
         return {"avatars": avatars.list_avatars()}
+
+    @app.get("/v1/avatars/{name}.png", summary="A bundled avatar's portrait (PNG)")
+    async def avatar_png(name: str):
+        import io
+
+        from PIL import Image
+
+        try:
+            image = await asyncio.to_thread(avatars.avatar_image, name)
+        except KeyError:
+            raise ApiError(404, "avatar_not_found", f"no bundled avatar {name!r}") from None
+        buf = io.BytesIO()
+        Image.fromarray(image).save(buf, format="PNG")
+        return Response(buf.getvalue(), media_type="image/png", headers={"Cache-Control": "max-age=3600"})
 
     # ----- operations -----------------------------------------------------------------
 

@@ -240,7 +240,10 @@ class LiveSession:
 
     def _on_mic(self, samples: np.ndarray) -> None:
         self.mic_samples += len(samples)
-        self.driving.push_mic(samples, self.clock.slot_at(), self.mic_latency_frames)
+        # The generated frame on screen now: slots minus the held ones (the timeline slips on
+        # underrun), so mic audio keeps its latency relative to what is shown even in overload.
+        shown = self.clock.slot_at() - self.playout.stats.held
+        self.driving.push_mic(samples, max(0, shown), self.mic_latency_frames)
 
     # ----- data channel ---------------------------------------------------------------
 
@@ -256,7 +259,7 @@ class LiveSession:
             self.messages["errors"] += 1
             code = getattr(exc, "code", "bad_value" if isinstance(exc, ValueError) else "internal_error")
             reply = {"type": "error", "code": code, "message": str(exc), "ref": None}
-            if not isinstance(exc, ValueError):
+            if not isinstance(exc, ValueError) and not hasattr(exc, "code"):
                 log.exception("session %s: data-channel message failed", self.id)
         if reply is not None:
             self.send(reply)

@@ -27,7 +27,7 @@ import numpy as np
 from aiortc import MediaStreamTrack
 from aiortc.mediastreams import MediaStreamError
 
-from streaming.clock import AUDIO_FRAME_SAMPLES, AUDIO_RATE, MediaClock
+from streaming.clock import AUDIO_RATE, MediaClock
 from streaming.playout import Playout
 
 log = logging.getLogger("knotstream.tracks")
@@ -128,7 +128,7 @@ class AvatarAudioTrack(MediaStreamTrack):
         self.pacer = pacer
         self.clock = pacer.clock
         self.playout = pacer.playout
-        self.block = sample_rate // 50  # driving samples per 20 ms
+        self.block = sample_rate // 50  # driving samples per 20 ms; x (48000 / rate) = 960 out
         self.upsample = Upsampler(AUDIO_RATE // sample_rate)
         self.index = 0
         self.sent: list[tuple[int, float]] | None = None
@@ -144,7 +144,6 @@ class AvatarAudioTrack(MediaStreamTrack):
         frame.sample_rate = AUDIO_RATE
         frame.pts = self.clock.audio_pts(self.index)
         frame.time_base = self.clock.audio_time_base
-        assert s16.shape[0] == AUDIO_FRAME_SAMPLES
         if self.sent is not None:
             self.sent.append((frame.pts, self.clock.now()))
         self.index += 1

@@ -104,6 +104,9 @@ def test_health_ready_metrics_and_static_web(http):
         assert name in metrics, name
     assert "knotstream" in http.get("/").text
     assert http.get("/v1/avatars").json()["avatars"] == ["ada", "ben", "cleo", "dev"]
+    png = http.get("/v1/avatars/ada.png")
+    assert png.status_code == 200 and png.content.startswith(b"\x89PNG")
+    assert_error(http.get("/v1/avatars/zed.png"), 404, "avatar_not_found")
     assert_error(http.get("/v1/nothing-here"), 404, "not_found")
 
 

@@ -163,3 +163,26 @@ async def test_speech_moves_the_mouth_more_than_silence(server):
     silent = await mouth_motion(False)
     spoken = await mouth_motion(True)
     assert spoken > 1.5 * silent + 1.0, (spoken, silent)
+
+
+async def test_a_failing_session_gets_an_error_event_and_others_go_on(server):
+    good, bad = AvatarClient(server.url), AvatarClient(server.url)
+    await good.connect("ada")
+    s_bad = await bad.connect("ben")
+    try:
+        stream = server.manager.sessions[s_bad["id"]].stream
+
+        def broken(*args, **kwargs):
+            raise RuntimeError("injected failure")
+
+        stream.step = broken  # the next step of this session fails on the worker thread
+        err = await bad.wait_message(lambda m: m["type"] == "error", timeout_s=60)
+        assert err["code"] == "generation_failed" and "injected failure" in err["message"]
+        assert await until(lambda: s_bad["id"] not in server.manager.sessions, 10)
+        n = len(good.got.video)
+        assert await until(lambda: len(good.got.video) > n + 50, 10)
+        assert server.manager.sessions[good.session["id"]].state == "live"
+        assert server.manager.worker.alive
+    finally:
+        await good.close()
+        await bad.close()
