@@ -37,6 +37,7 @@ class CreateOptions(BaseModel):
     knobs: dict[str, float] = Field(default_factory=dict, description="StreamKnobs overrides")
     codec: Literal["vp8", "h264"] | None = None
     lead_frames: int | None = Field(None, ge=1, le=250)
+    echo_mic: bool = Field(False, description="play the microphone back on the avatar's audio track")
 
 
 class Offer(BaseModel):
@@ -118,7 +119,7 @@ def create_app(settings: Settings | None = None, engine=None, store: SessionStor
                                prebuffer_timeout_s=settings.prebuffer_timeout_s,
                                max_speech_seconds=settings.max_speech_seconds,
                                disconnect_grace_s=settings.disconnect_grace_s,
-                               ice_servers=settings.ice_dicts())
+                               ice_servers=settings.ice_dicts(), echo_mic=options.echo_mic)
         session, token = await m.create(reference, knobs, options.seed, sopts, avatar)
         answer = None
         if offer_sdp is not None:

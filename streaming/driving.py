@@ -26,6 +26,7 @@ import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -33,6 +34,12 @@ from model.config import MOTION_FIELDS
 from model.driving import motion_vector
 
 N_FIELDS = len(MOTION_FIELDS)
+
+
+class StepDriving(NamedTuple):
+    audio: np.ndarray            # (n_samples,) what drives the model
+    motion: np.ndarray | None    # (n_frames, motion_dim)
+    playback: np.ndarray         # (n_samples,) what the audio track plays for these frames
 
 
 class BufferFull(ValueError):
@@ -106,13 +113,15 @@ class DrivingBuffer:
 
     def __init__(self, fps: int, sample_rate: int = 16000, max_speech_seconds: float = 300.0,
                  max_mic_lead_frames: int = 50, max_motion_ahead_frames: int | None = None,
-                 now=time.monotonic):
+                 echo_mic: bool = False, now=time.monotonic):
         if fps <= 0 or sample_rate <= 0:
             raise ValueError(f"fps and sample_rate must be positive, got {fps}, {sample_rate}")
         self.fps = fps
         self.sample_rate = sample_rate
         self.max_speech_samples = int(max_speech_seconds * sample_rate)
         self.max_mic_lead_frames = max_mic_lead_frames
+        # The audio track plays pushed speech; the user's own mic is not echoed back unless asked.
+        self.echo_mic = echo_mic
         # A timestamped motion message may land at most this far (1 s) past the next frame.
         self.max_motion_ahead_frames = fps if max_motion_ahead_frames is None else max_motion_ahead_frames
         self.now = now
@@ -284,18 +293,19 @@ class DrivingBuffer:
 
     # ----- the worker's side ----------------------------------------------------------
 
-    def take(self, frame_index: int, n_frames: int, n_samples: int, own_frames: int
-             ) -> tuple[np.ndarray, np.ndarray | None]:
-        """Driving of one step: audio (n_samples,) float32 from sample_of(frame_index) and motion
-        (n_frames, 2 * len(MOTION_FIELDS)) from frame_index (None when nothing was ever given).
+    def take(self, frame_index: int, n_frames: int, n_samples: int, own_frames: int) -> StepDriving:
+        """Driving of one step: audio (n_samples,) float32 from sample_of(frame_index) (speech +
+        mic), motion (n_frames, 2 * len(MOTION_FIELDS)) from frame_index (None when nothing was
+        ever given), and the playback audio of the same span (speech; + mic with `echo_mic`).
 
         Afterwards frames before `frame_index + own_frames` count as generated: driving
         arriving for them later lands on the next frame instead.
         """
         with self._lock:
             s0 = self.sample_of(frame_index)
-            audio = self._speech.read(s0, n_samples) + self._mic.read(s0, n_samples)
-            np.clip(audio, -1.0, 1.0, out=audio)
+            speech, mic = self._speech.read(s0, n_samples), self._mic.read(s0, n_samples)
+            audio = np.clip(speech + mic, -1.0, 1.0)
+            playback = audio.copy() if self.echo_mic else speech
             motion = None
             if self._motion_changes or self._motion_state.any():
                 motion = np.stack([self._state_at(frame_index + i) for i in range(n_frames)])
@@ -307,7 +317,7 @@ class DrivingBuffer:
             keep = self.sample_of(done)
             self._speech.drop_before(keep)
             self._mic.drop_before(keep)
-            return audio, motion
+            return StepDriving(audio, motion, playback)
 
     def pop_markers(self, up_to_frame: int) -> list[Marker]:
         """Markers whose frame is <= `up_to_frame` (the frame just released), removed."""

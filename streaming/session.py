@@ -50,6 +50,7 @@ class SessionOptions:
     prebuffer_timeout_s: float = 2.0
     max_speech_seconds: float = 300.0
     disconnect_grace_s: float = 5.0         # "disconnected" this long -> the session closes
+    echo_mic: bool = False                  # play the mic back on the audio track (puppet demos)
     ice_servers: list[dict] = field(default_factory=list)  # [{"urls": [...], "username", "credential"}]
 
     def __post_init__(self) -> None:
@@ -108,7 +109,8 @@ class LiveSession:
         self.lead_frames = self.options.lead_frames or (3 * step) // 2
         self.mic_latency_frames = self.options.mic_latency_frames or (
             self.lead_frames + stream.driving_frames + 2)
-        self.driving = DrivingBuffer(fps, sample_rate, max_speech_seconds=self.options.max_speech_seconds)
+        self.driving = DrivingBuffer(fps, sample_rate, max_speech_seconds=self.options.max_speech_seconds,
+                                     echo_mic=self.options.echo_mic)
         self.playout = Playout(self.clock, sample_rate, placeholder, max_frames=self.lead_frames + 2 * step,
                                on_slot=self._on_slot)
         self.pacer = Pacer(self.clock, self.playout, self.options.prebuffer_timeout_s)

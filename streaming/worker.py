@@ -189,12 +189,12 @@ class GenerationWorker:
         for g in batch:
             st = g.stream
             fi, n = st.frame_index, st.next_frames
-            audio, motion = g.driving.take(fi, st.driving_frames, st.audio_samples_needed, n)
+            d = g.driving.take(fi, st.driving_frames, st.audio_samples_needed, n)
             own = g.driving.sample_of(fi + n) - g.driving.sample_of(fi)
             streams.append(st)
-            audios.append(audio)
-            motions.append(motion)
-            spans.append((fi, n, audio[:own].copy()))
+            audios.append(d.audio)
+            motions.append(d.motion)
+            spans.append((fi, n, d.playback[:own].copy()))
         t = time.perf_counter()
         try:
             outs = self.engine.step_many(streams, audios, motions)

@@ -61,13 +61,13 @@ def tone(n, value):
 
 def test_pushed_speech_lands_at_the_first_frame_not_yet_generated():
     d = DrivingBuffer(FPS, SR)
-    a, m = d.take(0, 10, 10 * SPF, own_frames=5)  # frames 0-4 generated in silence
+    a, m, _ = d.take(0, 10, 10 * SPF, own_frames=5)  # frames 0-4 generated in silence
     assert not a.any() and m is None
     seg = d.push_speech(tone(3 * SPF, 0.5), "s1", end=True)
     assert (seg.start, seg.end) == (5 * SPF, 8 * SPF)
     seg2 = d.push_speech(tone(SPF, 0.25))  # queued right after s1
     assert seg2.start == 8 * SPF and seg2.id != "s1"
-    a, _ = d.take(5, 13, 13 * SPF, own_frames=8)
+    a, _, _ = d.take(5, 13, 13 * SPF, own_frames=8)
     ref = np.zeros(13 * SPF, np.float32)
     ref[: 3 * SPF] = 0.5
     ref[3 * SPF: 4 * SPF] = 0.25
@@ -92,7 +92,7 @@ def test_interrupt_drops_only_speech_not_yet_generated():
     d.take(0, 10, 10 * SPF, own_frames=5)
     cut = d.interrupt()
     assert [s.id for s in cut] == ["long"] and cut[0].interrupted and cut[0].end == 5 * SPF
-    a, _ = d.take(5, 13, 13 * SPF, own_frames=8)
+    a, _, _ = d.take(5, 13, 13 * SPF, own_frames=8)
     assert not a.any()
     seg = d.push_speech(tone(SPF, 0.3))  # new speech after an interrupt starts at the next frame
     assert seg.start == 13 * SPF
@@ -102,7 +102,7 @@ def test_mic_audio_lands_at_slot_plus_latency_and_stays_contiguous():
     d = DrivingBuffer(FPS, SR)
     d.push_mic(tone(SPF, 0.125), slot_now=0, latency_frames=20)
     d.push_mic(tone(SPF, 0.25), slot_now=1, latency_frames=20)  # contiguous, not re-anchored
-    a, _ = d.take(0, 30, 30 * SPF, own_frames=5)
+    a, _, _ = d.take(0, 30, 30 * SPF, own_frames=5)
     np.testing.assert_array_equal(a[20 * SPF: 21 * SPF], 0.125)
     np.testing.assert_array_equal(a[21 * SPF: 22 * SPF], 0.25)
     assert not a[: 20 * SPF].any() and not a[22 * SPF:].any()
@@ -110,8 +110,20 @@ def test_mic_audio_lands_at_slot_plus_latency_and_stays_contiguous():
     d.take(5, 30, 30 * SPF, own_frames=40)
     d.push_mic(tone(SPF, 0.375), slot_now=30, latency_frames=20)
     assert d.stats["mic_reanchors"] == 1 and d.stats["mic_late_samples"] == 45 * SPF - 22 * SPF
-    a, _ = d.take(45, 10, 10 * SPF, own_frames=8)
+    a, _, _ = d.take(45, 10, 10 * SPF, own_frames=8)
     np.testing.assert_array_equal(a[5 * SPF: 6 * SPF], 0.375)  # frame 50 = slot 30 + 20
+
+
+def test_playback_audio_is_speech_only_unless_the_mic_is_echoed():
+    for echo in (False, True):
+        d = DrivingBuffer(FPS, SR, echo_mic=echo)
+        d.push_speech(tone(SPF, 0.25))
+        d.push_mic(tone(SPF, 0.5), slot_now=0, latency_frames=2)
+        step = d.take(0, 10, 10 * SPF, own_frames=5)
+        np.testing.assert_array_equal(step.audio[:SPF], 0.25)
+        np.testing.assert_array_equal(step.audio[2 * SPF: 3 * SPF], 0.5)
+        np.testing.assert_array_equal(step.playback[2 * SPF: 3 * SPF], 0.5 if echo else 0.0)
+        np.testing.assert_array_equal(step.playback[:SPF], 0.25)
 
 
 def test_motion_with_client_timestamps_lands_on_frames_and_merges_fields():
@@ -121,7 +133,7 @@ def test_motion_with_client_timestamps_lands_on_frames_and_merges_fields():
     assert d.set_motion({"yaw": 0.2}, client_ms=1000.0) == 0      # anchors client time 1000 ms -> frame 0
     assert d.set_motion({"smile": 0.5}, client_ms=1200.0) == 5    # +200 ms = +5 frames
     assert d.set_motion({"yaw": None}, client_ms=1400.0) == 10    # null clears yaw
-    _, m = d.take(0, 13, 13 * SPF, own_frames=5)
+    _, m, _ = d.take(0, 13, 13 * SPF, own_frames=5)
     assert m.shape == (13, 2 * n)
     assert m[0, yaw] == pytest.approx(0.2) and m[0, n + yaw] == 1 and m[0, n + smile] == 0
     assert m[5, yaw] == pytest.approx(0.2) and m[5, smile] == pytest.approx(0.5) and m[5, n + smile] == 1
