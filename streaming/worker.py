@@ -166,8 +166,14 @@ class GenerationWorker:
             with self._cond:
                 if not self._calls and not self._stop:
                     self._cond.wait(self.idle_wait_s)
+        # Stopping: streams removed but not yet closed are still closed (frees their caches);
+        # other pending calls (a stream start) are cancelled.
         for fn, args, fut in self._calls:
-            fut.cancel()
+            if fn is _close_stream and fut.set_running_or_notify_cancel():
+                fut.set_result(fn(*args))
+            else:
+                fut.cancel()
+        self._calls = []
 
     def _pick(self) -> list[Generation]:
         now = self.now()

@@ -230,3 +230,37 @@ def test_audio_push_speak_and_interrupt(http, server):
         assert r.json()["seconds"] > 0.3
     else:
         assert_error(r, 501, "tts_unavailable")
+
+
+def test_shutdown_closes_every_session(engine):
+    with LiveServer(Settings(max_sessions=2), engine) as srv:
+        with httpx.Client(base_url=srv.url, timeout=120) as c:
+            for name in ("ada", "ben"):
+                assert c.post("/v1/sessions", json={"avatar": name}).status_code == 201
+        lives = list(srv.manager.sessions.values())
+        worker = srv.manager.worker
+        assert len(lives) == 2 and len(worker.sessions()) == 2
+    assert all(lv.state == "closed" and lv.close_reason == "server shutdown" for lv in lives)
+    assert srv.manager.sessions == {} and not worker.alive
+    assert all(lv.stream.closed for lv in lives)
+
+
+def test_settings_from_env_and_flags(monkeypatch):
+    import argparse
+
+    from server import serve
+
+    monkeypatch.setenv("KNOTSTREAM_PORT", "9123")
+    monkeypatch.setenv("KNOTSTREAM_ICE_SERVERS", '[{"urls": ["stun:stun.example.org:3478"]}]')
+    s = Settings()
+    assert s.port == 9123 and s.host == "127.0.0.1" and s.model == "tiny"
+    assert s.ice_dicts() == [{"urls": ["stun:stun.example.org:3478"]}]
+    monkeypatch.delenv("KNOTSTREAM_ICE_SERVERS")
+    assert Settings().ice_servers == []  # none by default: no public STUN offline
+    p = argparse.ArgumentParser()
+    serve.add_arguments(p)
+    s = serve.settings_from_args(p.parse_args(["--port", "8100", "--ice-server", "turn:t.example.org", "--codec", "h264"]))
+    assert (s.port, s.codec, s.ice_dicts()) == (8100, "h264", [{"urls": ["turn:t.example.org"]}])
+    monkeypatch.setenv("KNOTSTREAM_PORT", "not-a-port")
+    with pytest.raises(ValueError):
+        Settings()
