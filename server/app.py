@@ -252,6 +252,11 @@ def create_app(settings: Settings | None = None, engine=None, store: SessionStor
 
     if settings.web_dir.is_dir():
         app.mount("/", StaticFiles(directory=settings.web_dir, html=True), name="web")
+    else:
+        @app.get("/", include_in_schema=False)
+        async def no_web():
+            return {"service": "knotstream", "docs": "/docs",
+                    "web": f"no web demo installed at {settings.web_dir}"}
     return app
 
 
