@@ -10,7 +10,8 @@ every 0.5 s and a 1 s speech burst every 4 s per session, and reports:
     (underrun; 0 % = the CPU keeps up in real time),
   - driving-to-frame latency (message or speech arrival -> first frame driven by it
     leaves the server; the server's own probe), median and p95,
-  - engine step time (mean).
+  - engine step time (mean),
+  - server-side A/V skew: |median(send time - video pts) - median(send time - audio pts)|.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ async def run_level(n_sessions: int, seconds: float, model: str) -> dict:
             live = srv.manager.sessions[c.session["id"]]
             orig = live.on_latency
             live.on_latency = lambda s, k, orig=orig: (latencies[k].append(s), orig and orig(s, k))
+            live.video.sent, live.audio.sent = [], []
         await asyncio.sleep(3.0)  # warm up: prebuffer, first chunks
         lives = [srv.manager.sessions[c.session["id"]] for c in clients]
         start_stats = [lv.status() for lv in lives]
@@ -70,6 +72,11 @@ async def run_level(n_sessions: int, seconds: float, model: str) -> dict:
                 tick += 1
                 await asyncio.sleep(0.5)
         elapsed = time.monotonic() - t0
+        skews = []
+        for lv in lives:  # server side: video and audio released at t0 + pts of one clock
+            ov = [t - p / 90000 for p, t in lv.video.sent if t >= t0]
+            oa = [t - p / 48000 for p, t in lv.audio.sent if t >= t0]
+            skews.append(1000 * abs(statistics.median(ov) - statistics.median(oa)))
         end_stats = [lv.status() for lv in lives]
         fps = [(len(c.got.video) - f0) / elapsed for c, f0 in zip(clients, start_frames)]
         gen_fps, held = [], []
@@ -83,7 +90,7 @@ async def run_level(n_sessions: int, seconds: float, model: str) -> dict:
             await c.close()
     return {"sessions": n_sessions, "seconds": round(elapsed, 1),
             "fps_min": min(fps), "fps_max": max(fps), "gen_fps_mean": statistics.mean(gen_fps),
-            "held_pct_max": 100 * max(held), "step_ms_mean": step_ms,
+            "held_pct_max": 100 * max(held), "step_ms_mean": step_ms, "av_skew_ms_max": max(skews),
             "motion_ms_p50": 1000 * pct(latencies["motion"], 50), "motion_ms_p95": 1000 * pct(latencies["motion"], 95),
             "speech_ms_p50": 1000 * pct(latencies["speech"], 50), "speech_ms_p95": 1000 * pct(latencies["speech"], 95),
             "n_motion": len(latencies["motion"]), "n_speech": len(latencies["speech"])}
@@ -96,11 +103,11 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="tiny")
     args = p.parse_args(argv)
     print(f"# cpus={os.cpu_count()} load={os.getloadavg()[0]:.2f} model={args.model}")
-    print("sessions  fps(min..max)  gen_fps  held%  step_ms  motion_ms p50/p95  speech_ms p50/p95")
+    print("sessions  fps(min..max)  gen_fps  held%  step_ms  av_skew_ms  motion_ms p50/p95  speech_ms p50/p95")
     for n in args.sessions:
         r = asyncio.run(run_level(n, args.seconds, args.model))
         print(f"{r['sessions']:8d}  {r['fps_min']:5.2f}..{r['fps_max']:5.2f}  {r['gen_fps_mean']:7.2f}  "
-              f"{r['held_pct_max']:5.1f}  {r['step_ms_mean']:7.1f}  "
+              f"{r['held_pct_max']:5.1f}  {r['step_ms_mean']:7.1f}  {r['av_skew_ms_max']:10.2f}  "
               f"{r['motion_ms_p50']:6.0f}/{r['motion_ms_p95']:<6.0f} (n={r['n_motion']})  "
               f"{r['speech_ms_p50']:6.0f}/{r['speech_ms_p95']:<6.0f} (n={r['n_speech']})", flush=True)
     return 0
