@@ -1,0 +1,74 @@
+// HTTP side of the demo: the sessions API (server/app.py). Every failure becomes an
+// Error whose message is the server's JSON `message` (with its `code`), so the page
+// can show it as is.
+
+export class ApiError extends Error {
+  constructor(status, code, message) {
+    super(`${message} (${code}, HTTP ${status})`);
+    this.status = status;
+    this.code = code;
+  }
+}
+
+async function check(response) {
+  if (response.ok) return response;
+  let code = "http_error", message = response.statusText || "request failed";
+  try {
+    const body = await response.json();
+    code = body.code ?? body.error?.code ?? code;
+    message = body.message ?? body.error?.message ?? body.detail ?? message;
+  } catch { /* not JSON: keep the status text */ }
+  throw new ApiError(response.status, code, typeof message === "string" ? message : JSON.stringify(message));
+}
+
+export async function listAvatars() {
+  const r = await check(await fetch("/v1/avatars"));
+  return (await r.json()).avatars;
+}
+
+export const avatarUrl = (name) => `/v1/avatars/${encodeURIComponent(name)}.png`;
+
+/** Create a session with its SDP offer; `portrait` (a File) wins over `avatar` (a name). */
+export async function createSession({ avatar, portrait, offerSdp, options = {} }) {
+  const form = new FormData();
+  if (portrait) form.append("image", portrait);
+  else form.append("avatar", avatar);
+  form.append("options", JSON.stringify(options));
+  form.append("offer", JSON.stringify({ type: "offer", sdp: offerSdp }));
+  const r = await check(await fetch("/v1/sessions", { method: "POST", body: form }));
+  return r.json();
+}
+
+function auth(session) {
+  return { Authorization: `Bearer ${session.token}` };
+}
+
+/** Push an audio file (wav/ogg/mp3/flac) as one speech segment. */
+export async function pushAudio(session, file) {
+  const r = await check(await fetch(`${session.location}/audio`, {
+    method: "POST", body: file, headers: { ...auth(session), "Content-Type": file.type || "audio/wav" },
+  }));
+  return r.json();
+}
+
+export async function speak(session, text) {
+  const r = await check(await fetch(`${session.location}/speak`, {
+    method: "POST", body: JSON.stringify({ text }),
+    headers: { ...auth(session), "Content-Type": "application/json" },
+  }));
+  return r.json();
+}
+
+export async function interrupt(session) {
+  const r = await check(await fetch(`${session.location}/interrupt`, { method: "POST", headers: auth(session) }));
+  return r.json();
+}
+
+export async function status(session) {
+  const r = await check(await fetch(session.location, { headers: auth(session) }));
+  return r.json();
+}
+
+export async function endSession(session) {
+  await fetch(session.location, { method: "DELETE", headers: auth(session) }).catch(() => {});
+}
