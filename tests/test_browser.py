@@ -136,6 +136,9 @@ def test_demo_connects_and_plays_changing_video_with_data_channel_round_trip(pag
     diff = sum(abs(x - y) for x, y in zip(a, b)) / len(a)
     assert diff > 0.1, f"decoded frames are constant (mean abs difference {diff:.3f})"
 
+    live = server.manager.sessions[session_id]
+    assert live.mic_samples > 0, "the fake microphone's audio never reached the server"
+
     pong = page.evaluate("() => window.knot.ping()")
     assert pong["type"] == "pong" and isinstance(pong["t"], (int, float)) and pong["rtt"] >= 0
 
