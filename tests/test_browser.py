@@ -117,7 +117,7 @@ GRAB = """() => {
 }"""
 
 
-def test_demo_connects_and_plays_changing_video_with_data_channel_round_trip(page, server):
+def test_demo_connects_and_plays_changing_video_with_data_channel_round_trip(page, server, speech_wav):
     _connect(page)
     session_id = page.evaluate("() => window.knot.conn.session.id")
     assert session_id in server.manager.sessions
@@ -149,8 +149,22 @@ def test_demo_connects_and_plays_changing_video_with_data_channel_round_trip(pag
     assert page.evaluate("() => window.knot.lastMotionAck.frame") >= 0
     assert page.is_hidden("#error"), page.text_content("#error")
 
+    # Speech from the page: a typed sentence (/speak) and an uploaded wav (/audio).
+    page.fill("#text", "Hi")
+    page.click("#speak")
+    page.wait_for_function("() => document.getElementById('log').textContent.includes('speaking')")
+    page.set_input_files("#wav", str(speech_wav))
+    page.wait_for_function("() => document.getElementById('log').textContent.includes('queued')")
+    page.wait_for_function("() => document.getElementById('log').textContent.includes('playback_started')")
+    assert page.is_hidden("#error"), page.text_content("#error")
+
     page.click("#disconnect")
     page.wait_for_function("() => document.getElementById('stat-state').textContent === 'closed'")
+    for _ in range(100):  # Disconnect deletes the session: the server frees it
+        if session_id not in server.manager.sessions:
+            break
+        page.wait_for_timeout(100)
+    assert session_id not in server.manager.sessions, "session still live after Disconnect"
 
 
 def test_demo_shows_the_servers_error_message_for_a_bad_portrait(page, tmp_path):
