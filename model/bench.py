@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     c = knobs.chunk_frames
     image = np.full((cfg.height, cfg.width, 3), 128, dtype=np.uint8)
     rng = np.random.default_rng(0)
-    sr, fps = cfg.driving.sample_rate, cfg.fps
+    fps = cfg.fps
 
     # Ours: one stream, timed at each requested length.
     ours = {}

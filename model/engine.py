@@ -22,8 +22,6 @@ first step returns 4c - 3 frames and every later one 4c.
 from __future__ import annotations
 
 import logging
-import math
-import os
 from pathlib import Path
 
 import numpy as np

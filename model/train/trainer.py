@@ -8,7 +8,6 @@ shows the loss and it/s. `--export` writes the bundled-model safetensors file.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import math
 import sys
