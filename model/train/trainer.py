@@ -125,14 +125,18 @@ def train_vae(model, data, args, out: Path, deadline) -> None:
     start = 0
     if ck.exists():
         state = load_checkpoint(ck)
-        if state["extra"].get("stats_done"):
+        if state["extra"].get("stats_done") and state["step"] >= args.vae_steps:
             return
+        # A finished VAE asked for more steps continues from where it stopped; its latent
+        # statistics are measured again at the new end.
         opt.load_state_dict(state["opt"])
         gen.set_state(state["gen"])
         start = state["step"]
     model.train()
     loop = Loop("vae", args.vae_steps, start, args, deadline)
     while not loop.done and not loop.out_of_time:
+        for g in opt.param_groups:  # cosine decay to 10% over the requested steps
+            g["lr"] = args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * loop.step / max(1, args.vae_steps))))
         # Fully convolutional: train on random 64x64 crops of 2-latent clips (8x cheaper
         # than whole 128x128 frames, same receptive field per pixel).
         batch = data.clips(args.batch, n_latents=2, gen=gen)
@@ -162,6 +166,16 @@ def train_vae(model, data, args, out: Path, deadline) -> None:
     save_checkpoint(ck, model, opt, loop.step, gen, {"stats_done": loop.done})
 
 
+def vae_fingerprint(vae):
+    """A few numbers that change whenever the VAE's weights or latent statistics change."""
+    import torch
+
+    with torch.no_grad():
+        sums = [p.double().abs().sum() for p in vae.parameters()]
+    stats = list(vae.cfg.latent_mean or ()) + list(vae.cfg.latent_std or ())
+    return torch.tensor([float(sum(sums)), float(sums[0]), float(sums[-1]), *stats], dtype=torch.float64)
+
+
 def train_dit(model, data, args, out: Path, deadline, stage: str) -> None:
     import torch
 
@@ -184,10 +198,13 @@ def train_dit(model, data, args, out: Path, deadline, stage: str) -> None:
     if start >= steps:
         return
     pool_path = out / f"latent_pool_{args.clip_latents}.pt"
-    if pool_path.exists():
-        pool = LatentPool.load(pool_path)
-    else:
+    pool = LatentPool.load(pool_path) if pool_path.exists() else None
+    fingerprint = vae_fingerprint(model.vae)
+    if pool is None or pool.t.get("vae_fingerprint") is None or not torch.equal(pool.t["vae_fingerprint"], fingerprint) \
+            or len(pool) < args.pool:
+        # Latents from another VAE (it trained on) or a smaller pool than asked: encode again.
         pool = LatentPool.build(data, model.vae, args.pool, args.clip_latents, torch.Generator().manual_seed(args.seed))
+        pool.t["vae_fingerprint"] = fingerprint
         pool.save(pool_path)
     model.train()
     model.vae.eval().requires_grad_(False)
