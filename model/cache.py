@@ -105,6 +105,27 @@ class WindowCache:
             self.k[layer, :, :, :(keep - n1) * T].copy_(k[:, :, n1 * T:])
             self.v[layer, :, :, :(keep - n1) * T].copy_(v[:, :, n1 * T:])
 
+    def save_slots(self, n_frames: int) -> "SlotUndo":
+        """What the next `n_frames` committed frames will overwrite, so `undo()` can put it back
+        (barge-in rewinds a stream by whole chunks; only the overwritten slots are copied,
+        not the whole window)."""
+        keep = min(n_frames, self.capacity)
+        T = self.tokens_per_frame
+        pieces = []
+        for i in range(keep):
+            slot = (self.head + i) % self.capacity
+            pieces.append((slot, self.k[:, :, :, slot * T:(slot + 1) * T].clone(),
+                           self.v[:, :, :, slot * T:(slot + 1) * T].clone()))
+        return SlotUndo(self.head, self.length, pieces)
+
+    def undo(self, saved: "SlotUndo") -> None:
+        """Put back the slots and ring position saved by `save_slots` (newest save first)."""
+        T = self.tokens_per_frame
+        for slot, k, v in saved.pieces:
+            self.k[:, :, :, slot * T:(slot + 1) * T].copy_(k)
+            self.v[:, :, :, slot * T:(slot + 1) * T].copy_(v)
+        self.head, self.length = saved.head, saved.length
+
     def commit(self, n_frames: int) -> None:
         if self.capacity == 0:
             return
@@ -119,6 +140,13 @@ class WindowCache:
 
     def nbytes(self) -> int:
         return self.k.numel() * self.k.element_size() * 2
+
+
+class SlotUndo:
+    """Ring position and overwritten slot contents saved before one commit."""
+
+    def __init__(self, head: int, length: int, pieces: list[tuple[int, Tensor, Tensor]]):
+        self.head, self.length, self.pieces = head, length, pieces
 
 
 def _rotate_keys(k: Tensor, rope: Rope3D, delta: float) -> None:

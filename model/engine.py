@@ -22,6 +22,8 @@ first step returns 4c - 3 frames and every later one 4c.
 from __future__ import annotations
 
 import logging
+from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -118,6 +120,26 @@ class Engine:
         return [s.step(a, m) for s, a, m in zip(streams, audios, motions)]
 
 
+@dataclass
+class _Undo:
+    """Everything one step() changes, saved before it (see `Stream.keep_history`)."""
+
+    next_latent: int
+    offset: int
+    chunks: int
+    knot: Tensor | None
+    generator: Tensor
+    audio: np.ndarray
+    audio_origin: int
+    motion: dict
+    reference_k: Tensor
+    reference_position: float
+    window: object          # model.cache.SlotUndo
+    decoder: list
+    decoder_first: bool
+    decoder_counts: tuple[int, int]
+
+
 class Stream:
     """One endless video. Not thread-safe; the generation worker owns it."""
 
@@ -142,6 +164,7 @@ class Stream:
         self.knot: Tensor | None = None  # previous chunk's knot prediction (B, z, k, h, w)
         self.chunks = 0
         self.closed = False
+        self._history: deque[_Undo] | None = None  # undo entries of the last steps (keep_history)
 
         self._audio = np.zeros(0, dtype=np.float32)  # history, starting at sample self._audio_origin
         self._audio_origin = 0
@@ -259,6 +282,8 @@ class Stream:
         Fr = c + kn
         z = self.cfg.vae.z_channels
         h, w = self.latent_hw
+        if self._history is not None:
+            self._history.append(self._save_undo())
         self._ingest(audio, motion)
 
         # 1. Running ahead: keep the reference's temporal coordinate ahead of this chunk.
@@ -315,6 +340,60 @@ class Stream:
 
     def cache_nbytes(self) -> int:
         return self.reference.nbytes() + self.window.nbytes()
+
+    # ----- rewinding (barge-in) -----------------------------------------------------------
+
+    def keep_history(self, chunks: int) -> None:
+        """Remember enough of the last `chunks` steps to rewind over them (`rewind_to`).
+
+        Costs per step one chunk's window slots, the reference keys and the VAE decoder's
+        causal caches (copies); 0 turns it off. The generation worker turns it on so an
+        interrupt can regenerate the frames generated but not yet played."""
+        self._history = deque(maxlen=chunks) if chunks > 0 else None
+
+    def rewindable_frame(self) -> int | None:
+        """The earliest frame index `rewind_to` can return to, None without history."""
+        if not self._history:
+            return None
+        return 0 if self._history[0].next_latent == 0 else 4 * self._history[0].next_latent - 3
+
+    def rewind_to(self, frame: int) -> int:
+        """Undo the steps that generated frame `frame` and after: the stream continues from the
+        start of the chunk holding `frame` as if those steps never ran (same caches, positions,
+        knot, RNG and driving history). Returns the new `frame_index` (<= frame). Raises
+        ValueError when the history does not reach back that far."""
+        if frame >= self.frame_index:
+            return self.frame_index
+        earliest = self.rewindable_frame()
+        if earliest is None or frame < earliest:
+            raise ValueError(f"cannot rewind to frame {frame}: history reaches back to frame {earliest}")
+        while True:
+            u = self._history.pop()
+            # Slots were saved under the positions of their step: undo later rebases first.
+            self.window.move(self.rope, float(self.offset - u.offset))
+            self.offset = u.offset
+            self.window.undo(u.window)
+            start = 0 if u.next_latent == 0 else 4 * u.next_latent - 3
+            if start <= frame:
+                break
+        self.next_latent, self.chunks, self.knot = u.next_latent, u.chunks, u.knot
+        self.generator.set_state(u.generator)
+        self._audio, self._audio_origin, self._motion = u.audio, u.audio_origin, u.motion
+        self.reference.k.copy_(u.reference_k)
+        self.reference.position = u.reference_position
+        state = self.decoder.state
+        state.buffers = [None if b is None else b.clone() for b in u.decoder]
+        state.first = u.decoder_first
+        self.decoder.frames_out, self.decoder.latents_in = u.decoder_counts
+        return self.frame_index
+
+    def _save_undo(self) -> _Undo:
+        state = self.decoder.state
+        return _Undo(self.next_latent, self.offset, self.chunks, self.knot, self.generator.get_state(),
+                     self._audio, self._audio_origin, dict(self._motion), self.reference.k.clone(),
+                     self.reference.position, self.window.save_slots(self.knobs.chunk_frames),
+                     [None if b is None else b.clone() for b in state.buffers], state.first,
+                     (self.decoder.frames_out, self.decoder.latents_in))
 
     def close(self) -> None:
         """Free the caches (the worker calls this when a session ends)."""

@@ -116,3 +116,48 @@ def test_driving_input_is_validated(engine):
 def test_unknown_model_is_a_clear_error():
     with pytest.raises(FileNotFoundError, match="neither a preset"):
         Engine.from_pretrained("no-such-model")
+
+
+def _driving(engine, stream, rng):
+    """Random speech-like audio and motion for the next step of `stream`."""
+    audio = rng.standard_normal(stream.audio_samples_needed).astype(np.float32) * 0.3
+    motion = np.zeros((stream.driving_frames, engine.config.driving.motion_dim), np.float32)
+    motion[:, 0] = rng.uniform(-0.5, 0.5)
+    return audio, motion
+
+
+@pytest.mark.parametrize("rebase_every", [16, 1000])
+def test_rewind_regenerates_exactly_what_the_undone_steps_made(engine, rebase_every):
+    """Barge-in support: rewinding over k steps and stepping again with the same driving gives
+    the same frames (caches, positions, knot, RNG, decoder state all put back); with different
+    driving it goes on from the same state. rebase_every=16 puts a rebase inside the undone steps."""
+    knobs = StreamKnobs(chunk_frames=2, window_frames=3, knot_frames=1, ahead_frames=2, denoise_steps=2,
+                        rebase_every=rebase_every)
+    s = engine.start(portrait(), knobs, seed=3)
+    s.keep_history(4)
+    rng = np.random.default_rng(0)
+    inputs, outputs, starts = [], [], []
+    for _ in range(10):
+        inputs.append(_driving(engine, s, rng))
+        starts.append(s.frame_index)
+        outputs.append(s.step(*inputs[-1]))
+    # A frame inside the 8th chunk: the stream goes back to that chunk's first frame.
+    target = starts[7] + 3
+    assert s.rewind_to(target) == starts[7]
+    assert s.frame_index == starts[7]
+    for i in range(7, 10):
+        again = s.step(*inputs[i])
+        assert np.abs(again.astype(int) - outputs[i].astype(int)).max() <= 1, i
+    # Not further back than the history: a clear error, the stream untouched.
+    with pytest.raises(ValueError, match="history reaches back"):
+        s.rewind_to(0)
+    assert s.frame_index == starts[9] + len(outputs[9])
+
+
+def test_without_history_rewind_is_refused(engine):
+    s = engine.start(portrait(), seed=0)
+    s.step()
+    s.step()
+    with pytest.raises(ValueError):
+        s.rewind_to(1)
+    assert s.rewind_to(s.frame_index + 5) == s.frame_index  # nothing to undo
