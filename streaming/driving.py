@@ -15,7 +15,10 @@ Three sources land on one timeline of driving samples (16 kHz) and video frames:
   re-anchored when it would land more than `max_motion_ahead_frames` (1 s) ahead.
 
 `take()` (the generation worker) reads one step's driving and forgets everything before
-the step's own frames. `interrupt()` flushes pushed speech that has not been generated.
+the step's own frames, except the last `history_frames` frames: `rewind()` can send
+generation back over those (barge-in regenerates frames generated but not yet played).
+`interrupt()` flushes pushed speech that has not been generated (or, given a frame,
+everything from that frame on).
 Thread-safe: the event loop writes, the worker thread reads.
 """
 
@@ -113,7 +116,7 @@ class DrivingBuffer:
 
     def __init__(self, fps: int, sample_rate: int = 16000, max_speech_seconds: float = 300.0,
                  max_mic_lead_frames: int = 50, max_motion_ahead_frames: int | None = None,
-                 echo_mic: bool = False, now=time.monotonic):
+                 echo_mic: bool = False, history_frames: int = 0, now=time.monotonic):
         if fps <= 0 or sample_rate <= 0:
             raise ValueError(f"fps and sample_rate must be positive, got {fps}, {sample_rate}")
         self.fps = fps
@@ -125,6 +128,7 @@ class DrivingBuffer:
         # A timestamped motion message may land at most this far (1 s) past the next frame.
         self.max_motion_ahead_frames = fps if max_motion_ahead_frames is None else max_motion_ahead_frames
         self.now = now
+        self.history_frames = history_frames  # generated frames kept for rewind()
         self._lock = threading.Lock()
         self._speech = _Samples()
         self._mic = _Samples()
@@ -275,21 +279,35 @@ class DrivingBuffer:
 
     # ----- interrupt ------------------------------------------------------------------
 
-    def interrupt(self) -> list[Segment]:
-        """Drop pushed speech that has not been generated; returns the segments cut short."""
+    def interrupt(self, from_frame: int | None = None) -> list[Segment]:
+        """Drop pushed speech from `from_frame` on (default: the first frame not generated);
+        returns the segments newly cut short. A frame already generated can be given (the
+        generation will be rewound there); it must be within the kept history."""
         with self._lock:
-            floor = self.sample_of(self._next_frame)
+            floor = self.sample_of(self._next_frame if from_frame is None else from_frame)
             self._speech.zero_from(floor)
-            self._speech_end = floor
+            self._speech_end = min(self._speech_end, floor) if from_frame is not None else floor
             cut = []
             for seg in self._segments:
-                if seg.end > floor and not seg.interrupted:
+                if seg.end > floor:
+                    if not seg.interrupted:
+                        cut.append(seg)
                     seg.interrupted = True
                     seg.end = max(seg.start, floor)
                     seg.ended = True
-                    cut.append(seg)
-            self.stats["interrupts"] += 1
+            if from_frame is None:
+                self.stats["interrupts"] += 1
             return cut
+
+    def rewind(self, frame: int) -> None:
+        """Generation goes back to `frame` (the stream was rewound): the next take() reads
+        from there again. ValueError when `frame` is before the kept history."""
+        with self._lock:
+            oldest = self._next_frame - self.history_frames
+            if frame < max(0, oldest) or frame > self._next_frame:
+                raise ValueError(f"cannot rewind driving to frame {frame}: kept frames "
+                                 f"[{max(0, oldest)}, {self._next_frame}]")
+            self._next_frame = frame
 
     # ----- the worker's side ----------------------------------------------------------
 
@@ -311,10 +329,11 @@ class DrivingBuffer:
                 motion = np.stack([self._state_at(frame_index + i) for i in range(n_frames)])
             done = frame_index + own_frames
             self._next_frame = max(self._next_frame, done)
-            # Forget what no later step reads; keep the last motion state before `done`.
-            self._motion_state = self._state_at(done - 1) if done > 0 else self._motion_state
-            self._motion_changes = [(f, v) for f, v in self._motion_changes if f >= done]
-            keep = self.sample_of(done)
+            # Forget what no later step (nor a rewind) reads; keep the motion state before that.
+            base = max(0, done - self.history_frames)
+            self._motion_state = self._state_at(base - 1) if base > 0 else self._motion_state
+            self._motion_changes = [(f, v) for f, v in self._motion_changes if f >= base]
+            keep = self.sample_of(base)
             self._speech.drop_before(keep)
             self._mic.drop_before(keep)
             return StepDriving(audio, motion, playback)

@@ -42,7 +42,8 @@ class PlayoutStats:
     released: int = 0      # slots assigned a generated frame
     held: int = 0          # slots that repeated the last frame (underrun)
     muted_frames: int = 0  # queued frames whose audio an interrupt silenced
-    dropped: int = 0       # frames discarded (flush)
+    dropped: int = 0       # frames discarded (close)
+    flushed: int = 0       # generated frames an interrupt discarded to regenerate them
 
 
 class Playout:
@@ -155,6 +156,22 @@ class Playout:
             self._queue = deque((g, img, np.zeros_like(a)) for g, img, a in self._queue)
             self.stats.muted_frames += len(self._queue)
             return len(self._queue)
+
+    def first_queued(self) -> int | None:
+        """Generated frame index of the next frame to be released, None when none is queued."""
+        with self._lock:
+            return self._queue[0][0] if self._queue else None
+
+    def flush(self) -> tuple[int | None, int]:
+        """Interrupt: discard every generated frame not yet released (the worker regenerates
+        from the first of them). Returns (that frame's index or None, count)."""
+        with self._lock:
+            if not self._queue:
+                return None, 0
+            first, n = self._queue[0][0], len(self._queue)
+            self._queue.clear()
+            self.stats.flushed += n
+            return first, n
 
     def close(self) -> None:
         with self._lock:

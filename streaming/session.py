@@ -12,6 +12,7 @@ import asyncio
 import json
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -51,6 +52,9 @@ class SessionOptions:
     max_speech_seconds: float = 300.0
     disconnect_grace_s: float = 5.0         # "disconnected" this long -> the session closes
     echo_mic: bool = False                  # play the mic back on the audio track (puppet demos)
+    # Interrupt regenerates the frames generated but not yet played (closed mouth within about
+    # one step) instead of only muting them; costs a few cache copies per step.
+    regenerate_on_interrupt: bool = True
     ice_servers: list[dict] = field(default_factory=list)  # [{"urls": [...], "username", "credential"}]
 
     def __post_init__(self) -> None:
@@ -109,10 +113,12 @@ class LiveSession:
         self.lead_frames = self.options.lead_frames or (3 * step) // 2
         self.mic_latency_frames = self.options.mic_latency_frames or (
             self.lead_frames + stream.driving_frames + 2)
+        max_frames = self.lead_frames + 2 * step
+        # History to regenerate everything the playout can hold, plus the chunk being shown.
+        rewind_chunks = -(-max_frames // step) + 2 if self.options.regenerate_on_interrupt else 0
         self.driving = DrivingBuffer(fps, sample_rate, max_speech_seconds=self.options.max_speech_seconds,
-                                     echo_mic=self.options.echo_mic)
-        self.playout = Playout(self.clock, sample_rate, placeholder, max_frames=self.lead_frames + 2 * step,
-                               on_slot=self._on_slot)
+                                     echo_mic=self.options.echo_mic, history_frames=(rewind_chunks + 1) * step)
+        self.playout = Playout(self.clock, sample_rate, placeholder, max_frames=max_frames, on_slot=self._on_slot)
         self.pacer = Pacer(self.clock, self.playout, self.options.prebuffer_timeout_s)
         self.video = AvatarVideoTrack(self.pacer)
         self.audio = AvatarAudioTrack(self.pacer, sample_rate)
@@ -129,8 +135,9 @@ class LiveSession:
         self._close_listeners: list[Callable[["LiveSession"], None]] = []
         self._tasks: set[asyncio.Task] = set()
         self._last_gen = -1
+        self.rewinds: deque[dict] = deque(maxlen=64)  # recent interrupt regenerations (status, tests)
         self.gen = Generation(session_id, stream, self.driving, self.playout, self.lead_frames,
-                              on_error=self._on_worker_error, on_chunk=on_chunk)
+                              on_error=self._on_worker_error, on_chunk=on_chunk, rewind_chunks=rewind_chunks)
         worker.add(self.gen)
 
     # ----- signalling -----------------------------------------------------------------
@@ -228,9 +235,14 @@ class LiveSession:
         return self.push_audio(samples, end=True)
 
     def interrupt(self) -> dict:
-        """Barge-in: drop speech not yet generated and silence frames generated but not played."""
+        """Barge-in: drop speech not yet generated and silence frames generated but not played
+        at once; then (worker thread, between steps) discard those frames and regenerate
+        from the last frame shown with the speech gone (`GenerationWorker.rewind_unplayed`)."""
         cut = self.driving.interrupt()
         muted = self.playout.mute_queued()
+        if self.options.regenerate_on_interrupt:
+            fut = self.worker.rewind_unplayed(self.id)
+            fut.add_done_callback(self._on_rewound)
         played = self.driving.sample_of(self._last_gen + 1) if self._last_gen >= 0 else 0
         for seg in cut:
             if not seg.finished_event:
@@ -239,6 +251,17 @@ class LiveSession:
                 self._emit({"type": "playback_finished", "segment": seg.id, "interrupted": True,
                             "position_ms": round(1000 * pos / self.sample_rate)})
         return {"interrupted_segments": [s.id for s in cut], "muted_frames": muted}
+
+    def _on_rewound(self, fut) -> None:
+        """Worker thread: the regeneration was set up (or fell back); note it, never raise."""
+        try:
+            result = fut.result()
+        except Exception as exc:  # the session goes on; the muted frames still play
+            log.warning("session %s: regenerating after interrupt failed: %s", self.id, exc)
+            result = {"fallback": f"{type(exc).__name__}: {exc}"}
+        self.rewinds.append(result)
+        if "fallback" in result:
+            log.info("session %s: interrupt fallback (muted frames play out): %s", self.id, result["fallback"])
 
     def _on_mic(self, samples: np.ndarray) -> None:
         self.mic_samples += len(samples)
@@ -368,6 +391,7 @@ class LiveSession:
             "released_frames": self.playout.stats.released,
             "held_frames": self.playout.stats.held,
             "dropped_frames": self.video.dropped + self.playout.stats.dropped,
+            "regenerated_frames": self.playout.stats.flushed,
             "speech_pending": self.driving.speech_pending,
             "mic_seconds": round(self.mic_samples / self.sample_rate, 3),
             "messages": dict(self.messages),

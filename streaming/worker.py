@@ -16,6 +16,14 @@ default `max_batch=1` that never happens.
 
 Engine calls that are not steps (starting a stream: reference encoding; closing one) go
 through `call()`, so the engine is only ever used from this one thread.
+
+**Barge-in** (`rewind_unplayed`): frames generated but not yet released are discarded,
+the stream and the driving buffer are rewound to the start of the chunk holding the first
+of them (`Stream.rewind_to`: the caches are put back as they were), and generation goes
+on from there with the new driving; regenerated frames before the discarded one are not
+sent again (they were shown). The picture continues from what the viewer saw, so there
+is no jump. When the stream has no history that far back (or cannot rewind), the
+fallback keeps the queued frames (their audio is already muted) and says so in the result.
 """
 
 from __future__ import annotations
@@ -51,6 +59,8 @@ class Generation:
     last_served: float = 0.0
     failed: bool = False
     removed: bool = False
+    rewind_chunks: int = 0   # steps the stream keeps history for (0: interrupts cannot regenerate)
+    skip_before: int = 0     # regenerated frames before this were already shown: not sent again
 
 
 @dataclass
@@ -111,6 +121,8 @@ class GenerationWorker:
         with self._cond:
             if gen.id in self._sessions:
                 raise ValueError(f"session {gen.id!r} is already served")
+            if gen.rewind_chunks and hasattr(gen.stream, "keep_history"):
+                gen.stream.keep_history(gen.rewind_chunks)  # not stepped yet: safe off-thread
             self._sessions[gen.id] = gen
             self._cond.notify_all()
 
@@ -140,6 +152,17 @@ class GenerationWorker:
             self._calls.append((fn, args, fut))
             self._cond.notify_all()
         return fut
+
+    def rewind_unplayed(self, session_id: str) -> concurrent.futures.Future:
+        """Barge-in: regenerate what was generated but not played (see the module docstring).
+        The future's result: {"flushed_frames", "rewound_to"} or {"fallback": reason}."""
+        with self._cond:
+            gen = self._sessions.get(session_id)
+        if gen is None:
+            fut: concurrent.futures.Future = concurrent.futures.Future()
+            fut.set_result({"fallback": "session is not served"})
+            return fut
+        return self.call(_rewind_unplayed, gen)
 
     def wake(self) -> None:
         with self._cond:
@@ -219,7 +242,10 @@ class GenerationWorker:
             try:
                 if frames.shape[0] != n:
                     raise RuntimeError(f"engine returned {frames.shape[0]} frames, expected {n}")
-                g.playout.put(Chunk(fi, frames, own_audio))
+                shown = min(n, max(0, g.skip_before - fi))  # regenerated after a rewind, already shown
+                if shown < n:
+                    cut = g.driving.sample_of(fi + shown) - g.driving.sample_of(fi)
+                    g.playout.put(Chunk(fi + shown, frames[shown:], own_audio[cut:]))
             except Exception as exc:
                 self._fail(g, exc)
                 continue
@@ -242,6 +268,25 @@ class GenerationWorker:
             g.on_error(exc)
         except Exception:
             log.exception("on_error callback of session %s failed", g.id)
+
+
+def _rewind_unplayed(g: Generation) -> dict:
+    """Runs on the worker thread between steps (see GenerationWorker.rewind_unplayed)."""
+    first = g.playout.first_queued()
+    if first is None:
+        return {"flushed_frames": 0, "rewound_to": None}
+    stream = g.stream
+    earliest = stream.rewindable_frame() if hasattr(stream, "rewindable_frame") else None
+    if earliest is None or earliest > first:
+        return {"fallback": f"no stream history back to frame {first} (earliest {earliest})"}
+    first, n = g.playout.flush()
+    if first is None:  # the tracks released the rest meanwhile: nothing left to regenerate
+        return {"flushed_frames": 0, "rewound_to": None}
+    g.driving.interrupt(from_frame=first)
+    start = stream.rewind_to(first)
+    g.driving.rewind(start)
+    g.skip_before = first
+    return {"flushed_frames": n, "rewound_to": start, "driving_from": g.driving.next_frame}
 
 
 def _close_stream(g: Generation) -> None:
