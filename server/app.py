@@ -1,6 +1,9 @@
 """FastAPI app: sessions API, WebRTC signalling (client offers, as WHIP), health, metrics,
 and the web demo from `<repo>/web` at `/`. Routes validate and delegate to the session
-manager; errors are JSON with stable codes (server/errors.py).
+manager; errors are JSON with stable codes (server/errors.py). Creating a session needs
+an API key unless auth is off (server/auth.py); browsers of other origins are allowed
+only when listed in `cors_origins`. With `redis_url` set, sessions are admitted through
+the shared Redis registry (server/store_redis.py).
 """
 
 from __future__ import annotations
@@ -17,11 +20,12 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from server import avatars, errors
+from server.auth import ApiKeys
 from server.errors import ApiError
 from server.manager import SessionManager
 from server.metrics import Metrics
 from server.settings import Settings
-from server.store import MemoryStore, SessionStore
+from server.store import SessionStore, open_store
 from streaming.session import OfferError, SessionOptions, check_offer
 
 log = logging.getLogger("knotstream.server")
@@ -52,8 +56,11 @@ class SpeakRequest(BaseModel):
 
 
 def create_app(settings: Settings | None = None, engine=None, store: SessionStore | None = None) -> FastAPI:
-    """The app. `engine` may be passed in (tests share one); otherwise `settings.model` loads at startup."""
+    """The app. `engine` may be passed in (tests share one); otherwise `settings.model` loads at
+    startup. `store` likewise (default: `open_store(settings)`: Redis when `redis_url` is set).
+    Raises ValueError for an auth configuration that would leave a public server open."""
     settings = settings or Settings()
+    api_keys = ApiKeys(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -74,8 +81,17 @@ def create_app(settings: Settings | None = None, engine=None, store: SessionStor
         app.state.engine = eng
         app.state.worker = worker
         app.state.metrics = metrics
-        app.state.manager = SessionManager(settings, eng, worker, store or MemoryStore(), metrics,
-                                           tts=synthesize if available_engine() else None)
+        own_store = store is None
+        app.state.store = the_store = store or open_store(settings)
+        manager = SessionManager(settings, eng, worker, the_store, metrics,
+                                 tts=synthesize if available_engine() else None)
+        try:
+            await manager.start()
+        except Exception:
+            await asyncio.to_thread(worker.stop)
+            raise
+        app.state.manager = manager
+        api_keys.log_mode()
         log.info("knotstream ready: model %s (%dx%d, %d fps)%s", eng.config.name, eng.config.width,
                  eng.config.height, eng.config.fps, "" if getattr(eng, "trained", True) else " UNTRAINED")
         try:
@@ -83,11 +99,20 @@ def create_app(settings: Settings | None = None, engine=None, store: SessionStor
         finally:
             await app.state.manager.shutdown()
             await asyncio.to_thread(worker.stop)
+            if own_store:
+                await the_store.close()
 
     app = FastAPI(title="knotstream", version="0.1.0", lifespan=lifespan,
                   description="Streaming real-time avatar animation: sessions API and WebRTC signalling.")
     app.state.settings = settings
+    app.state.api_keys = api_keys
     errors.install(app)
+    if settings.cors_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_credentials=False,
+                           allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
+                           allow_headers=["Authorization", "Content-Type", "X-API-Key"],
+                           expose_headers=["Location", "Retry-After"])
 
     def manager(request: Request) -> SessionManager:
         m = getattr(request.app.state, "manager", None)
@@ -98,18 +123,21 @@ def create_app(settings: Settings | None = None, engine=None, store: SessionStor
     # ----- sessions -------------------------------------------------------------------
 
     @app.post("/v1/sessions", status_code=201, summary="Create a session (and answer its SDP offer)")
-    async def create_session(request: Request):
+    async def create_session(request: Request, authorization: str | None = Header(None),
+                             x_api_key: str | None = Header(None)):
         """Multipart form: `image` (portrait upload) or `avatar` (bundled name), `options`
         (JSON, CreateOptions), `offer` (SDP text or {"sdp", "type"} JSON; optional: send it
         later to POST /v1/sessions/{id}/offer). Or a JSON body with `avatar`, `options`, `offer`.
-        Returns 201 {id, token, answer, ...} and `Location: /v1/sessions/{id}`."""
+        Returns 201 {id, token, answer, ...} and `Location: /v1/sessions/{id}`. Needs an API
+        key (`Authorization: Bearer <key>` or `X-API-Key`) unless auth is off."""
+        api_keys.check(authorization, x_api_key)   # before the body is read
         m = manager(request)
         image_bytes, fields = await _read_create(request, settings)
         options = _parse_options(fields.get("options"))
         offer_sdp = _parse_offer_field(fields.get("offer"))
         if offer_sdp is not None:
             _check_offer(offer_sdp)
-        reference, avatar = _reference(image_bytes, fields.get("avatar"))
+        reference, avatar = await _reference(image_bytes, fields.get("avatar"), settings.max_image_pixels)
         try:
             knobs = m.engine.config.stream.replace(**{k: _knob_value(v) for k, v in options.knobs.items()})
         except (TypeError, ValueError) as exc:
@@ -163,7 +191,9 @@ def create_app(settings: Settings | None = None, engine=None, store: SessionStor
         `segment` id plays in order; `end=false` keeps the segment open for more chunks."""
         from model.media import MediaError, load_audio, pcm16_to_float
 
-        session = await manager(request).authorize(session_id, authorization)
+        m = manager(request)
+        session = await m.authorize(session_id, authorization)
+        m.check_rate(session_id)
         raw = await _read_body(request, settings.max_audio_bytes, "audio")
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
         try:
@@ -186,7 +216,9 @@ def create_app(settings: Settings | None = None, engine=None, store: SessionStor
                     authorization: str | None = Header(None)):
         from streaming.tts import TTSUnavailable
 
-        session = await manager(request).authorize(session_id, authorization)
+        m = manager(request)
+        session = await m.authorize(session_id, authorization)
+        m.check_rate(session_id)
         try:
             seg = await session.speak(body.text)
         except TTSUnavailable as exc:
@@ -240,7 +272,7 @@ def create_app(settings: Settings | None = None, engine=None, store: SessionStor
             raise ApiError(503, "not_ready", "model not loaded or generation worker not running")
         live = len(m.sessions)
         body = {"status": "ready", "sessions": live, "max_sessions": settings.max_sessions,
-                "model": m.engine.config.name}
+                "model": m.engine.config.name, "worker": m.info.id}
         if live >= settings.max_sessions:
             body["status"] = "full"
         return body
@@ -249,6 +281,10 @@ def create_app(settings: Settings | None = None, engine=None, store: SessionStor
     async def metrics(request: Request):
         from prometheus_client import CONTENT_TYPE_LATEST
         return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    # WebSocket audio push, server-sent events, trickle ICE (before the web mount at /).
+    from server import realtime
+    realtime.install(app, manager)
 
     if settings.web_dir.is_dir():
         app.mount("/", StaticFiles(directory=settings.web_dir, html=True), name="web")
@@ -365,14 +401,14 @@ async def _answer(session, sdp: str, close_on_error: bool = False) -> str:
         raise ApiError(status, exc.code, str(exc)) from None
 
 
-def _reference(image: bytes | None, avatar) -> tuple:
+async def _reference(image: bytes | None, avatar, max_pixels: int) -> tuple:
     from model.media import MediaError, load_image
 
     if image is not None and avatar:
         raise ApiError(422, "invalid_request", "give either an image upload or an avatar name, not both")
     if image is not None:
-        try:
-            return load_image(image), None
+        try:  # decoding a large image is CPU work: off the event loop
+            return await asyncio.to_thread(load_image, image, max_pixels=max_pixels, max_bytes=len(image) + 1), None
         except MediaError as exc:
             raise errors.media_error(exc) from None
     if avatar:

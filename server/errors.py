@@ -3,10 +3,13 @@
 Codes used by the API (stable; clients and tests match on them):
   invalid_request (422), bad_offer, offer_missing_video, offer_missing_audio,
   offer_video_not_receiving, offer_audio_not_receiving, offer_exists (409),
-  unauthorized (401), forbidden (403), session_not_found (404), not_found (404),
+  unauthorized (401: missing/wrong API key, missing session token),
+  session_not_found (404: unknown id, malformed id or another session's token -- one
+  answer, so existence does not leak), session_on_other_worker (421), not_found (404),
   method_not_allowed (405), avatar_not_found (404), reference_required,
   image_* / audio_* (model.media codes; too large -> 413, unreadable -> 415),
-  audio_buffer_full (409), tts_unavailable (501), too_many_sessions (503),
+  audio_buffer_full (409), rate_limited (429, Retry-After), tts_unavailable (501),
+  too_many_sessions (503, Retry-After), store_unavailable (503, Retry-After),
   not_ready (503), session_closed (410), internal_error (500).
 """
 

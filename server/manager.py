@@ -1,34 +1,32 @@
 """Session manager: owns every live session of this process, keyed by id.
 
 Creating a session starts an engine stream on the generation worker (reference
-encoding is model work, so it never runs on the event loop), registers a record in the
-store and hands back a bearer token (only its hash is kept). Shutdown closes every
-session.
+encoding is model work, so it never runs on the event loop) once the store has admitted
+it to this worker (a slot reserved atomically: never more than `max_sessions`), and hands
+back a bearer token (only its hash is kept). A background task registers this process as
+a worker and heartbeats it with the records of its sessions, so with Redis a dead
+worker's entries expire. Shutdown closes every session and unregisters the worker.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 import logging
 import secrets
 
 import numpy as np
 
 from model.config import StreamKnobs
+from server import auth
 from server.errors import ApiError
 from server.metrics import Metrics
 from server.settings import Settings
-from server.store import SessionRecord, SessionStore
+from server.store import SessionRecord, SessionStore, StoreUnavailable, WorkerInfo, worker_name
+from streaming.channel import RateLimit
 from streaming.session import LiveSession, SessionOptions
 from streaming.worker import GenerationWorker
 
 log = logging.getLogger("knotstream.manager")
-
-
-def _hash(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
 
 
 class SessionManager:
@@ -41,34 +39,92 @@ class SessionManager:
         self.metrics = metrics
         self.tts = tts
         self.sessions: dict[str, LiveSession] = {}
-        self._creating = 0
+        self.records: dict[str, SessionRecord] = {}   # this worker's sessions, starting ones included
+        self.limits: dict[str, RateLimit] = {}         # per-session audio/speak request rate
+        s = settings
+        self.info = WorkerInfo(id=s.worker_id or worker_name(), capacity=s.max_sessions,
+                               address=s.public_url or f"http://{s.host}:{s.port}")
+        self._heartbeat_task: asyncio.Task | None = None
+        self._background: set[asyncio.Task] = set()
+
+    # ----- worker registration ------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Register this worker in the store and start heartbeating it."""
+        await self.store.register_worker(self.info)
+        period = self.settings.heartbeat_s or self.settings.store_ttl_s / 3
+        self._heartbeat_task = asyncio.create_task(self._heartbeats(period), name="knotstream-heartbeat")
+        log.info("worker %s registered (%s, capacity %d, %s store)", self.info.id, self.info.address,
+                 self.info.capacity, type(self.store).__name__)
+
+    async def _heartbeats(self, period: float) -> None:
+        while True:
+            await asyncio.sleep(period)
+            try:
+                await self.store.heartbeat(self.info, list(self.records.values()))
+            except Exception as exc:  # the store is down: keep serving, try again next period
+                log.warning("heartbeat of worker %s failed: %s", self.info.id, exc)
+
+    # ----- sessions -----------------------------------------------------------------------
 
     async def create(self, reference: np.ndarray, knobs: StreamKnobs, seed: int, options: SessionOptions,
                      avatar: str | None = None) -> tuple[LiveSession, str]:
-        if len(self.sessions) + self._creating >= self.settings.max_sessions:
+        session_id = secrets.token_hex(8)
+        token = secrets.token_urlsafe(32)
+        record = SessionRecord(session_id, auth.digest(token), worker=self.info.id, state="starting", avatar=avatar)
+        self.records[session_id] = record    # before admit: a heartbeat meanwhile keeps the slot
+        try:
+            admitted = await self.store.admit(record, worker=self.info.id)
+        except StoreUnavailable as exc:
+            self.records.pop(session_id, None)
+            raise ApiError(503, "store_unavailable", str(exc),
+                           headers={"Retry-After": str(self.settings.retry_after_s)}) from None
+        except BaseException:
+            self.records.pop(session_id, None)
+            raise
+        if admitted is None:
+            self.records.pop(session_id, None)
             raise ApiError(503, "too_many_sessions",
                            f"this server runs at most {self.settings.max_sessions} sessions; try again later",
-                           headers={"Retry-After": "10"})
-        self._creating += 1
+                           headers={"Retry-After": str(self.settings.retry_after_s)})
         try:
             fut = self.worker.call(self.engine.start, reference, knobs, seed)
             stream = await asyncio.wrap_future(fut)
-        finally:
-            self._creating -= 1
+        except BaseException:
+            self.records.pop(session_id, None)
+            self._spawn(self._release(session_id))
+            raise
         cfg = self.engine.config
-        session_id = secrets.token_hex(8)
-        token = secrets.token_urlsafe(32)
         placeholder = getattr(stream, "reference_image", None)
         if placeholder is None:
             placeholder = np.zeros((cfg.height, cfg.width, 3), np.uint8)
         session = LiveSession(session_id, self.worker, stream, cfg.fps, cfg.driving.sample_rate, placeholder,
                               options, tts=self.tts, on_latency=self._latency, on_chunk=self.metrics.chunk)
         self.sessions[session_id] = session
+        self.limits[session_id] = RateLimit(self.settings.audio_rate_per_s, self.settings.audio_burst)
+        self.records[session_id] = record = record.with_state("new")
         session.on_close(self._closed)
-        await self.store.put(SessionRecord(session_id, _hash(token), avatar=avatar))
+        self._spawn(self._put(record))
         asyncio.get_running_loop().call_later(self.settings.offer_timeout_s, self._offer_timeout, session)
         log.info("session %s created (%d live)", session_id, len(self.sessions))
         return session, token
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _put(self, record: SessionRecord) -> None:
+        try:
+            await self.store.put(record)
+        except StoreUnavailable as exc:  # the next heartbeat writes it
+            log.warning("session %s: store update failed: %s", record.id, exc)
+
+    async def _release(self, session_id: str) -> None:
+        try:
+            await self.store.release(session_id, worker=self.info.id)
+        except StoreUnavailable as exc:  # its slot frees when the record expires
+            log.warning("session %s: store release failed: %s", session_id, exc)
 
     def _latency(self, seconds: float, kind: str) -> None:
         self.metrics.latency.labels(kind=kind).observe(seconds)
@@ -79,25 +135,50 @@ class SessionManager:
 
     def _closed(self, session: LiveSession) -> None:
         if self.sessions.pop(session.id, None) is not None:
+            self.records.pop(session.id, None)
+            self.limits.pop(session.id, None)
             self.metrics.session_closed(session.status())
             if session.error:
                 self.metrics.errors.inc()
-            asyncio.ensure_future(self.store.delete(session.id))
+            self._spawn(self._release(session.id))
             log.info("session %s closed: %s (%d live)", session.id, session.close_reason, len(self.sessions))
 
     async def authorize(self, session_id: str, authorization: str | None) -> LiveSession:
-        """The live session for a bearer token: 404 unknown, 401 no token, 403 wrong token."""
-        record = await self.store.get(session_id)
+        """The live session for a bearer token. 401 without a token (before any lookup); the
+        same 404 for an unknown id, a malformed id and a token of another session; 421 when
+        the token is right but the session runs on another worker (server/auth.py)."""
+        token = auth.session_token(authorization)
+        if not auth.SESSION_ID.fullmatch(session_id):
+            auth.token_matches(token, None)
+            raise auth.not_found(session_id)
         session = self.sessions.get(session_id)
-        if record is None or session is None:
-            raise ApiError(404, "session_not_found", f"no session {session_id!r}")
-        if not authorization or not authorization.lower().startswith("bearer "):
-            raise ApiError(401, "unauthorized", "this route needs 'Authorization: Bearer <session token>'",
-                           headers={"WWW-Authenticate": "Bearer"})
-        token = authorization[7:].strip()
-        if not hmac.compare_digest(_hash(token), record.token_hash):
-            raise ApiError(403, "forbidden", "the token does not belong to this session")
+        record = self.records.get(session_id) if session is not None else None
+        if record is None:
+            try:
+                record = await self.store.get(session_id)
+            except StoreUnavailable as exc:
+                raise ApiError(503, "store_unavailable", str(exc),
+                               headers={"Retry-After": str(self.settings.retry_after_s)}) from None
+        if not auth.token_matches(token, record.token_hash if record else None):
+            raise auth.not_found(session_id)
+        if session is None:
+            if record.worker == self.info.id:   # admitted here, still starting or just closed
+                raise auth.not_found(session_id)
+            address = next((w.address for w in await self.store.workers() if w.id == record.worker), None)
+            raise ApiError(421, "session_on_other_worker",
+                           f"session {session_id} runs on worker {record.worker}"
+                           + (f" at {address}" if address else " (no longer registered)"))
         return session
+
+    def check_rate(self, session_id: str) -> None:
+        """The per-session audio/speak request limit: 429 rate_limited with Retry-After."""
+        limit = self.limits.get(session_id)
+        wait = limit.take() if limit is not None else 0.0
+        if wait > 0:
+            raise ApiError(429, "rate_limited",
+                           f"more than {limit.rate:g} audio/speak requests per second on this session "
+                           f"(burst {limit.burst:g}); retry in {wait:.2f} s",
+                           headers={"Retry-After": str(limit.retry_after(wait))})
 
     async def close(self, session_id: str, reason: str) -> None:
         session = self.sessions.get(session_id)
@@ -105,5 +186,13 @@ class SessionManager:
             await session.close(reason)
 
     async def shutdown(self) -> None:
+        if self._heartbeat_task is not None:
+            self._heartbeat_task.cancel()
+            await asyncio.gather(self._heartbeat_task, return_exceptions=True)
         await asyncio.gather(*(s.close("server shutdown") for s in list(self.sessions.values())),
                              return_exceptions=True)
+        await asyncio.gather(*list(self._background), return_exceptions=True)
+        try:
+            await self.store.unregister_worker(self.info.id)
+        except StoreUnavailable as exc:
+            log.warning("worker %s: unregister failed (its entry expires): %s", self.info.id, exc)

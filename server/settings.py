@@ -1,15 +1,17 @@
 """Server settings: flags and `KNOTSTREAM_*` environment variables (pydantic-settings).
 
 Example: `KNOTSTREAM_PORT=9000 KNOTSTREAM_ICE_SERVERS='[{"urls": ["stun:stun.example.org"]}]'`.
+List settings of plain strings (`api_keys`, `cors_origins`) also take a comma-separated
+value: `KNOTSTREAM_API_KEYS=key-one,key-two`.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BaseModel, Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -39,11 +41,41 @@ class Settings(BaseSettings):
     offer_timeout_s: float = Field(60.0, gt=0)   # a session without an offer closes after this
     disconnect_grace_s: float = Field(5.0, ge=0)
     max_upload_bytes: int = Field(10_000_000, ge=1024)   # reference portraits
+    max_image_pixels: int = Field(16_000_000, ge=4096)   # decoded portrait width x height
     max_audio_bytes: int = Field(20_000_000, ge=1024)    # one /audio request
     max_speech_seconds: float = Field(300.0, gt=0)       # queued pushed speech per session
     web_dir: Path = REPO / "web"
+    audio_rate_per_s: float = Field(10.0, gt=0)          # /audio and /speak requests per session per second
+    audio_burst: int = Field(20, ge=1)                   # ... and how many may come at once
+    retry_after_s: int = Field(10, ge=1)                 # Retry-After of a 503 when every slot is taken
+
+    # Auth (server/auth.py). API keys create sessions; each session's own token covers
+    # the rest. With no keys, auth is off only when bound to loopback (local demo) or
+    # when `auth_disabled` is set; any other bind refuses to start.
+    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    auth_disabled: bool | None = None                    # None: off on loopback without keys, else on
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)  # browser origins allowed
+
+    # Scale-out: with a Redis URL, workers share one session registry (server/store_redis.py).
+    redis_url: str | None = None
+    redis_prefix: str = "knotstream:"
+    worker_id: str | None = None                         # default <hostname>:<pid>
+    public_url: str | None = None                        # this worker's address; default http://<host>:<port>
+    store_ttl_s: float = Field(15.0, gt=0)               # records expire this long after the last heartbeat
+    heartbeat_s: float | None = Field(None, gt=0)        # default store_ttl_s / 3
     # aioice skips 127.0.0.1 when gathering candidates; turn on in a namespace with only `lo`.
     loopback_ice: bool = False
+
+    @field_validator("api_keys", "cors_origins", mode="before")
+    @classmethod
+    def _split_commas(cls, value):
+        if isinstance(value, str):
+            value = value.strip()
+            if value.startswith("["):
+                import json
+                return json.loads(value)
+            return [v.strip() for v in value.split(",") if v.strip()]
+        return value
 
     def ice_dicts(self) -> list[dict]:
         return [s.model_dump(exclude_none=True) for s in self.ice_servers]

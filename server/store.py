@@ -1,18 +1,30 @@
-"""Session store: the registry of sessions (records, not live objects).
+"""Session store: the registry of workers and sessions (records, not live objects).
 
-Small and async so a Redis implementation (issue 6: several worker processes) can
-replace the in-process one without touching the routes. Live objects (peer connections,
-streams) stay in the process that owns them; the record says which process that is.
+Two implementations of one async interface, so the routes never know which is in use:
+`MemoryStore` (the default: one server process) and `RedisStore` (server/store_redis.py,
+`KNOTSTREAM_REDIS_URL`: several worker processes or hosts share one registry). Live
+objects (peer connections, streams) stay in the process that owns them; the record says
+which worker that is.
+
+Admission is the store's job: `admit(record)` reserves a slot on a worker and writes the
+record in one atomic step, so a worker is never given more sessions than its capacity
+however many requests race. A worker's load is the number of sessions admitted to it
+and not yet released. With a TTL, worker entries and session records expire unless the
+owning worker's `heartbeat` refreshes them: a worker that stops (crash, partition) drops
+out of the registry with all its sessions after `ttl_s`.
 """
 
 from __future__ import annotations
 
-import asyncio
 import os
 import socket
 import time
 from dataclasses import dataclass, field, replace
-from typing import Protocol
+from typing import Callable, Iterable, Protocol
+
+
+class StoreUnavailable(RuntimeError):
+    """The store cannot be reached (Redis down): the API answers 503 store_unavailable."""
 
 
 def worker_name() -> str:
@@ -24,7 +36,7 @@ class SessionRecord:
     id: str
     token_hash: str           # sha256 hex of the bearer token; the token itself is never stored
     worker: str = field(default_factory=worker_name)
-    created: float = field(default_factory=time.time)
+    created: float = field(default_factory=lambda: round(time.time(), 3))  # ms: survives Redis's cjson
     state: str = "new"
     avatar: str | None = None
 
@@ -32,34 +44,151 @@ class SessionRecord:
         return replace(self, state=state)
 
 
+@dataclass(frozen=True)
+class WorkerInfo:
+    id: str
+    address: str              # base URL where this worker's sessions are served
+    capacity: int             # most sessions it runs at once
+    load: int = 0             # sessions admitted and not released (filled in by the store on reads)
+    started: float = field(default_factory=time.time)
+
+
 class SessionStore(Protocol):
-    async def put(self, record: SessionRecord) -> None: ...
+    ttl_s: float | None       # None: entries never expire (in-process store)
+
+    # ----- workers
+    async def register_worker(self, worker: WorkerInfo) -> None: ...
+    async def heartbeat(self, worker: WorkerInfo, records: Iterable[SessionRecord] = ()) -> None:
+        """Refresh the worker's entry and its sessions' records (re-created if they expired)."""
+    async def unregister_worker(self, worker_id: str) -> None: ...
+    async def workers(self) -> list[WorkerInfo]: ...
+
+    # ----- sessions
+    async def admit(self, record: SessionRecord, worker: str | None = None) -> str | None:
+        """Atomically reserve a slot and write `record` there: on `worker` when given, else on
+        the live worker with the most free slots. The worker's id, or None when full."""
+    async def put(self, record: SessionRecord) -> None:
+        """Update an admitted record (its state); it stays on its worker."""
     async def get(self, session_id: str) -> SessionRecord | None: ...
-    async def delete(self, session_id: str) -> None: ...
-    async def list(self) -> list[SessionRecord]: ...
-    async def count(self) -> int: ...
+    async def release(self, session_id: str, worker: str | None = None) -> None:
+        """Delete the record and free its slot (`worker`: whose slot, if the record expired)."""
+    async def list(self, worker: str | None = None) -> list[SessionRecord]: ...
+    async def count(self, worker: str | None = None) -> int: ...
+    async def close(self) -> None: ...
 
 
 class MemoryStore:
-    """In-process store (the default: one server process)."""
+    """In-process store (the default: one server process). No method ever suspends, so on
+    one event loop each is atomic; `clock` is injectable for tests."""
 
-    def __init__(self) -> None:
-        self._records: dict[str, SessionRecord] = {}
-        self._lock = asyncio.Lock()
+    def __init__(self, ttl_s: float | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+        self.ttl_s = ttl_s
+        self._clock = clock
+        self._records: dict[str, tuple[SessionRecord, float]] = {}
+        self._workers: dict[str, tuple[WorkerInfo, float]] = {}
+        self._admitted: dict[str, set[str]] = {}   # worker id -> session ids holding its slots
+
+    def _deadline(self) -> float:
+        return float("inf") if self.ttl_s is None else self._clock() + self.ttl_s
+
+    def _live_worker(self, worker_id: str) -> WorkerInfo | None:
+        entry = self._workers.get(worker_id)
+        if entry is None:
+            return None
+        if entry[1] <= self._clock():   # expired: the worker and its slots are gone
+            self._workers.pop(worker_id, None)
+            self._admitted.pop(worker_id, None)
+            return None
+        return replace(entry[0], load=len(self._admitted.get(worker_id, ())))
+
+    # ----- workers
+
+    async def register_worker(self, worker: WorkerInfo) -> None:
+        # A new registration: sessions of an earlier process with this id are gone.
+        for sid in self._admitted.pop(worker.id, set()):
+            self._records.pop(sid, None)
+        self._workers[worker.id] = (replace(worker, load=0), self._deadline())
+
+    async def heartbeat(self, worker: WorkerInfo, records: Iterable[SessionRecord] = ()) -> None:
+        # Same rules as the Redis script: refresh held sessions that still hold a slot (a
+        # release that raced this heartbeat is not undone); re-create them all when the
+        # worker entry had expired; free slots that neither a held session nor a live
+        # record explains.
+        was_live = self._live_worker(worker.id) is not None
+        self._workers[worker.id] = (replace(worker, load=0), self._deadline())
+        slots = self._admitted.setdefault(worker.id, set())
+        held = set()
+        for record in records:
+            held.add(record.id)
+            if not was_live or record.id in slots:
+                slots.add(record.id)
+                self._records[record.id] = (record, self._deadline())
+        for sid in list(slots):
+            if sid not in held and await self.get(sid) is None:
+                slots.discard(sid)
+
+    async def unregister_worker(self, worker_id: str) -> None:
+        self._workers.pop(worker_id, None)
+        for sid in self._admitted.pop(worker_id, set()):
+            self._records.pop(sid, None)
+
+    async def workers(self) -> list[WorkerInfo]:
+        return [w for w in map(self._live_worker, list(self._workers)) if w is not None]
+
+    # ----- sessions
+
+    async def admit(self, record: SessionRecord, worker: str | None = None) -> str | None:
+        if await self.get(record.id) is not None:
+            raise ValueError(f"session {record.id!r} already exists")
+        candidates = [worker] if worker is not None else list(self._workers)
+        best, best_free = None, 0
+        for wid in candidates:
+            info = self._live_worker(wid)
+            if info is not None and info.capacity - info.load > best_free:
+                best, best_free = wid, info.capacity - info.load
+        if best is None:
+            return None
+        self._admitted.setdefault(best, set()).add(record.id)
+        self._records[record.id] = (replace(record, worker=best), self._deadline())
+        return best
 
     async def put(self, record: SessionRecord) -> None:
-        async with self._lock:
-            self._records[record.id] = record
+        if await self.get(record.id) is not None:   # only while admitted
+            self._records[record.id] = (record, self._deadline())
 
     async def get(self, session_id: str) -> SessionRecord | None:
-        return self._records.get(session_id)
-
-    async def delete(self, session_id: str) -> None:
-        async with self._lock:
+        entry = self._records.get(session_id)
+        if entry is None:
+            return None
+        if entry[1] <= self._clock():
             self._records.pop(session_id, None)
+            return None
+        return entry[0]
 
-    async def list(self) -> list[SessionRecord]:
-        return list(self._records.values())
+    async def release(self, session_id: str, worker: str | None = None) -> None:
+        entry = self._records.pop(session_id, None)
+        owner = entry[0].worker if entry is not None else worker
+        if owner is not None:
+            self._admitted.get(owner, set()).discard(session_id)
 
-    async def count(self) -> int:
-        return len(self._records)
+    async def list(self, worker: str | None = None) -> list[SessionRecord]:
+        out = []
+        for sid in list(self._records):
+            record = await self.get(sid)
+            if record is not None and (worker is None or record.worker == worker):
+                out.append(record)
+        return out
+
+    async def count(self, worker: str | None = None) -> int:
+        return len(await self.list(worker))
+
+    async def close(self) -> None:
+        pass
+
+
+def open_store(settings) -> SessionStore:
+    """The store the settings ask for: Redis when `redis_url` is set, else in-process."""
+    if settings.redis_url:
+        from server.store_redis import RedisStore
+        return RedisStore(settings.redis_url, prefix=settings.redis_prefix, ttl_s=settings.store_ttl_s)
+    return MemoryStore()

@@ -1,6 +1,7 @@
 """A live in-process server and an aiortc client, for end-to-end tests and bench/gateway.py.
 
-`LiveServer` runs uvicorn with `create_app(settings, engine)` on a free port in a
+`RedisServer` starts a private `redis-server` (free port, temporary directory, no
+persistence) for the Redis store tests. `LiveServer` runs uvicorn with `create_app(settings, engine)` on a free port in a
 background thread (its own event loop). `AvatarClient` is a minimal aiortc client: it
 creates a session with its offer (recvonly video, audio sendrecv or recvonly, a
 `driving` data channel), records every received frame with its pts and arrival time,
@@ -12,7 +13,10 @@ from __future__ import annotations
 import asyncio
 import fractions
 import json
+import shutil
 import socket
+import subprocess
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -26,6 +30,52 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class RedisServer:
+    """`with RedisServer() as r: r.url` -- a throwaway redis-server on a free port (never 6379)."""
+
+    def __init__(self, start_timeout_s: float = 10.0):
+        self.binary = shutil.which("redis-server")
+        if self.binary is None:
+            raise FileNotFoundError("redis-server is not installed (scripts/setup.sh installs it)")
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.start_timeout_s = start_timeout_s
+        self.proc: subprocess.Popen | None = None
+        self._dir: tempfile.TemporaryDirectory | None = None
+
+    def __enter__(self) -> "RedisServer":
+        self._dir = tempfile.TemporaryDirectory(prefix="knotstream-redis-")
+        self.proc = subprocess.Popen(
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self._dir.name,
+             "--save", "", "--appendonly", "no", "--protected-mode", "yes"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        end = time.monotonic() + self.start_timeout_s
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(16).startswith(b"+PONG"):
+                        return self
+            except OSError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > end:
+                self.__exit__()
+                raise RuntimeError(f"redis-server did not start on port {self.port}")
+            time.sleep(0.05)
+
+    def __exit__(self, *exc) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self._dir is not None:
+            self._dir.cleanup()
+            self._dir = None
 
 
 class LiveServer:

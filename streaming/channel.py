@@ -18,7 +18,10 @@ Server -> client:
   {"type": "closed", "reason": "..."}
 
 `parse()` turns text into a validated `Message` or raises `ChannelError` with a stable
-code; the session answers an error message and carries on.
+code; the session answers an error message and carries on. Limits, checked before any
+JSON is decoded: `MAX_MESSAGE_BYTES` per message (UTF-8 bytes, `message_too_large`) and,
+when the caller passes its `RateLimit`, a per-session message rate (`rate_limited`; the
+message is dropped, later ones pass again as the bucket refills).
 """
 
 from __future__ import annotations
@@ -26,10 +29,14 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
+import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 MAX_MESSAGE_BYTES = 256 * 1024
+MESSAGES_PER_S = 50.0       # a session's sustained data-channel rate (motion at 25-30 Hz fits)
+MESSAGE_BURST = 100
 TYPES = ("motion", "expression", "audio", "end", "speak", "interrupt", "ping")
 
 
@@ -43,18 +50,55 @@ class ChannelError(ValueError):
         return {"type": "error", "code": self.code, "message": str(self), "ref": self.ref}
 
 
+class RateLimit:
+    """Token bucket: `rate` tokens per second, holding at most `burst`. Also used by the
+    server for per-session HTTP limits (audio push)."""
+
+    def __init__(self, rate: float = MESSAGES_PER_S, burst: int = MESSAGE_BURST,
+                 clock: Callable[[], float] = time.monotonic):
+        if rate <= 0 or burst < 1:
+            raise ValueError(f"rate must be > 0 and burst >= 1, got {rate}, {burst}")
+        self.rate, self.burst, self.clock = float(rate), float(burst), clock
+        self.tokens, self.stamp = float(burst), clock()
+        self.refused = 0
+
+    def take(self, cost: float = 1.0) -> float:
+        """Spend `cost` tokens: 0.0 when allowed, else the seconds until it would be (nothing spent)."""
+        now = self.clock()
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens >= cost:
+            self.tokens -= cost
+            return 0.0
+        self.refused += 1
+        return (cost - self.tokens) / self.rate
+
+    def retry_after(self, wait_s: float) -> int:
+        """A Retry-After header value (whole seconds, at least 1)."""
+        return max(1, math.ceil(wait_s))
+
+
 @dataclass
 class Message:
     type: str
     body: dict[str, Any]
 
 
-def parse(raw: str | bytes) -> Message:
-    """Validate one data-channel message (shape only; field values are checked where used)."""
+def parse(raw: str | bytes, limit: RateLimit | None = None) -> Message:
+    """Validate one data-channel message (shape only; field values are checked where used).
+    `limit`: the session's message rate limit, spent by every message, valid or not."""
+    if limit is not None:
+        wait = limit.take()
+        if wait > 0:
+            raise ChannelError("rate_limited", f"more than {limit.rate:g} messages/s (burst {limit.burst:g}); "
+                                               f"this one was dropped, retry in {wait:.2f} s")
+    size = len(raw)
+    if isinstance(raw, str) and size <= MAX_MESSAGE_BYTES and not raw.isascii():
+        size = len(raw.encode("utf-8", "surrogatepass"))   # the limit is in bytes, not characters
+    if size > MAX_MESSAGE_BYTES:
+        raise ChannelError("message_too_large", f"message is {size} bytes, limit {MAX_MESSAGE_BYTES}")
     if isinstance(raw, bytes):
         raise ChannelError("bad_message", "binary messages are not accepted; send JSON text")
-    if len(raw) > MAX_MESSAGE_BYTES:
-        raise ChannelError("message_too_large", f"message is {len(raw)} bytes, limit {MAX_MESSAGE_BYTES}")
     try:
         body = json.loads(raw)
     except (json.JSONDecodeError, RecursionError) as exc:

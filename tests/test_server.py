@@ -121,7 +121,7 @@ def test_create_without_offer_then_status_auth_and_delete(http, server):
     st = http.get(f"/v1/sessions/{sid}", headers=auth)
     assert st.status_code == 200 and st.json()["state"] == "new"
     assert_error(http.get(f"/v1/sessions/{sid}"), 401, "unauthorized")
-    assert_error(http.get(f"/v1/sessions/{sid}", headers={"Authorization": "Bearer nope"}), 403, "forbidden")
+    assert_error(http.get(f"/v1/sessions/{sid}", headers={"Authorization": "Bearer nope"}), 404, "session_not_found")
     assert_error(http.get("/v1/sessions/0123456789abcdef", headers=auth), 404, "session_not_found")
     assert http.delete(f"/v1/sessions/{sid}", headers=auth).status_code == 204
     assert_error(http.get(f"/v1/sessions/{sid}", headers=auth), 404, "session_not_found")
