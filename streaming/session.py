@@ -196,6 +196,38 @@ class LiveSession:
             raise OfferError("bad_offer", f"cannot answer the offer: {type(exc).__name__}: {exc}") from None
         return pc.localDescription.sdp
 
+    async def add_ice_candidates(self, sdpfrag: str) -> int:
+        """Trickle ICE: add the client's candidates from an RFC 8840 SDP fragment (the `a=mid`
+        before a candidate says which section; the first section otherwise). Returns the count.
+        ValueError (code bad_sdpfrag / no_peer) when nothing can be added."""
+        from aiortc.sdp import candidate_from_sdp
+
+        if self.pc is None or self.state == "closed":
+            err = ValueError("the session has no peer connection yet: send the offer first")
+            err.code = "no_peer"
+            raise err
+        mids = [t.mid for t in self.pc.getTransceivers() if t.mid is not None]
+        mid, added = (mids[0] if mids else "0"), 0
+        for line in sdpfrag.splitlines():
+            line = line.strip()
+            if line.startswith("a=mid:"):
+                mid = line[len("a=mid:"):]
+            elif line.startswith("a=candidate:"):
+                try:
+                    cand = candidate_from_sdp(line[len("a=candidate:"):])
+                except Exception as exc:
+                    err = ValueError(f"cannot parse ICE candidate {line[:80]!r}: {exc}")
+                    err.code = "bad_sdpfrag"
+                    raise err from None
+                cand.sdpMid = mid
+                await self.pc.addIceCandidate(cand)
+                added += 1
+        if not added and "a=end-of-candidates" not in sdpfrag:
+            err = ValueError("the fragment has no a=candidate lines")
+            err.code = "bad_sdpfrag"
+            raise err
+        return added
+
     def _attach(self, pc: RTCPeerConnection, kind: str, track) -> None:
         """Put our track on the offer's transceiver of that kind (an answer cannot add m-lines)."""
         tr = next((t for t in pc.getTransceivers() if t.kind == kind and t.sender.track is None), None)
@@ -273,21 +305,26 @@ class LiveSession:
     # ----- data channel ---------------------------------------------------------------
 
     async def _on_message(self, raw) -> None:
+        reply = await self.handle_message(raw)
+        if reply is not None:
+            self.send(reply)
+
+    async def handle_message(self, raw) -> dict | None:
+        """One protocol message (streaming/channel.py) from the data channel or the WebSocket;
+        returns the reply (ack, pong or error), never raises."""
         self.messages["received"] += 1
         try:
             msg = proto.parse(raw)
-            reply = await self._handle(msg)
+            return await self._handle(msg)
         except proto.ChannelError as exc:
             self.messages["errors"] += 1
-            reply = exc.reply()
+            return exc.reply()
         except Exception as exc:  # a bad value (ValueError/MediaError): tell the client, carry on
             self.messages["errors"] += 1
             code = getattr(exc, "code", "bad_value" if isinstance(exc, ValueError) else "internal_error")
-            reply = {"type": "error", "code": code, "message": str(exc), "ref": None}
             if not isinstance(exc, ValueError) and not hasattr(exc, "code"):
-                log.exception("session %s: data-channel message failed", self.id)
-        if reply is not None:
-            self.send(reply)
+                log.exception("session %s: message failed", self.id)
+            return {"type": "error", "code": code, "message": str(exc), "ref": None}
 
     async def _handle(self, msg: proto.Message) -> dict | None:
         b = msg.body
@@ -330,7 +367,12 @@ class LiveSession:
     # ----- events ---------------------------------------------------------------------
 
     def on_event(self, fn: Callable[[dict], None]) -> None:
+        """Call `fn(event)` on the event loop for every event (playback, error, closed)."""
         self._listeners.append(fn)
+
+    def off_event(self, fn: Callable[[dict], None]) -> None:
+        if fn in self._listeners:
+            self._listeners.remove(fn)
 
     def on_close(self, fn: Callable[["LiveSession"], None]) -> None:
         self._close_listeners.append(fn)
@@ -412,7 +454,7 @@ class LiveSession:
             return
         self.state = "closed"
         self.close_reason = reason
-        self.send({"type": "closed", "reason": reason})
+        self._emit({"type": "closed", "reason": reason})
         self.worker.remove(self.id)
         self.video.stop()
         self.audio.stop()
