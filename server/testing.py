@@ -81,14 +81,14 @@ class RedisServer:
 class LiveServer:
     """`with LiveServer(settings, engine) as srv: srv.url ...` (uvicorn in a thread)."""
 
-    def __init__(self, settings=None, engine=None, start_timeout_s: float = 120.0):
+    def __init__(self, settings=None, engine=None, start_timeout_s: float = 120.0, store=None):
         import uvicorn
 
         from server.app import create_app
         from server.settings import Settings
 
         self.settings = (settings or Settings()).model_copy(update={"port": free_port()})
-        self.app = create_app(self.settings, engine=engine)
+        self.app = create_app(self.settings, engine=engine, store=store)
         config = uvicorn.Config(self.app, host="127.0.0.1", port=self.settings.port, log_level="warning",
                                 lifespan="on")
         self.server = uvicorn.Server(config)

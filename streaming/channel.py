@@ -67,8 +67,8 @@ class RateLimit:
         now = self.clock()
         self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
         self.stamp = now
-        if self.tokens >= cost:
-            self.tokens -= cost
+        if self.tokens >= cost - 1e-9:   # float refill of exactly one token must count
+            self.tokens = max(0.0, self.tokens - cost)
             return 0.0
         self.refused += 1
         return (cost - self.tokens) / self.rate
