@@ -49,7 +49,7 @@ def instructions(text: str) -> list[tuple[str, str]]:
 
 def install_section(text: str) -> list[tuple[str, str]]:
     """Instructions between the `# >>> install` and `# <<< install` markers."""
-    m = re.search(r"^#\s*>>>\s*install.*?$(.*?)^#\s*<<<\s*install", text, re.S | re.M)
+    m = re.search(r"^#\s*>>>\s*install.*?$(.*?)^#\s*<<<\s*install", text, re.DOTALL | re.MULTILINE)
     return instructions(m.group(1)) if m else []
 
 
@@ -80,7 +80,7 @@ def lint(text: str, pyproject: dict | None = None) -> list[str]:
         problems.append("no FROM")
     for image in froms:
         ref = image.split()[0]
-        name, _, tag = ref.rpartition(":") if ":" in ref.split("/")[-1] else (ref, "", "")
+        tag = ref.rpartition(":")[2] if ":" in ref.split("/")[-1] else ""
         if "@sha256:" not in ref and (not tag or tag == "latest"):
             problems.append(f"base image {ref} is not pinned by tag")
     if froms and not re.match(r"nvidia/cuda:[\d.]+-(cudnn-)?runtime-", froms[-1]):
@@ -212,7 +212,7 @@ def test_image_runs_the_server_as_configured():
 class _Ready(http.server.BaseHTTPRequestHandler):
     status = 200
 
-    def do_GET(self):  # noqa: N802
+    def do_GET(self):
         code = type(self).status if self.path == "/readyz" else 404
         body = json.dumps({"status": "ready" if code == 200 else "not_ready"}).encode()
         self.send_response(code)
