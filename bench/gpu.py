@@ -286,6 +286,8 @@ def parse_args(argv):
                    help="chunks before timing (default: until the window is full; smoke 1)")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None, help="default bf16 (smoke fp32)")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="dense peak for MFU (H200 bf16: ~989)")
+    p.add_argument("--attention", choices=["auto", "triton", "sdpa"], default="auto",
+                   help="engine attention backend (KNOTSTREAM_ATTENTION; auto = triton on CUDA)")
     p.add_argument("--no-baseline", action="store_true")
     p.add_argument("--no-attention", action="store_true", help="skip bench/attention.py")
     p.add_argument("--budget-s", type=float, default=450.0, help="whole-run time budget (attention gets the rest)")
@@ -302,8 +304,13 @@ def parse_args(argv):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    os.environ["KNOTSTREAM_ATTENTION"] = args.attention
+    if args.cpu_smoke and args.attention == "triton":
+        os.environ["TRITON_INTERPRET"] = "1"  # before triton is first imported
     sys.path[:0] = [str(REPO), str(BENCH)]  # run from a checkout
     import torch
+
+    import kernels
 
     if not args.cpu_smoke and not torch.cuda.is_available():
         print(f"bench/gpu.py: no CUDA device (torch {torch.__version__} sees none): run on a GPU host, "
@@ -347,10 +354,11 @@ def main(argv: list[str] | None = None) -> int:
     engine_s = time.perf_counter() - t0
 
     device = torch.cuda.get_device_name() if engine.device.type == "cuda" else "CPU (smoke run)"
+    backend = kernels.choose_backend(torch.empty(1, device=engine.device, dtype=engine.dtype))
     stream_len = args.warmup_chunks + args.chunks
     text = (f"GPU benchmark on {device}, torch {torch.__version__}, {args.dtype}: model {cfg.name} "
             f"({cfg.width}x{cfg.height}, {cfg.fps} fps, seeded random weights), chunk {k.chunk_frames} + knot "
-            f"{k.knot_frames} latent frames, window {k.window_frames}, {k.denoise_steps} steps; "
+            f"{k.knot_frames} latent frames, window {k.window_frames}, {k.denoise_steps} steps, attention {backend}; "
             f"{args.warmup_chunks} warm-up + {args.chunks} timed chunks per run (stream length {stream_len} "
             f"chunks); MFU against {args.peak_tflops:g} TFLOP/s; {engine_s:.0f} s.\n\n" + markdown(rows) + "\n")
     if not args.no_attention:

@@ -64,7 +64,7 @@ def test_cpu_smoke_table(tmp_path):
     assert float(two["frames/s (all sessions)"]) == pytest.approx(
         2 * 12 / (float(two["ms per chunk"]) / 1e3), rel=0.01)
     assert float(one["real-time x per session"]) == pytest.approx(float(one["frames/s (all sessions)"]) / 16, rel=0.01)
-    assert "wan-1.3b-smoke" in text and "window 12" in text
+    assert "wan-1.3b-smoke" in text and "window 12" in text and "attention sdpa" in text
     # The attention benchmark ran (bench/attention.py's own table) and its rows are checked.
     assert any(row["method"] == "ours (triton, in place)" and row["ms"] != "-" for row in attention)
 
@@ -148,10 +148,14 @@ def test_without_cuda_exits_2_with_a_message():
 
 
 def test_gpu_sh_passes_flags_through(tmp_path):
+    """gpu.sh hands its flags to gpu.py; here the engine's fused-kernel path (Triton interpreter)."""
     out = tmp_path / "t.md"
-    r = subprocess.run(["bash", str(BENCH / "gpu.sh"), "--cpu-smoke", "--no-attention", "--no-baseline",
-                        "--sessions", "1", "--chunks", "1", "--out", str(out)],
+    r = subprocess.run(["bash", str(BENCH / "gpu.sh"), "--cpu-smoke", "--attention", "triton", "--no-attention",
+                        "--no-baseline", "--sessions", "1", "--chunks", "1", "--out", str(out)],
                        capture_output=True, text=True, timeout=120, env={**ENV, "PYTHON": sys.executable})
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    (rows,) = tables(out.read_text())
+    text = out.read_text()
+    assert "attention triton" in text
+    (rows,) = tables(text)
     assert [row["run"] for row in rows] == ["ours (knotstream)"]
+    assert math.isfinite(float(rows[0]["frames/s (all sessions)"]))
