@@ -75,6 +75,12 @@ class SessionManager:
         self.records[session_id] = record    # before admit: a heartbeat meanwhile keeps the slot
         try:
             admitted = await self.store.admit(record, worker=self.info.id)
+            if admitted is None and not any(w.id == self.info.id for w in await self.store.workers()):
+                # Our entry lapsed (a stall longer than the TTL, a restarted Redis): register
+                # again with the sessions we hold, then ask once more.
+                log.warning("worker %s was missing from the store; registering it again", self.info.id)
+                await self.store.heartbeat(self.info, [r for r in self.records.values() if r.id != session_id])
+                admitted = await self.store.admit(record, worker=self.info.id)
         except StoreUnavailable as exc:
             self.records.pop(session_id, None)
             raise ApiError(503, "store_unavailable", str(exc),

@@ -141,3 +141,26 @@ def test_redis_down_is_503_store_unavailable(engine):
             assert resp.headers["retry-after"] == "7"
             assert srv.manager.sessions == {}
             assert c.get("/healthz").status_code == 200
+
+
+def test_a_stalled_worker_expires_and_comes_back_with_its_sessions(engine, redis_server, raw):
+    with LiveServer(settings(redis_server.url), engine) as srv, \
+            httpx.Client(base_url=srv.url, timeout=120) as c:
+        r = create(c)
+        assert r.status_code == 201, r.text
+        sid = r.json()["id"]
+        wkey = f"{PREFIX}worker:test-worker"
+        srv.call(_stop_heartbeats(srv.manager))            # the worker stalls: no more heartbeats
+        time.sleep(2.0)                                     # > store_ttl_s = 1.5
+        assert not raw.exists(wkey) and not raw.exists(f"{PREFIX}session:{sid}")
+        # The next create finds its own entry gone, registers again with the session it still
+        # runs (so that session keeps its slot), and is admitted: capacity 2 = old + new.
+        r2 = create(c, "ben")
+        assert r2.status_code == 201, r2.text
+        assert raw.smembers(f"{wkey}:sessions") == {sid, r2.json()["id"]}
+        assert raw.exists(f"{PREFIX}session:{sid}")
+        assert create(c).status_code == 503
+
+
+async def _stop_heartbeats(manager):
+    manager._heartbeat_task.cancel()
