@@ -158,13 +158,16 @@ class SessionManager:
             auth.token_matches(token, None)
             raise auth.not_found(session_id)
         session = self.sessions.get(session_id)
-        record = self.records.get(session_id) if session is not None else None
-        if record is None:
-            try:
-                record = await self.store.get(session_id)
-            except StoreUnavailable as exc:
+        # The store is asked even for a session of ours, so a local session, an unknown id and
+        # another worker's session take the same path (no timing difference to measure).
+        try:
+            stored = await self.store.get(session_id)
+        except StoreUnavailable as exc:
+            if session is None:
                 raise ApiError(503, "store_unavailable", str(exc),
                                headers={"Retry-After": str(self.settings.retry_after_s)}) from None
+            stored = None
+        record = self.records.get(session_id) if session is not None else stored
         if not auth.token_matches(token, record.token_hash if record else None):
             raise auth.not_found(session_id)
         if session is None:

@@ -134,13 +134,21 @@ def test_session_on_another_worker_is_421_only_with_its_token(engine, redis_serv
 def test_redis_down_is_503_store_unavailable(engine):
     with RedisServer() as r:
         with LiveServer(settings(r.url), engine) as srv, httpx.Client(base_url=srv.url, timeout=60) as c:
+            live = create(c)
+            assert live.status_code == 201, live.text
             r.__exit__()                       # Redis goes away under a running server
             resp = create(c)
             assert resp.status_code == 503, resp.text
             assert resp.json()["error"]["code"] == "store_unavailable"
             assert resp.headers["retry-after"] == "7"
-            assert srv.manager.sessions == {}
+            assert list(srv.manager.sessions) == [live.json()["id"]]
             assert c.get("/healthz").status_code == 200
+            # The session this worker runs keeps working; a wrong token is still a 404.
+            loc = live.json()["location"]
+            st = c.get(loc, headers={"Authorization": f"Bearer {live.json()['token']}"})
+            assert st.status_code == 200 and st.json()["state"] == "new"
+            assert c.get(loc, headers={"Authorization": "Bearer nope"}).status_code == 404
+            assert c.delete(loc, headers={"Authorization": f"Bearer {live.json()['token']}"}).status_code == 204
 
 
 def test_a_stalled_worker_expires_and_comes_back_with_its_sessions(engine, redis_server, raw):
