@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import socket
 
 import numpy as np
 
@@ -42,16 +43,22 @@ class SessionManager:
         self.records: dict[str, SessionRecord] = {}   # this worker's sessions, starting ones included
         self.limits: dict[str, RateLimit] = {}         # per-session audio/speak request rate
         s = settings
+        host = socket.gethostname() if s.host in ("0.0.0.0", "::", "") else s.host   # a wildcard bind
         self.info = WorkerInfo(id=s.worker_id or worker_name(), capacity=s.max_sessions,
-                               address=s.public_url or f"http://{s.host}:{s.port}")
+                               address=s.public_url or f"http://{host}:{s.port}")
         self._heartbeat_task: asyncio.Task | None = None
         self._background: set[asyncio.Task] = set()
 
     # ----- worker registration ------------------------------------------------------------
 
     async def start(self) -> None:
-        """Register this worker in the store and start heartbeating it."""
-        await self.store.register_worker(self.info)
+        """Register this worker in the store and start heartbeating it. A store that cannot be
+        reached yet (Redis still starting) is not fatal: the heartbeats register the worker
+        once it answers, and creates answer 503 store_unavailable until then."""
+        try:
+            await self.store.register_worker(self.info)
+        except StoreUnavailable as exc:
+            log.warning("worker %s not registered yet, will retry with each heartbeat: %s", self.info.id, exc)
         period = self.settings.heartbeat_s or self.settings.store_ttl_s / 3
         self._heartbeat_task = asyncio.create_task(self._heartbeats(period), name="knotstream-heartbeat")
         log.info("worker %s registered (%s, capacity %d, %s store)", self.info.id, self.info.address,

@@ -172,3 +172,18 @@ def test_a_stalled_worker_expires_and_comes_back_with_its_sessions(engine, redis
 
 async def _stop_heartbeats(manager):
     manager._heartbeat_task.cancel()
+
+
+def test_redis_not_up_yet_at_start_then_registers_by_heartbeat(engine):
+    r = RedisServer()
+    s = settings(r.url)                      # nothing listens on r.port yet
+    with LiveServer(s, engine) as srv, httpx.Client(base_url=srv.url, timeout=60) as c:
+        assert create(c).json()["error"]["code"] == "store_unavailable"
+        with r:                              # Redis comes up on the configured port
+            raw = redis_sync.Redis.from_url(r.url, decode_responses=True)
+            deadline = time.monotonic() + 5
+            while not raw.exists(f"{PREFIX}worker:test-worker") and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert raw.hget(f"{PREFIX}worker:test-worker", "capacity") == "2"
+            assert create(c).status_code == 201
+            raw.close()
