@@ -110,7 +110,7 @@ def create_app(settings: Settings | None = None, engine=None, store: SessionStor
     if settings.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_credentials=False,
-                           allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
+                           allow_methods=["GET", "POST", "PATCH", "DELETE", "OPTIONS"],
                            allow_headers=["Authorization", "Content-Type", "X-API-Key"],
                            expose_headers=["Location", "Retry-After"])
 
