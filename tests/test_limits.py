@@ -116,11 +116,19 @@ def test_audio_push_rate_limit_per_session(http, server):
     assert server.manager.limits[a].refused == 2
 
 
-def test_sessions_per_worker(http):
-    for _ in range(3):
-        session(http)
-    r = err(http.post("/v1/sessions", json={"avatar": "ada"}), 503, "too_many_sessions")
+def test_sessions_per_worker(http, server):
+    """20 creates at once against max_sessions=3 (in-process store): exactly 3 get in."""
+    import asyncio
+
+    async def burst():
+        async with httpx.AsyncClient(base_url=server.url, timeout=120) as c:
+            return await asyncio.gather(*(c.post("/v1/sessions", json={"avatar": "ada"}) for _ in range(20)))
+
+    replies = asyncio.run(burst())
+    assert sorted(r.status_code for r in replies) == [201] * 3 + [503] * 17
+    r = err(next(r for r in replies if r.status_code == 503), 503, "too_many_sessions")
     assert int(r.headers["retry-after"]) >= 1
+    assert len(server.manager.sessions) == 3
 
 
 # ----- data channel -------------------------------------------------------------------------

@@ -187,3 +187,19 @@ def test_redis_not_up_yet_at_start_then_registers_by_heartbeat(engine):
             assert raw.hget(f"{PREFIX}worker:test-worker", "capacity") == "2"
             assert create(c).status_code == 201
             raw.close()
+
+
+def test_concurrent_creates_never_overcommit(engine, redis_server, raw):
+    """30 creates at once against capacity 2: exactly 2 sessions, the rest 503 + Retry-After."""
+    async def burst(url):
+        async with httpx.AsyncClient(base_url=url, timeout=120) as c:
+            return await asyncio.gather(*(c.post("/v1/sessions", json={"avatar": "ada"}) for _ in range(30)))
+
+    with LiveServer(settings(redis_server.url), engine) as srv:
+        replies = asyncio.run(burst(srv.url))
+        codes = sorted(r.status_code for r in replies)
+        assert codes == [201] * 2 + [503] * 28
+        assert all(r.headers["retry-after"] == "7" and r.json()["error"]["code"] == "too_many_sessions"
+                   for r in replies if r.status_code == 503)
+        assert len(srv.manager.sessions) == 2
+        assert raw.scard(f"{PREFIX}worker:test-worker:sessions") == 2
