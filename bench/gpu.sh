@@ -2,7 +2,7 @@
 # The prepared GPU benchmark run: bench/gpu.py (engine at wan-1.3b geometry, 832x480, 1/2/4/8
 # sessions, the Self-Forcing-style baseline, then bench/attention.py), capped at 8 minutes.
 #
-#   bench/gpu.sh --out gpu-bench.md            # on a GPU host (one H200: about 5 minutes)
+#   bench/gpu.sh --out gpu-bench.md            # on a GPU host (sized for one H200, < 8 minutes)
 #   bench/gpu.sh --cpu-smoke                   # the CPU check (seconds)
 #
 # Arguments go to bench/gpu.py (see `python bench/gpu.py --help`). Python: $PYTHON, else the
