@@ -159,3 +159,20 @@ def test_gpu_sh_passes_flags_through(tmp_path):
     (rows,) = tables(text)
     assert [row["run"] for row in rows] == ["ours (knotstream)"]
     assert math.isfinite(float(rows[0]["frames/s (all sessions)"]))
+
+
+def test_engine_steps_the_wan_geometry_at_832x480():
+    """The bench's GPU geometry runs through the real engine: widths shrunk for the CPU, resolution,
+    knobs and token layout those of wan-1.3b (one first chunk: 4 * 3 - 3 = 9 frames)."""
+    import dataclasses
+
+    from model.avatar import AvatarModel
+    from model.engine import Engine
+
+    full = gpu.model_config(gpu.parse_args([]))
+    cfg = dataclasses.replace(gpu.smoke_config(full), height=full.height, width=full.width)
+    assert cfg.tokens_per_frame == 1560 and cfg.stream == full.stream
+    engine = Engine(AvatarModel.random(cfg), "cpu", torch.float32, trained=False)
+    stream = engine.start(np.zeros((480, 832, 3), np.uint8))
+    frames = stream.step()
+    assert frames.shape == (9, 480, 832, 3) and frames.dtype == np.uint8
