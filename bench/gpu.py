@@ -329,10 +329,16 @@ def main(argv: list[str] | None = None) -> int:
         args.warmup_chunks = 1 if args.cpu_smoke else math.ceil(k.window_frames / k.chunk_frames) + 1
     bench = Bench(engine, args)
     # Global warm-up (kernel compilation, autotuning, allocator), not timed.
-    warm = engine.start(bench.reference, k, seed=args.seed)
-    for _ in range(2):
-        warm.step(bench.audio(warm))
-    warm.close()
+    try:
+        warm = engine.start(bench.reference, k, seed=args.seed)
+        for _ in range(2):
+            warm.step(bench.audio(warm))
+        warm.close()
+    except Exception as exc:  # noqa: BLE001  (say what to try instead of a bare traceback)
+        print(f"bench/gpu.py: the first engine steps failed ({type(exc).__name__}: {exc}).\n"
+              f"With attention backend {args.attention!r}; `--attention sdpa` avoids the fused kernels, "
+              "fewer `--sessions` or a smaller `--height/--width` need less memory.", file=sys.stderr)
+        return 1
 
     rows: list[Row] = []
     for n in args.sessions:

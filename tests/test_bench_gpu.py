@@ -176,3 +176,16 @@ def test_engine_steps_the_wan_geometry_at_832x480():
     stream = engine.start(np.zeros((480, 832, 3), np.uint8))
     frames = stream.step()
     assert frames.shape == (9, 480, 832, 3) and frames.dtype == np.uint8
+
+
+def test_failing_engine_gives_a_message_not_a_traceback(monkeypatch, capsys):
+    from model.engine import Stream
+
+    def broken(self, *a, **kw):
+        raise RuntimeError("kernel did not compile")
+
+    monkeypatch.setenv("KNOTSTREAM_ATTENTION", "auto")  # main() sets it; restored afterwards
+    monkeypatch.setattr(Stream, "step", broken)
+    assert gpu.main(["--cpu-smoke", "--no-attention", "--sessions", "1", "--chunks", "1"]) == 1
+    err = capsys.readouterr().err
+    assert "kernel did not compile" in err and "--attention sdpa" in err
