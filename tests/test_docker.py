@@ -295,3 +295,31 @@ def test_replay_install():
     assert r.returncode == 0, tail
     assert re.search(r"installed: torch 2\.13\.0\+cpu cuda None triton \d", r.stdout), tail
     assert "HEALTHCHECK ok" in r.stdout and "replay passed" in r.stdout, tail
+
+
+def _ignored(path: str, patterns: list[str]) -> bool:
+    """Docker's .dockerignore rule, approximately (last matching pattern wins, `!` re-includes)."""
+    from fnmatch import fnmatch
+
+    out = False
+    for pat in patterns:
+        neg, p = pat.startswith("!"), pat.lstrip("!")
+        if fnmatch(path, p) or path.startswith(p.rstrip("/") + "/"):
+            out = not neg
+    return out
+
+
+def test_build_context_keeps_the_package_and_drops_local_weights():
+    lines = (DOCKER / "Dockerfile.dockerignore").read_text().splitlines()
+    patterns = [ln.strip() for ln in lines if ln.strip() and not ln.startswith("#")]
+    assert not _ignored("model/assets/tiny.safetensors", patterns), "the bundled tiny weights are package data"
+    for local in ("docker/models/wan-1.3b.safetensors", "runs/train/dit.safetensors", ".venv/bin/python",
+                  "docker/.env", "model/__pycache__/engine.cpython-311.pyc"):
+        assert _ignored(local, patterns), local
+    copied = [a.split()[:-1] for op, a in instructions(DOCKERFILE.read_text()) if op == "COPY"]
+    for src in (s for srcs in copied for s in srcs):
+        files = [p for p in (ROOT / src).rglob("*") if p.is_file()] if (ROOT / src).is_dir() else [ROOT / src]
+        for f in files:
+            rel = f.relative_to(ROOT).as_posix()
+            if "__pycache__" not in rel:
+                assert not _ignored(rel, patterns), f"{rel} is copied but filtered out of the context"
