@@ -22,11 +22,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import secrets
 
 from fastapi import FastAPI, Header, Query, Request, Response, WebSocket, WebSocketDisconnect
 from fastapi.responses import StreamingResponse
 
 from server.errors import ApiError
+from streaming.resample import StreamResampler
 
 log = logging.getLogger("knotstream.realtime")
 
@@ -138,6 +140,7 @@ class AudioSocket:
         self.session = session
         self.rate = rate
         self.segment: str | None = None   # where binary audio goes (None: a new server-named one)
+        self.resampler: StreamResampler | None = None  # of the current segment (state across pieces)
         self.feed = EventFeed(session)
 
     async def send(self, message: dict) -> None:
@@ -181,20 +184,28 @@ class AudioSocket:
                 return
 
     async def _binary(self, data: bytes) -> dict | None:
-        from model.media import MediaError, load_audio, pcm16_to_float
+        from model.media import MediaError, pcm16_to_float
 
         if len(data) % 2:
             return {"type": "error", "code": "bad_pcm", "ref": "audio",
                     "message": f"binary messages are PCM16: an even number of bytes, got {len(data)}"}
+        if self.segment is None:
+            self.segment = f"ws-{secrets.token_hex(4)}"
+        if self.resampler is None:
+            self.resampler = StreamResampler(self.rate, self.session.sample_rate)
         try:
-            pcm = pcm16_to_float(data)
-            if self.rate != self.session.sample_rate:
-                pcm = load_audio(pcm, src_rate=self.rate, sample_rate=self.session.sample_rate)
-            seg = self.session.push_audio(pcm, self.segment, end=False)
+            self.session.push_audio(self.resampler.push(pcm16_to_float(data)), self.segment, end=False)
         except (MediaError, ValueError) as exc:
             return {"type": "error", "code": getattr(exc, "code", "bad_audio"), "message": str(exc), "ref": "audio"}
-        self.segment = seg.id
         return None  # binary audio is acknowledged by playback events, not per message
+
+    def _finish_segment(self) -> None:
+        """The resampler's tail belongs to the segment it came from (nothing is dropped)."""
+        if self.resampler is not None and self.segment is not None:
+            tail = self.resampler.flush()
+            if len(tail):
+                self.session.push_audio(tail, self.segment, end=False)
+        self.resampler = None
 
     async def _text(self, text: str) -> dict | None:
         try:
@@ -209,9 +220,13 @@ class AudioSocket:
             if not isinstance(rate, int) or not 8000 <= rate <= 192000:
                 return {"type": "error", "code": "bad_rate", "ref": "segment",
                         "message": f"rate must be an integer 8000..192000 Hz, got {rate!r}"}
+            self._finish_segment()
             self.segment, self.rate = seg, rate
             return {"type": "ack", "ref": "segment", "segment": seg}
+        ends_current = isinstance(body, dict) and body.get("type") == "end" and body.get("segment") == self.segment
+        if ends_current:
+            self._finish_segment()
         reply = await self.session.handle_message(text)
-        if isinstance(body, dict) and body.get("type") == "end" and body.get("segment") == self.segment:
+        if ends_current:
             self.segment = None  # the next binary audio starts a new segment
         return reply

@@ -135,6 +135,8 @@ class LiveSession:
         self._close_listeners: list[Callable[["LiveSession"], None]] = []
         self._tasks: set[asyncio.Task] = set()
         self._last_gen = -1
+        self.channel_limit = proto.RateLimit()  # JSON messages per session (data channel + WebSocket)
+        self._resamplers: dict[str, object] = {}  # segment id -> StreamResampler of pushed audio
         self.rewinds: deque[dict] = deque(maxlen=64)  # recent interrupt regenerations (status, tests)
         self.gen = Generation(session_id, stream, self.driving, self.playout, self.lead_frames,
                               on_error=self._on_worker_error, on_chunk=on_chunk, rewind_chunks=rewind_chunks)
@@ -253,7 +255,30 @@ class LiveSession:
         self.worker.wake()
         return seg
 
+    def push_pcm(self, samples: np.ndarray, rate: int, segment_id: str | None, end: bool) -> Segment:
+        """Pushed audio at any rate, resampled with state kept per segment across pieces (no
+        clicks at piece borders); the filter's tail is added when the segment ends."""
+        from streaming.resample import StreamResampler
+
+        if rate == self.sample_rate:
+            return self.push_audio(samples, segment_id, end)
+        key = segment_id
+        rs = self._resamplers.pop(key, None) if key is not None else None
+        if rs is None or rs.in_rate != rate:
+            rs = StreamResampler(rate, self.sample_rate)
+        out = rs.push(samples)
+        if end or key is None:
+            out = np.concatenate([out, rs.flush()])
+        elif len(self._resamplers) < 16:  # open segments at other rates: bounded
+            self._resamplers[key] = rs
+        return self.push_audio(out, segment_id, end)
+
     def end_segment(self, segment_id: str) -> Segment:
+        rs = self._resamplers.pop(segment_id, None)
+        if rs is not None:
+            tail = rs.flush()
+            if len(tail):
+                self.push_audio(tail, segment_id, end=False)
         return self.driving.end_segment(segment_id)
 
     def set_motion(self, fields: dict, client_ms: float | None = None) -> int:
@@ -314,7 +339,7 @@ class LiveSession:
         returns the reply (ack, pong or error), never raises."""
         self.messages["received"] += 1
         try:
-            msg = proto.parse(raw)
+            msg = proto.parse(raw, self.channel_limit)
             return await self._handle(msg)
         except proto.ChannelError as exc:
             self.messages["errors"] += 1
@@ -335,11 +360,9 @@ class LiveSession:
                 raise proto.ChannelError("bad_motion", str(exc), msg.type) from None
             return {"type": "ack", "ref": msg.type, "frame": frame}
         if msg.type == "audio":
-            from model.media import load_audio, pcm16_to_float
-            pcm = pcm16_to_float(b["pcm16"])
-            if b.get("rate", self.sample_rate) != self.sample_rate:
-                pcm = load_audio(pcm, src_rate=b["rate"], sample_rate=self.sample_rate)
-            seg = self.push_audio(pcm, b.get("segment"), bool(b.get("end", False)))
+            from model.media import pcm16_to_float
+            seg = self.push_pcm(pcm16_to_float(b["pcm16"]), b.get("rate", self.sample_rate), b.get("segment"),
+                                bool(b.get("end", False)))
             return {"type": "ack", "ref": "audio", "segment": seg.id}
         if msg.type == "end":
             try:
