@@ -17,8 +17,10 @@
 #  2. The image's absolute paths (/opt/...) live under a fresh folder ($ROOT) in /tmp.
 #  3. python3 is this machine's (the image has Ubuntu 24.04's 3.12); apt-get steps (outside
 #     the install section) are not replayed.
-#  4. At run time KNOTSTREAM_DEVICE=cpu, KNOTSTREAM_HOST=127.0.0.1 and a free port override
-#     the image's ENV; everything else (KNOTSTREAM_MODEL, KNOTSTREAM_WEB_DIR, ...) is used as is.
+#  4. At run time KNOTSTREAM_DEVICE=cpu and a free port override the image's ENV, and a
+#     random KNOTSTREAM_API_KEYS is given, as docker/compose.yaml requires (the image binds
+#     0.0.0.0, where the server refuses to start without keys); everything else
+#     (KNOTSTREAM_HOST, KNOTSTREAM_MODEL, KNOTSTREAM_WEB_DIR, ...) is the image's.
 set -euo pipefail
 
 REPO=$(cd "$(dirname "$0")/.." && pwd)
@@ -135,11 +137,12 @@ say "installed: $("$VIRTUAL_ENV/bin/python" -c 'import torch, triton; print("tor
 # The image's CMD and HEALTHCHECK, with the run-time substitutions (4).
 [ -n "$CMD" ] && [ -n "$HEALTH" ] || { echo "[replay] Dockerfile needs CMD and HEALTHCHECK CMD" >&2; exit 1; }
 PORT=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-export KNOTSTREAM_DEVICE=cpu KNOTSTREAM_HOST=127.0.0.1 KNOTSTREAM_PORT=$PORT
+KNOTSTREAM_API_KEYS=replay-$(python3 -c 'import secrets; print(secrets.token_hex(16))')
+export KNOTSTREAM_DEVICE=cpu KNOTSTREAM_PORT=$PORT KNOTSTREAM_API_KEYS
 mapfile -t cmd_argv < <(json_argv "$CMD")
 mapfile -t health_argv < <(json_argv "$HEALTH")
 for i in "${!health_argv[@]}"; do health_argv[$i]=$(map_path "${health_argv[$i]}"); done
-say "starting CMD ${cmd_argv[*]} on 127.0.0.1:$PORT (model $KNOTSTREAM_MODEL, web $KNOTSTREAM_WEB_DIR)"
+say "starting CMD ${cmd_argv[*]} on $KNOTSTREAM_HOST:$PORT (model $KNOTSTREAM_MODEL, web $KNOTSTREAM_WEB_DIR)"
 (cd "$ROOT" && exec "${cmd_argv[@]}") >"$ROOT/server.log" 2>&1 &
 SERVER_PID=$!
 for _ in $(seq 1 90); do
@@ -150,7 +153,16 @@ for _ in $(seq 1 90); do
     say "HEALTHCHECK ok: $out"
     page=$(python3 -c 'import sys, urllib.request; print(urllib.request.urlopen(sys.argv[1], timeout=5).read().decode())' "http://127.0.0.1:$PORT/")
     [[ $page == *"<html"* ]] || { echo "[replay] / does not serve the web demo" >&2; exit 1; }
-    say "web demo served at /; replay passed"
+    # Bound to the image's 0.0.0.0, creating a session needs one of the API keys.
+    code=$(python3 -c '
+import sys, urllib.error, urllib.request
+try:
+    urllib.request.urlopen(urllib.request.Request(sys.argv[1], data=b"", method="POST"), timeout=10)
+    print(200)
+except urllib.error.HTTPError as exc:
+    print(exc.code)' "http://127.0.0.1:$PORT/v1/sessions")
+    [ "$code" = 401 ] || { echo "[replay] POST /v1/sessions without an API key answered $code, not 401" >&2; exit 1; }
+    say "web demo served at /, sessions need an API key (401 without); replay passed"
     exit 0
   fi
   sleep 2

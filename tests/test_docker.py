@@ -262,6 +262,8 @@ def test_compose_services():
     assert any(str(p).endswith(":8000") for p in ks["ports"])
     assert any(v.rsplit(":", 2)[1:] == ["/models", "ro"] for v in ks["volumes"]), "weights mount read-only at /models"
     assert "KNOTSTREAM_MODEL" in ks["environment"]
+    # The server refuses a 0.0.0.0 bind without API keys: compose must demand them, not default them.
+    assert ks["environment"]["KNOTSTREAM_API_KEYS"].startswith("${KNOTSTREAM_API_KEYS:?")
     assert ks["environment"]["KNOTSTREAM_REDIS_URL"].startswith("redis://redis:")
     assert ks["depends_on"]["redis"]["condition"] == "service_healthy"
     assert "healthcheck" in s["redis"] and "ports" not in s["redis"], "redis stays on the compose network"
@@ -278,8 +280,8 @@ def test_readme_deploy_commands_name_real_files():
     section = readme.split("## Deploy on a GPU host", 1)
     assert len(section) == 2, "README has no 'Deploy on a GPU host' section"
     body = section[1].split("\n## ", 1)[0]
-    for cmd in ("docker build -f docker/Dockerfile", "docker compose -f docker/compose.yaml", "--profile turn",
-                "docker/replay-install.sh", "KNOTSTREAM_MODEL=/models/"):
+    for cmd in ("docker build -f docker/Dockerfile", "docker compose -f docker/compose.yaml --env-file docker/.env",
+                "--profile turn", "docker/replay-install.sh", "KNOTSTREAM_MODEL=/models/", "KNOTSTREAM_API_KEYS="):
         assert cmd in body, cmd
     for path in re.findall(r"\b(docker/[\w.-]+)", body):
         assert (ROOT / path).exists() or path == "docker/.env" or path == "docker/models", path
@@ -294,7 +296,7 @@ def test_replay_install():
     tail = (r.stdout + r.stderr)[-4000:]
     assert r.returncode == 0, tail
     assert re.search(r"installed: torch 2\.13\.0\+cpu cuda None triton \d", r.stdout), tail
-    assert "HEALTHCHECK ok" in r.stdout and "replay passed" in r.stdout, tail
+    assert "HEALTHCHECK ok" in r.stdout and "401 without" in r.stdout and "replay passed" in r.stdout, tail
 
 
 def _ignored(path: str, patterns: list[str]) -> bool:
