@@ -17,12 +17,13 @@ echo "[setup] pip install -e .$extras"
 
 if [ "${1:-}" = "test" ]; then
   # Debian tools the tests drive for real: TTS voices (speech fixtures, /speak),
-  # chromium (browser end-to-end), redis (session store).
+  # chromium (browser end-to-end), redis (session store), coturn (TURN).
   need=()
   command -v espeak-ng >/dev/null || need+=(espeak-ng)
   command -v flite >/dev/null || need+=(flite)
   command -v chromium >/dev/null || need+=(chromium)
   command -v redis-server >/dev/null || need+=(redis-server)
+  command -v turnserver >/dev/null || need+=(coturn)  # TURN-only connection test
   if [ ${#need[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
       echo "[setup] apt-get install ${need[*]}"

@@ -24,7 +24,7 @@ from server.auth import ApiKeys
 from server.errors import ApiError
 from server.manager import SessionManager
 from server.metrics import Metrics
-from server.settings import Settings
+from server.settings import IceServer, Settings
 from server.store import SessionStore, open_store
 from streaming.session import OfferError, SessionOptions, check_offer
 
@@ -42,6 +42,9 @@ class CreateOptions(BaseModel):
     codec: Literal["vp8", "h264"] | None = None
     lead_frames: int | None = Field(None, ge=1, le=250)
     echo_mic: bool = Field(False, description="play the microphone back on the avatar's audio track")
+    ice_servers: list[IceServer] | None = Field(
+        None, max_length=8, description="STUN/TURN servers for this session (default: the server's setting); "
+                                        "returned in the response and as Link rel=ice-server headers")
 
 
 class Offer(BaseModel):
@@ -142,12 +145,14 @@ def create_app(settings: Settings | None = None, engine=None, store: SessionStor
             knobs = m.engine.config.stream.replace(**{k: _knob_value(v) for k, v in options.knobs.items()})
         except (TypeError, ValueError) as exc:
             raise ApiError(400, "bad_knobs", f"invalid stream knobs: {exc}") from None
+        ice = ([x.model_dump(exclude_none=True) for x in options.ice_servers] if options.ice_servers is not None
+               else settings.ice_dicts())
         sopts = SessionOptions(codec=options.codec or settings.codec,
                                lead_frames=options.lead_frames or settings.lead_frames,
                                prebuffer_timeout_s=settings.prebuffer_timeout_s,
                                max_speech_seconds=settings.max_speech_seconds,
                                disconnect_grace_s=settings.disconnect_grace_s,
-                               ice_servers=settings.ice_dicts(), echo_mic=options.echo_mic)
+                               ice_servers=ice, echo_mic=options.echo_mic)
         session, token = await m.create(reference, knobs, options.seed, sopts, avatar)
         answer = None
         if offer_sdp is not None:
@@ -156,10 +161,10 @@ def create_app(settings: Settings | None = None, engine=None, store: SessionStor
         location = f"/v1/sessions/{session.id}"
         body = {"id": session.id, "token": token, "location": location,
                 "answer": {"type": "answer", "sdp": answer} if answer else None,
-                "ice_servers": settings.ice_dicts(),
+                "ice_servers": ice,
                 "video": {"width": cfg.width, "height": cfg.height, "fps": cfg.fps, "codec": sopts.codec},
                 "model": {"name": cfg.name, "trained": bool(getattr(m.engine, "trained", True))}}
-        return JSONResponse(body, status_code=201, headers={"Location": location})
+        return JSONResponse(body, status_code=201, headers={"Location": location, **ice_link_header(ice)})
 
     @app.post("/v1/sessions/{session_id}/offer", summary="Send the SDP offer (offer-later)")
     async def offer(session_id: str, request: Request, authorization: str | None = Header(None)):
@@ -173,7 +178,8 @@ def create_app(settings: Settings | None = None, engine=None, store: SessionStor
             _check_offer(sdp)
             answer = await _answer(session, sdp)
             return Response(answer, status_code=201, media_type="application/sdp",
-                            headers={"Location": f"/v1/sessions/{session_id}"})
+                            headers={"Location": f"/v1/sessions/{session_id}",
+                                     **ice_link_header(session.options.ice_servers)})
         try:
             sdp = Offer.model_validate_json(raw).sdp
         except ValidationError as exc:
@@ -297,6 +303,24 @@ def create_app(settings: Settings | None = None, engine=None, store: SessionStor
 
 
 # ----- request helpers ----------------------------------------------------------------
+
+def ice_link_header(servers: list[dict]) -> dict:
+    """ICE servers as WHIP hands them to clients (RFC 9725 section 4.6): one `Link` value per URL,
+    `rel="ice-server"`, with `username`, `credential` and `credential-type` for TURN."""
+    values = []
+    for server in servers:
+        for url in server.get("urls", []):
+            v = f'<{url}>; rel="ice-server"'
+            if server.get("username") is not None:
+                v += f'; username="{_quoted(server["username"])}"'
+            if server.get("credential") is not None:
+                v += f'; credential="{_quoted(server["credential"])}"; credential-type="password"'
+            values.append(v)
+    return {"Link": ", ".join(values)} if values else {}
+
+
+def _quoted(text: str) -> str:
+    return str(text).replace("\\", "\\\\").replace('"', '\\"')
 
 async def _read_body(request: Request, limit: int, what: str) -> bytes:
     declared = request.headers.get("content-length")

@@ -19,9 +19,26 @@ REPO = Path(__file__).resolve().parent.parent
 class IceServer(BaseModel):
     """One STUN/TURN server as in the WebRTC API (RTCIceServer)."""
 
-    urls: list[str]
-    username: str | None = None
-    credential: str | None = None
+    urls: list[str] = Field(..., min_length=1, max_length=8)
+    username: str | None = Field(None, max_length=256)
+    credential: str | None = Field(None, max_length=256)
+
+    @field_validator("urls")
+    @classmethod
+    def _urls(cls, urls: list[str]) -> list[str]:
+        for url in urls:
+            if not url.startswith(("stun:", "stuns:", "turn:", "turns:")) or len(url) > 512 \
+                    or any(c in url for c in '<> \t\r\n"'):
+                raise ValueError(f"ICE server URL must be stun:, stuns:, turn: or turns: without spaces, "
+                                 f"quotes or angle brackets, got {url[:80]!r}")
+        return urls
+
+    @field_validator("username", "credential")
+    @classmethod
+    def _printable(cls, v: str | None) -> str | None:
+        if v is not None and not v.isprintable():
+            raise ValueError("ICE server username/credential must be printable text (no line breaks)")
+        return v
 
 
 class Settings(BaseSettings):

@@ -161,11 +161,16 @@ class AvatarClient:
         return {"Authorization": f"Bearer {self.session['token']}"}
 
     async def connect(self, avatar: str = "ada", options: dict | None = None, mic=None,
-                      timeout_s: float = 60.0) -> dict:
+                      timeout_s: float = 60.0, ice_servers: list[dict] | None = None,
+                      relay_only: bool = False) -> dict:
+        """ice_servers / relay_only: the client's own ICE configuration (relay_only = TURN only)."""
         import httpx
-        from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+        from aiortc import (RTCConfiguration, RTCIceServer, RTCIceTransportPolicy, RTCPeerConnection,
+                            RTCSessionDescription)
 
-        pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        policy = RTCIceTransportPolicy.RELAY if relay_only else RTCIceTransportPolicy.ALL
+        pc = RTCPeerConnection(RTCConfiguration(iceServers=[RTCIceServer(**x) for x in ice_servers or []],
+                                                iceTransportPolicy=policy))
         self.pc = pc
         pc.addTransceiver("video", direction="recvonly")
         if mic is not None:
@@ -187,6 +192,7 @@ class AvatarClient:
         if r.status_code != 201:
             raise RuntimeError(f"session refused: {r.status_code} {r.text}")
         self.session = r.json()
+        self.response_headers = dict(r.headers)
         await pc.setRemoteDescription(RTCSessionDescription(self.session["answer"]["sdp"], "answer"))
         await asyncio.wait_for(self._opened.wait(), timeout_s)
         return self.session

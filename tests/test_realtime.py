@@ -256,3 +256,68 @@ async def test_30_s_pushed_in_2_s_plays_at_real_time_in_sync(server):
         assert np.abs(got - want).max() < 1 / FPS, np.abs(got - want).max()
     finally:
         await client.close()
+
+
+def test_ice_servers_per_session_reach_the_client_as_json_and_link_headers(server):
+    turn = {"urls": ["turn:turn.example.net:3478?transport=udp"], "username": "u1", "credential": "s3cret"}
+    with httpx.Client(base_url=server.url) as http:
+        r = http.post("/v1/sessions", json={"avatar": "ada", "options": {"ice_servers": [turn]}})
+        assert r.status_code == 201, r.text
+        assert r.json()["ice_servers"] == [turn]
+        assert r.headers["link"] == ('<turn:turn.example.net:3478?transport=udp>; rel="ice-server"; '
+                                     'username="u1"; credential="s3cret"; credential-type="password"')
+        http.delete(r.json()["location"], headers={"Authorization": f"Bearer {r.json()['token']}"})
+        # Header injection and non-ICE URLs are refused.
+        for bad in ({"urls": ["http://x"]}, {"urls": ["turn:x>; rel=evil"]},
+                    {"urls": ["turn:x"], "username": "a\r\nSet-Cookie: x"}):
+            r = http.post("/v1/sessions", json={"avatar": "ada", "options": {"ice_servers": [bad]}})
+            assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_request", bad
+
+
+def free_port():
+    import socket
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture()
+def coturn(tmp_path):
+    """A coturn TURN server on loopback with one static user (Debian's coturn package)."""
+    import shutil
+    import subprocess
+
+    exe = shutil.which("turnserver")
+    if exe is None:
+        pytest.skip("coturn is not installed (scripts/setup.sh installs it: apt-get install coturn)")
+    port = free_port()
+    proc = subprocess.Popen(
+        [exe, "-n", "--listening-ip=127.0.0.1", "--relay-ip=127.0.0.1", f"--listening-port={port}",
+         "--min-port=49152", "--max-port=65535", "--lt-cred-mech", "--user=knot:stream", "--realm=knotstream",
+         "--no-tls", "--no-dtls", "--no-cli", "--allow-loopback-peers", "--fingerprint",
+         f"--pidfile={tmp_path}/turn.pid", "--log-file=stdout", "--simple-log"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    time.sleep(1.0)
+    if proc.poll() is not None:
+        pytest.fail(f"turnserver exited: {proc.stdout.read().decode()[-2000:]}")
+    yield {"urls": [f"turn:127.0.0.1:{port}?transport=udp"], "username": "knot", "credential": "stream"}
+    proc.terminate()
+    proc.wait(10)
+
+
+async def test_turn_only_connection_streams_through_coturn(server, coturn):
+    """The client takes the ICE servers of its session and allows relay candidates only: media
+    can then only flow through the TURN server."""
+    client = AvatarClient(server.url)
+    session = await client.connect("ada", options={"ice_servers": [coturn]}, ice_servers=[coturn], relay_only=True)
+    try:
+        assert session["ice_servers"] == [coturn]
+        assert 'rel="ice-server"' in client.response_headers["link"]
+        t = time.monotonic()
+        while len(client.got.video) < 25 and time.monotonic() - t < 60:
+            await asyncio.sleep(0.1)
+        assert len(client.got.video) >= 25
+        local = client.pc.getTransceivers()[0].receiver.transport.transport.iceGatherer.getLocalCandidates()
+        assert local and all(c.type == "relay" for c in local), [c.type for c in local]
+    finally:
+        await client.close()
