@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import wave
 from pathlib import Path
@@ -30,7 +31,7 @@ def wav_seconds(path: Path) -> float:
 
 async def run(url: str, wav: Path, out: Path, avatar: str | None = "ada", image: Path | None = None,
               via: str = "mic", seconds: float | None = None, tail_s: float = 1.5,
-              timeout_s: float = 60.0) -> dict:
+              timeout_s: float = 60.0, api_key: str | None = None) -> dict:
     """Create a session, send `wav` (`via` "mic" or "push"), record to `out` (MP4).
 
     Returns the session JSON with `recorded_seconds` added. Raises RuntimeError with
@@ -63,14 +64,15 @@ async def run(url: str, wav: Path, out: Path, avatar: str | None = "ada", image:
     await pc.setLocalDescription(await pc.createOffer())
     options = {"echo_mic": via == "mic"}
     offer = json.dumps({"sdp": pc.localDescription.sdp, "type": "offer"})
+    key = {"X-API-Key": api_key} if api_key else {}  # servers beyond loopback need one to create sessions
     async with httpx.AsyncClient(base_url=url, timeout=timeout_s) as http:
         if image is not None:
             files = {"image": (image.name, image.read_bytes())}
-            r = await http.post("/v1/sessions", files=files,
+            r = await http.post("/v1/sessions", files=files, headers=key,
                                 data={"offer": offer, "options": json.dumps(options)})
         else:
-            r = await http.post("/v1/sessions", json={"avatar": avatar, "options": options,
-                                                      "offer": json.loads(offer)})
+            r = await http.post("/v1/sessions", headers=key, json={"avatar": avatar, "options": options,
+                                                                   "offer": json.loads(offer)})
         if r.status_code != 201:
             await pc.close()
             raise RuntimeError(f"session refused ({r.status_code}): {_message(r)}")
@@ -113,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--via", choices=("mic", "push"), default="mic")
     p.add_argument("--seconds", type=float, help="how long the speech is (default: the wav's length)")
     p.add_argument("--tail", type=float, default=1.5, help="seconds to keep recording after the speech")
+    p.add_argument("--api-key", default=os.environ.get("KNOTSTREAM_API_KEY"),
+                   help="API key for creating sessions (default: $KNOTSTREAM_API_KEY; not needed on loopback)")
     p.add_argument("--loopback-ice", action="store_true",
                    help="offer 127.0.0.1 candidates (machines with only a loopback interface)")
     args = p.parse_args(argv)
@@ -121,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         allow_loopback()
     try:
         info = asyncio.run(run(args.url, args.wav, args.out, avatar=args.avatar, image=args.image,
-                               via=args.via, seconds=args.seconds, tail_s=args.tail))
+                               via=args.via, seconds=args.seconds, tail_s=args.tail, api_key=args.api_key))
     except RuntimeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

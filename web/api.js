@@ -35,8 +35,18 @@ export async function createSession({ avatar, portrait, offerSdp, options = {} }
   else form.append("avatar", avatar);
   form.append("options", JSON.stringify(options));
   form.append("offer", JSON.stringify({ type: "offer", sdp: offerSdp }));
-  const r = await check(await fetch("/v1/sessions", { method: "POST", body: form }));
+  // Servers reachable beyond loopback need an API key to create sessions (README: auth).
+  const key = apiKey();
+  const headers = key ? { "X-API-Key": key } : {};
+  const r = await check(await fetch("/v1/sessions", { method: "POST", body: form, headers }));
   return r.json();
+}
+
+const KEY_STORE = "knotstream.apiKey";
+export const apiKey = () => localStorage.getItem(KEY_STORE) || "";
+export function setApiKey(key) {
+  if (key) localStorage.setItem(KEY_STORE, key);
+  else localStorage.removeItem(KEY_STORE);
 }
 
 function auth(session) {

@@ -120,6 +120,13 @@ async function doConnect() {
     $("stat-state").textContent = "idle";
     state.conn = null;
     setConnected(false);
+    if (err instanceof api.ApiError && err.status === 401) {
+      const key = window.prompt("This server needs an API key to create sessions (ask its operator):", api.apiKey());
+      if (key !== null) {
+        api.setApiKey(key.trim());
+        log("API key saved in this browser; press Connect again");
+      }
+    }
   }
 }
 
