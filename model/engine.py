@@ -301,7 +301,8 @@ class Stream:
         ctx = Streaming(self.reference, self.window, write=False)
 
         def velocity(x: Tensor, sigma: float) -> Tensor:
-            t = torch.full((1, Fr), sigma * self.cfg.sampler.num_train_timesteps, device=dev, dtype=dt)
+            # Timesteps stay float32: in bf16, values in [512, 1000) would snap to multiples of 4.
+            t = torch.full((1, Fr), sigma * self.cfg.sampler.num_train_timesteps, device=dev, dtype=torch.float32)
             return m.dit(x, t, pos, ctx, cond=cond, drive=drive)
 
         def fuse_knot(x0: Tensor) -> Tensor:
@@ -314,7 +315,7 @@ class Stream:
         committed, self.knot = x0[:, :, :c], (x0[:, :, c:].clone() if kn else None)
 
         # 3. Cache the committed clean frames (noise level 0, no knot condition).
-        t0 = torch.zeros(1, c, device=dev, dtype=dt)
+        t0 = torch.zeros(1, c, device=dev, dtype=torch.float32)
         m.dit(committed, t0, pos[:c], Streaming(self.reference, self.window, write=True),
               cond=build_cond(self.cfg, self.reference_latent, None, c), drive=drive[:, :c])
         self.window.commit(c)

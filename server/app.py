@@ -76,7 +76,8 @@ def create_app(settings: Settings | None = None, engine=None, store: SessionStor
         eng = engine
         if eng is None:
             from model.engine import Engine
-            eng = await asyncio.to_thread(Engine.from_pretrained, settings.model, settings.device)
+            eng = await asyncio.to_thread(Engine.from_pretrained, settings.model, settings.device,
+                                          settings.torch_dtype())
         worker = GenerationWorker(eng, max_batch=settings.max_batch)
         worker.start()
         metrics = Metrics(lambda: list(app.state.manager.sessions.values()))

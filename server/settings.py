@@ -48,6 +48,16 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535)
     model: str = "tiny"                      # preset name (bundled weights) or a local safetensors path
     device: str = "cpu"
+    # Weights and activations: auto = bfloat16 on CUDA, float32 elsewhere (CPU bf16 is slower).
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+
+    def torch_dtype(self):
+        import torch
+
+        name = self.dtype
+        if name == "auto":
+            name = "bfloat16" if str(self.device).startswith("cuda") else "float32"
+        return getattr(torch, name)
     # None by default: aiortc would otherwise use a public STUN server (nothing offline).
     ice_servers: list[IceServer] = Field(default_factory=list)
     codec: Literal["vp8", "h264"] = "vp8"

@@ -161,3 +161,17 @@ def test_without_history_rewind_is_refused(engine):
     with pytest.raises(ValueError):
         s.rewind_to(1)
     assert s.rewind_to(s.frame_index + 5) == s.frame_index  # nothing to undo
+
+
+def test_bf16_engine_keeps_timesteps_exact():
+    """The DiT gets float32 timesteps whatever the engine's dtype (bf16 would round 999 to 1000)."""
+    seen = []
+    eng = Engine.from_pretrained("tiny", dtype=torch.bfloat16)
+    real = eng.model.dit.forward
+    eng.model.dit.forward = lambda x, t, *a, **k: (seen.append(t), real(x, t, *a, **k))[1]
+    s = eng.start(portrait(), StreamKnobs(denoise_steps=3), seed=0)
+    frames = s.step()
+    assert frames.dtype == np.uint8 and np.isfinite(frames.astype(float)).all()
+    steps = [t for t in seen if t.numel() and float(t.max()) > 0]
+    assert steps and all(t.dtype == torch.float32 for t in steps)
+    assert any(float(t.flatten()[0]) % 4 != 0 for t in steps)  # not snapped to bf16's grid
