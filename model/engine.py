@@ -22,6 +22,7 @@ first step returns 4c - 3 frames and every later one 4c.
 from __future__ import annotations
 
 import logging
+import threading
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,8 +117,19 @@ class Engine:
 
     def step_many(self, streams: list["Stream"], audios: list[np.ndarray | None],
                   motions: list[np.ndarray | None]) -> list[np.ndarray]:
-        """Batching hook for the generation worker. Today: one stream after another."""
-        return [s.step(a, m) for s, a, m in zip(streams, audios, motions)]
+        """Batching hook for the generation worker. Today: one stream after another. A stream
+        whose step was aborted (`Stream.request_abort`) gives None."""
+        out = []
+        for s, a, m in zip(streams, audios, motions):
+            try:
+                out.append(s.step(a, m))
+            except StepAborted:
+                out.append(None)
+        return out
+
+
+class StepAborted(Exception):
+    """`Stream.step` stopped early at `request_abort()`; the stream is as before the step."""
 
 
 @dataclass
@@ -165,6 +177,7 @@ class Stream:
         self.chunks = 0
         self.closed = False
         self._history: deque[_Undo] | None = None  # undo entries of the last steps (keep_history)
+        self._abort = threading.Event()  # set from another thread: stop the step in progress
 
         self._audio = np.zeros(0, dtype=np.float32)  # history, starting at sample self._audio_origin
         self._audio_origin = 0
@@ -301,6 +314,10 @@ class Stream:
         ctx = Streaming(self.reference, self.window, write=False)
 
         def velocity(x: Tensor, sigma: float) -> Tensor:
+            if self._abort.is_set() and self._history is not None:
+                self._abort.clear()
+                self._restore(self._history.pop())  # nothing is committed yet: as if never started
+                raise StepAborted(f"step at frame {self.frame_index} aborted")
             # Timesteps stay float32: in bf16, values in [512, 1000) would snap to multiples of 4.
             t = torch.full((1, Fr), sigma * self.cfg.sampler.num_train_timesteps, device=dev, dtype=torch.float32)
             return m.dit(x, t, pos, ctx, cond=cond, drive=drive)
@@ -370,13 +387,28 @@ class Stream:
             raise ValueError(f"cannot rewind to frame {frame}: history reaches back to frame {earliest}")
         while True:
             u = self._history.pop()
-            # Slots were saved under the positions of their step: undo later rebases first.
-            self.window.move(self.rope, float(self.offset - u.offset))
-            self.offset = u.offset
-            self.window.undo(u.window)
-            start = 0 if u.next_latent == 0 else 4 * u.next_latent - 3
-            if start <= frame:
-                break
+            self._restore(u)
+            if self.frame_index <= frame:
+                return self.frame_index
+
+    def request_abort(self) -> bool:
+        """Thread-safe: make the step in progress (or the next one) stop before it commits
+        anything and raise StepAborted, the stream left as before that step. Only with
+        history (`keep_history`); returns whether an abort was requested."""
+        if self._history is None:
+            return False
+        self._abort.set()
+        return True
+
+    def clear_abort(self) -> None:
+        self._abort.clear()
+
+    def _restore(self, u: _Undo) -> None:
+        """Put back what one step changed (steps are undone newest first)."""
+        # Slots were saved under the positions of their step: undo later rebases first.
+        self.window.move(self.rope, float(self.offset - u.offset))
+        self.offset = u.offset
+        self.window.undo(u.window)
         self.next_latent, self.chunks, self.knot = u.next_latent, u.chunks, u.knot
         self.generator.set_state(u.generator)
         self._audio, self._audio_origin, self._motion = u.audio, u.audio_origin, u.motion
@@ -386,7 +418,6 @@ class Stream:
         state.buffers = [None if b is None else b.clone() for b in u.decoder]
         state.first = u.decoder_first
         self.decoder.frames_out, self.decoder.latents_in = u.decoder_counts
-        return self.frame_index
 
     def _save_undo(self) -> _Undo:
         state = self.decoder.state

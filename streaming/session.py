@@ -298,6 +298,9 @@ class LiveSession:
         cut = self.driving.interrupt()
         muted = self.playout.mute_queued()
         if self.options.regenerate_on_interrupt:
+            # Stop the step in progress (its frames would be discarded anyway), then rewind.
+            if hasattr(self.stream, "request_abort"):
+                self.stream.request_abort()
             fut = self.worker.rewind_unplayed(self.id)
             fut.add_done_callback(self._on_rewound)
         played = self.driving.sample_of(self._last_gen + 1) if self._last_gen >= 0 else 0

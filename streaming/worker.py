@@ -239,6 +239,9 @@ class GenerationWorker:
         now = self.now()
         for g, frames, (fi, n, own_audio) in zip(batch, outs, spans):
             g.last_served = now
+            if frames is None:  # aborted for an interrupt: the stream is as before this step
+                g.driving.rewind(fi)
+                continue
             try:
                 if frames.shape[0] != n:
                     raise RuntimeError(f"engine returned {frames.shape[0]} frames, expected {n}")
@@ -272,6 +275,8 @@ class GenerationWorker:
 
 def _rewind_unplayed(g: Generation) -> dict:
     """Runs on the worker thread between steps (see GenerationWorker.rewind_unplayed)."""
+    if hasattr(g.stream, "clear_abort"):
+        g.stream.clear_abort()  # the abort asked with this rewind has been served (or is moot)
     first = g.playout.first_queued()
     if first is None:
         return {"flushed_frames": 0, "rewound_to": None}

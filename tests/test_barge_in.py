@@ -144,3 +144,21 @@ def test_without_history_the_fallback_keeps_the_muted_frames(engine):
         rig.close()
     assert [g for g, _, _ in rig.shown] == list(range(5 + queued))
     assert np.abs(np.concatenate([a for _, _, a in rig.shown[5:]])).max() == 0.0  # muted
+
+
+def test_an_aborted_step_is_simply_made_again(engine):
+    """A step aborted by request_abort() (an interrupt arriving mid-step) yields nothing; the
+    worker steps again from the same frame and the video is as if it never happened."""
+    pcm = speech()
+    rig = Rig(engine, 6, pcm)
+    try:
+        wait(lambda: rig.playout.queued_frames() >= LEAD)
+        assert rig.stream.request_abort()  # the next step stops at its first denoising pass
+        rig.play(40)
+    finally:
+        rig.close()
+    assert not rig.stream._abort.is_set()  # the abort was served by a step
+    assert [g for g, _, _ in rig.shown] == list(range(40))
+    ref = reference_frames(engine, pcm, len(pcm), 0, 40)
+    for i in range(40):
+        assert np.abs(rig.shown[i][1].astype(int) - ref[i].astype(int)).max() <= 1, i

@@ -175,3 +175,38 @@ def test_bf16_engine_keeps_timesteps_exact():
     steps = [t for t in seen if t.numel() and float(t.max()) > 0]
     assert steps and all(t.dtype == torch.float32 for t in steps)
     assert any(float(t.flatten()[0]) % 4 != 0 for t in steps)  # not snapped to bf16's grid
+
+
+def test_an_aborted_step_leaves_the_stream_as_before(engine):
+    """request_abort() from another thread stops a step before it commits anything: the next
+    step makes exactly what it would have made had the aborted step never started."""
+    from model.engine import StepAborted
+
+    knobs = StreamKnobs(chunk_frames=2, window_frames=3, knot_frames=1, ahead_frames=2, denoise_steps=3)
+    rng = np.random.default_rng(4)
+    a, b = engine.start(portrait(), knobs, seed=9), engine.start(portrait(), knobs, seed=9)
+    a.keep_history(2)
+    assert engine.start(portrait(), knobs, seed=9).request_abort() is False  # no history: no abort
+    for _ in range(3):
+        d = _driving(engine, a, rng)
+        assert np.array_equal(a.step(*d), b.step(*d))
+    calls = []
+    real = engine.model.dit.forward
+
+    def abort_on_second_call(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            a.request_abort()
+        return real(*args, **kwargs)
+
+    d = _driving(engine, a, rng)
+    engine.model.dit.forward = abort_on_second_call
+    try:
+        with pytest.raises(StepAborted):
+            a.step(np.zeros_like(d[0]), None)  # other driving: it must leave no trace
+    finally:
+        engine.model.dit.forward = real
+    assert len(calls) == 2 and a.frame_index == b.frame_index
+    for _ in range(2):
+        assert np.array_equal(a.step(*d), b.step(*d))
+        d = _driving(engine, a, rng)
