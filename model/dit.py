@@ -89,6 +89,20 @@ class Streaming:
 
 
 @dataclass
+class BatchedStreaming:
+    """Several streams' chunks in one forward (the generation worker's batch): row i of the
+    batch attends to its own stream's caches. Projections, FFN and cross-attention run
+    batched; the attention core runs per row (each stream has its own ring position)."""
+
+    parts: list[Streaming]
+
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        if len(self.parts) == 1:
+            return self.parts[0].attend(layer, q, k, v)
+        return torch.cat([p.attend(layer, q[i:i + 1], k[i:i + 1], v[i:i + 1]) for i, p in enumerate(self.parts)])
+
+
+@dataclass
 class EncodeReference:
     """The reference frame alone (noise level 0); its keys/values go into the cache."""
 
@@ -236,7 +250,7 @@ class DiT(nn.Module):
 
         x:         (B, C, F, h, w) noisy latents.
         t:         (B, F) timesteps in [0, num_train_timesteps], one per latent frame.
-        frame_pos: (F,) temporal RoPE positions of the frames.
+        frame_pos: (F,) temporal RoPE positions of the frames, or (B, F) one row per batch item.
         ctx:       attention context (`FullSequence`, `Streaming`, `EncodeReference`).
         cond:      (B, mask + C, F, h, w) image-to-video condition, or None (= no condition).
         drive:     (B, Fd, M, drive_dim) driving tokens of the last Fd frames (Fd <= F), or None.
@@ -255,7 +269,11 @@ class DiT(nn.Module):
         e = self.time_projection(temb).view(B, Fr, 6, -1)  # (B, F, 6, dim)
         temb = temb.view(B, Fr, -1)
 
-        cos, sin = cos_sin(self.rope.grid_angles(frame_pos, hp, wp), x.dtype, x.device)
+        if frame_pos.dim() == 2:  # (B, F): each row its own positions (batched streams)
+            angles = torch.stack([self.rope.grid_angles(p, hp, wp) for p in frame_pos])[:, None]
+        else:
+            angles = self.rope.grid_angles(frame_pos, hp, wp)
+        cos, sin = cos_sin(angles, x.dtype, x.device)
         text_ctx = self.text_embedding(text) if (text is not None and self.text_embedding is not None) else None
 
         for i, block in enumerate(self.blocks):

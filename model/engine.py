@@ -35,7 +35,7 @@ from model import driving as drv
 from model.avatar import AvatarModel
 from model.cache import ReferenceCache, WindowCache
 from model.config import ModelConfig, StreamKnobs, from_name, PRESETS
-from model.dit import EncodeReference, Streaming
+from model.dit import BatchedStreaming, EncodeReference, Streaming
 from model.media import fit_portrait
 from model.sampler import denoise, get_sigmas
 
@@ -91,6 +91,7 @@ class Engine:
         self.device = torch.device(device)
         self.dtype = dtype
         self.trained = trained
+        self.max_group = 8  # streams per batched forward (step_many)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str = "tiny", device: str = "cpu",
@@ -117,15 +118,108 @@ class Engine:
 
     def step_many(self, streams: list["Stream"], audios: list[np.ndarray | None],
                   motions: list[np.ndarray | None]) -> list[np.ndarray]:
-        """Batching hook for the generation worker. Today: one stream after another. A stream
-        whose step was aborted (`Stream.request_abort`) gives None."""
-        out = []
-        for s, a, m in zip(streams, audios, motions):
-            try:
-                out.append(s.step(a, m))
-            except StepAborted:
-                out.append(None)
+        """The generation worker's batch: streams with the same `batch_key` are stepped
+        together (one forward per denoising pass, `step_group`), up to `max_group` at a time;
+        the result equals stepping each alone. A group whose step was aborted
+        (`Stream.request_abort`) gives None for each of its streams."""
+        out: list[np.ndarray | None] = [None] * len(streams)
+        groups: dict[tuple, list[int]] = {}
+        for i, s in enumerate(streams):
+            groups.setdefault(batch_key(s), []).append(i)
+        for idx in groups.values():
+            for j in range(0, len(idx), self.max_group):
+                part = idx[j:j + self.max_group]
+                try:
+                    frames = step_group([streams[i] for i in part], [audios[i] for i in part],
+                                        [motions[i] for i in part])
+                except StepAborted:
+                    continue
+                for i, f in zip(part, frames):
+                    out[i] = f
         return out
+
+
+@dataclass
+class _ChunkPlan:
+    pos: Tensor              # (Fr,) temporal positions
+    drive: Tensor            # (1, Fr, M, drive_dim) driving tokens
+    cond: Tensor             # (1, mask + z, Fr, h, w) image-to-video condition
+    prev: Tensor | None      # previous knot prediction (fused at the last step)
+    noise: Tensor            # (1, z, Fr, h, w)
+
+
+def batch_key(stream: "Stream") -> tuple:
+    """Streams with equal keys can be stepped in one batched forward (same chunk geometry and
+    sampler schedule); positions, caches, driving and knots may differ."""
+    k = stream.knobs
+    return (id(stream.engine), k.chunk_frames, k.knot_frames, k.denoise_steps, k.shift, k.knot_fusion)
+
+
+@torch.inference_mode()
+def step_group(streams: list["Stream"], audios: list, motions: list) -> list[np.ndarray]:
+    """One chunk for every stream (all with the same `batch_key`), each denoising pass and the
+    cache-writing pass as ONE forward over the batch; the attention core, VAE decode and the
+    cache bookkeeping stay per stream. The result equals stepping them one by one.
+
+    1. per stream: driving in, running ahead, positions, condition (previous knot), noise;
+    2. denoise chunk + knot frames with few-step Euler, batched; each row's first
+       `knot_frames` are fused with its previous knot prediction at the last step;
+    3. write the committed clean frames into each window cache (one batched pass at noise
+       level 0, condition without knot); knot frames are never cached;
+    4. per stream: decode with the streaming VAE, advance, rebase when due.
+    Raises StepAborted when an abort was requested for any stream and every stream keeps
+    history (all are then restored as before the step)."""
+    if len({batch_key(s) for s in streams}) != 1:
+        raise ValueError("step_group needs streams with the same batch_key (chunk geometry and sampler)")
+    for s, a, mo in zip(streams, audios, motions):
+        s._check_driving(a, mo)  # before any stream changes: a bad input changes nothing
+    s0 = streams[0]
+    k, eng = s0.knobs, s0.engine
+    m, dev = eng.model, eng.device
+    c, kn = k.chunk_frames, k.knot_frames
+    Fr, B = c + kn, len(streams)
+    plans = []
+    try:
+        for s, a, mo in zip(streams, audios, motions):
+            plans.append(s._begin(a, mo))
+    except Exception:
+        for s in streams[:len(plans)]:  # streams already begun go back as they were
+            if s._history is not None:
+                s._restore(s._history.pop())
+        raise
+    pos = torch.stack([p.pos for p in plans])  # (B, Fr)
+    drive = torch.cat([p.drive for p in plans])
+    cond = torch.cat([p.cond for p in plans])
+    ctx = BatchedStreaming([Streaming(s.reference, s.window, write=False) for s in streams])
+    abortable = all(s._history is not None for s in streams)
+
+    def velocity(x: Tensor, sigma: float) -> Tensor:
+        if abortable and any(s._abort.is_set() for s in streams):
+            for s in streams:  # nothing is committed yet: as if the step never started
+                s._abort.clear()
+                s._restore(s._history.pop())
+            raise StepAborted(f"step of {[s.frame_index for s in streams]} aborted")
+        # Timesteps stay float32: in bf16, values in [512, 1000) would snap to multiples of 4.
+        t = torch.full((B, Fr), sigma * s0.cfg.sampler.num_train_timesteps, device=dev, dtype=torch.float32)
+        return m.dit(x, t, pos, ctx, cond=cond, drive=drive)
+
+    def fuse_knot(x0: Tensor) -> Tensor:
+        for i, p in enumerate(plans):
+            if p.prev is not None:
+                x0[i:i + 1, :, :kn] = k.knot_fusion * p.prev + (1 - k.knot_fusion) * x0[i:i + 1, :, :kn]
+        return x0
+
+    x0 = denoise(velocity, torch.cat([p.noise for p in plans]), get_sigmas(k.denoise_steps, k.shift),
+                 on_last=fuse_knot)
+    committed = torch.cat([s._finish(x0[i:i + 1]) for i, s in enumerate(streams)])
+
+    t0 = torch.zeros(B, c, device=dev, dtype=torch.float32)
+    write = BatchedStreaming([Streaming(s.reference, s.window, write=True) for s in streams])
+    cond0 = torch.cat([build_cond(s.cfg, s.reference_latent, None, c) for s in streams])
+    m.dit(committed, t0, pos[:, :c], write, cond=cond0, drive=drive[:, :c])
+    for s in streams:
+        s.window.commit(c)
+    return [s._decode(committed[i:i + 1]) for i, s in enumerate(streams)]
 
 
 class StepAborted(Exception):
@@ -228,6 +322,16 @@ class Stream:
 
     # ----- driving --------------------------------------------------------------------
 
+    def _check_driving(self, audio: np.ndarray | None, motion: np.ndarray | None) -> None:
+        if self.closed:
+            raise RuntimeError("stream is closed")
+        if audio is not None and not np.isfinite(np.asarray(audio, dtype=np.float32)).all():
+            raise ValueError("driving audio contains NaN or infinite samples")
+        if motion is not None:
+            shape = np.shape(motion)
+            if len(shape) != 2 or shape[1] != self.cfg.driving.motion_dim:
+                raise ValueError(f"motion must be (frames, {self.cfg.driving.motion_dim}), got {shape}")
+
     def _ingest(self, audio: np.ndarray | None, motion: np.ndarray | None) -> None:
         """Store this step's driving by output frame time; it replaces what was given before
         for the same frames (a later step re-sends its lookahead with the real audio)."""
@@ -277,7 +381,6 @@ class Stream:
 
     # ----- the chunk loop -------------------------------------------------------------
 
-    @torch.inference_mode()
     def step(self, audio: np.ndarray | None = None, motion: np.ndarray | None = None) -> np.ndarray:
         """Generate the next chunk. Returns (next_frames, H, W, 3) uint8.
 
@@ -285,67 +388,51 @@ class Stream:
         [frame_index, frame_index + driving_frames); shorter = silence after it; it
         replaces earlier audio for those frames. motion: (frames, motion_dim) from
         `model.driving.motion_vector`, from frame_index; None = not given.
+        Raises StepAborted after `request_abort()` (the stream is as before the step).
         """
+        return step_group([self], [audio], [motion])[0]
+
+    def _begin(self, audio: np.ndarray | None, motion: np.ndarray | None) -> "_ChunkPlan":
+        """Step part 1 (per stream): driving in, running ahead, this chunk's inputs."""
         if self.closed:
             raise RuntimeError("stream is closed")
         k = self.knobs
-        m = self.engine.model
         dev, dt = self.engine.device, self.engine.dtype
-        c, kn = k.chunk_frames, k.knot_frames
-        Fr = c + kn
-        z = self.cfg.vae.z_channels
-        h, w = self.latent_hw
+        Fr = k.chunk_frames + k.knot_frames
         if self._history is not None:
             self._history.append(self._save_undo())
-        self._ingest(audio, motion)
-
-        # 1. Running ahead: keep the reference's temporal coordinate ahead of this chunk.
+        try:
+            self._ingest(audio, motion)
+        except Exception:
+            if self._history is not None:
+                self._restore(self._history.pop())
+            raise
+        # Running ahead: keep the reference's temporal coordinate ahead of this chunk.
         if k.ahead_frames:
             end = self._chunk_span_end(self.next_latent)
             while end > self.reference.position:
                 self.reference.move(self.rope, float(k.ahead_frames))
-
         pos = torch.arange(Fr, dtype=torch.float64) + (self.next_latent + 1 - self.offset)
         drive = self._driving_tokens(4 * self.next_latent - 3, 4 * Fr)
-
-        # 2. Denoise chunk + knot frames, conditioned on the previous knot prediction.
-        prev = self.knot
-        cond = build_cond(self.cfg, self.reference_latent, prev, Fr)
-        ctx = Streaming(self.reference, self.window, write=False)
-
-        def velocity(x: Tensor, sigma: float) -> Tensor:
-            if self._abort.is_set() and self._history is not None:
-                self._abort.clear()
-                self._restore(self._history.pop())  # nothing is committed yet: as if never started
-                raise StepAborted(f"step at frame {self.frame_index} aborted")
-            # Timesteps stay float32: in bf16, values in [512, 1000) would snap to multiples of 4.
-            t = torch.full((1, Fr), sigma * self.cfg.sampler.num_train_timesteps, device=dev, dtype=torch.float32)
-            return m.dit(x, t, pos, ctx, cond=cond, drive=drive)
-
-        def fuse_knot(x0: Tensor) -> Tensor:
-            if prev is not None:
-                x0[:, :, :kn] = k.knot_fusion * prev + (1 - k.knot_fusion) * x0[:, :, :kn]
-            return x0
-
+        z, (h, w) = self.cfg.vae.z_channels, self.latent_hw
         noise = torch.randn(1, z, Fr, h, w, generator=self.generator).to(dev, dt)
-        x0 = denoise(velocity, noise, get_sigmas(k.denoise_steps, k.shift), on_last=fuse_knot)
-        committed, self.knot = x0[:, :, :c], (x0[:, :, c:].clone() if kn else None)
+        return _ChunkPlan(pos, drive, build_cond(self.cfg, self.reference_latent, self.knot, Fr), self.knot, noise)
 
-        # 3. Cache the committed clean frames (noise level 0, no knot condition).
-        t0 = torch.zeros(1, c, device=dev, dtype=torch.float32)
-        m.dit(committed, t0, pos[:c], Streaming(self.reference, self.window, write=True),
-              cond=build_cond(self.cfg, self.reference_latent, None, c), drive=drive[:, :c])
-        self.window.commit(c)
+    def _finish(self, x0: Tensor) -> tuple[Tensor, Tensor]:
+        """Step part 3 (per stream, after the batched commit pass): keep the knot, count."""
+        c = self.knobs.chunk_frames
+        committed = x0[:, :, :c]
+        self.knot = x0[:, :, c:].clone() if self.knobs.knot_frames else None
+        return committed
 
-        # 4. Decode.
+    def _decode(self, committed: Tensor) -> np.ndarray:
         frames = self.decoder.decode(committed)  # (1, 3, n, H, W) in [-1, 1]
         out = ((frames[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
         out = out.permute(1, 2, 3, 0).cpu().numpy()  # (n, H, W, 3)
-
-        self.next_latent += c
+        self.next_latent += self.knobs.chunk_frames
         self.chunks += 1
-        # 5. Rebase: the next chunk starts again at position 1.
-        if self.next_latent + 1 - self.offset > k.rebase_every:
+        # Rebase: the next chunk starts again at position 1.
+        if self.next_latent + 1 - self.offset > self.knobs.rebase_every:
             self.rebase()
         return out
 

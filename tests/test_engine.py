@@ -210,3 +210,37 @@ def test_an_aborted_step_leaves_the_stream_as_before(engine):
     for _ in range(2):
         assert np.array_equal(a.step(*d), b.step(*d))
         d = _driving(engine, a, rng)
+
+
+def test_batched_step_many_equals_stepping_each_stream_alone(engine):
+    """Streams at different points (a fresh one, one past a rebase, different portraits, seeds
+    and driving) stepped together in one batched forward give the frames they give alone."""
+    knobs = StreamKnobs(chunk_frames=2, window_frames=3, knot_frames=1, ahead_frames=2, denoise_steps=2,
+                        rebase_every=16)
+    specs = [(0, 1), (1, 2), (2, 3)]  # (portrait seed, stream seed)
+    alone = [engine.start(portrait(p), knobs, seed=s) for p, s in specs]
+    batch = [engine.start(portrait(p), knobs, seed=s) for p, s in specs]
+    rng = np.random.default_rng(7)
+    for _ in range(9):  # the third pair runs ahead: past a rebase before the batch starts
+        d = _driving(engine, alone[2], rng)
+        assert np.array_equal(alone[2].step(*d), batch[2].step(*d))
+    for rnd in range(5):
+        if rnd == 2:  # a new stream joins the batch with its first chunk
+            alone.append(engine.start(portrait(3), knobs, seed=4))
+            batch.append(engine.start(portrait(3), knobs, seed=4))
+        drives = [_driving(engine, s, rng) for s in alone]
+        want = [s.step(*d) for s, d in zip(alone, drives)]
+        got = engine.step_many(batch, [d[0] for d in drives], [d[1] for d in drives])
+        for w, g in zip(want, got):
+            assert g.shape == w.shape and np.abs(g.astype(int) - w.astype(int)).max() <= 1, rnd
+    assert [s.frame_index for s in batch] == [s.frame_index for s in alone]
+    assert batch[2].offset > 0  # the rebase really happened
+
+
+def test_a_bad_input_in_a_batch_changes_no_stream(engine):
+    a, b = engine.start(portrait(0), seed=1), engine.start(portrait(1), seed=2)
+    before = (a.frame_index, b.frame_index)
+    bad = np.full(b.audio_samples_needed, np.nan, np.float32)
+    with pytest.raises(ValueError, match="NaN"):
+        engine.step_many([a, b], [None, bad], [None, None])
+    assert (a.frame_index, b.frame_index) == before and a.reference.position == engine.start(portrait(0), seed=1).reference.position
