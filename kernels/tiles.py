@@ -68,20 +68,50 @@ def block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-def forward_tiles(head_dim: int) -> Tiles:
-    """Forward tiles: small in the interpreter (numpy per tile), FA2-like on GPUs."""
+# Shared memory a launch may plan for: under every recent NVIDIA GPU's per-block limit
+# (A100 163 KB, H100/H200 227 KB), leaving room for the compiler's own buffers.
+SMEM_BUDGET = 144 * 1024
+
+
+def smem_bytes(t: Tiles, head_dim: int, element_size: int, kv_tiles: int = 2) -> int:
+    """Shared memory of a forward launch, roughly: the Q tile plus `num_stages` buffered K and V tiles."""
+    bd = block_d(head_dim)
+    return (t.block_m * bd + t.num_stages * kv_tiles * t.block_n * bd) * element_size
+
+
+def fit_tiles(t: Tiles, head_dim: int, element_size: int, kv_tiles: int = 2) -> Tiles:
+    """`t`, made smaller until it fits SMEM_BUDGET: fewer pipeline stages first, then
+    narrower key tiles, then fewer query rows (float32 at head dim 128 needs this)."""
+    while smem_bytes(t, head_dim, element_size, kv_tiles) > SMEM_BUDGET:
+        if t.num_stages > 2:
+            t = Tiles(t.block_m, t.block_n, t.num_warps, t.num_stages - 1)
+        elif t.block_n > 32:
+            t = Tiles(t.block_m, t.block_n // 2, t.num_warps, t.num_stages)
+        elif t.block_m > 32:
+            t = Tiles(t.block_m // 2, t.block_n, t.num_warps, t.num_stages)
+        else:
+            break
+    return t
+
+
+def forward_tiles(head_dim: int, dtype: torch.dtype = torch.bfloat16) -> Tiles:
+    """Forward tiles: small in the interpreter (numpy per tile), FA2-like on GPUs, shrunk to
+    the shared-memory budget for wide elements (float32)."""
     if interpreted():
         return Tiles(32, 32)
+    size = torch.tensor([], dtype=dtype).element_size()
     if head_dim <= 64:
-        return Tiles(128, 64, num_warps=4, num_stages=3)
-    return Tiles(128, 64, num_warps=8, num_stages=3)
+        return fit_tiles(Tiles(128, 64, num_warps=4, num_stages=3), head_dim, size)
+    return fit_tiles(Tiles(128, 64, num_warps=8, num_stages=3), head_dim, size)
 
 
-def backward_tiles(head_dim: int) -> Tiles:
-    """Backward tiles (both the dQ and the dK/dV kernel)."""
+def backward_tiles(head_dim: int, dtype: torch.dtype = torch.bfloat16) -> Tiles:
+    """Backward tiles (both the dQ and the dK/dV kernel); they hold more tiles at once (K, V,
+    dK, dV accumulators and Q, dO per step), so the budget counts four key-sized tiles."""
     if interpreted():
         return Tiles(32, 32)
-    return Tiles(64, 64, num_warps=4 if head_dim <= 64 else 8, num_stages=2)
+    size = torch.tensor([], dtype=dtype).element_size()
+    return fit_tiles(Tiles(64, 64, num_warps=4 if head_dim <= 64 else 8, num_stages=2), head_dim, size, kv_tiles=4)
 
 
 def strides(t: torch.Tensor) -> tuple[int, int, int, int]:

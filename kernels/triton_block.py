@@ -215,7 +215,7 @@ def forward(q: Tensor, k: Tensor, v: Tensor, prefix_len: int, chunk_len: int, wi
     P, CL, W = _geometry(L, prefix_len, chunk_len, window_len)
     out = torch.empty_like(q) if out is None else out
     lse = torch.empty(B * H, L, device=q.device, dtype=torch.float32)
-    tiles = tiles or forward_tiles(D)
+    tiles = tiles or forward_tiles(D, q.dtype)
     _fwd[(triton.cdiv(L, tiles.block_m), B * H)](
         q, k, v, out, lse, *strides(q), *strides(k), *strides(v), *strides(out), H, L, D, P, CL, W,
         D ** -0.5 * _LOG2E, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_D=block_d(D),
@@ -231,7 +231,7 @@ def backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tens
     do = do.to(q.dtype)
     delta = (do.float() * out.float()).sum(-1).reshape(B * H, L)  # rowsum(dO * O), fp32
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    tiles = tiles or backward_tiles(D)
+    tiles = tiles or backward_tiles(D, q.dtype)
     common = dict(BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_D=block_d(D), **dot_flags(q.dtype),
                   num_warps=tiles.num_warps, num_stages=tiles.num_stages)
     scales = (D ** -0.5 * _LOG2E, D ** -0.5)

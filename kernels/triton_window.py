@@ -122,7 +122,7 @@ def window_attention(q: Tensor, ref_k: Tensor, ref_v: Tensor, ring_k: Tensor, ri
         ring_start = ring_len = 0
     if out is None:
         out = torch.empty_like(q)
-    tiles = tiles or forward_tiles(D)
+    tiles = tiles or forward_tiles(D, q.dtype)
     grid = (triton.cdiv(Lq, tiles.block_m), B * H)
     _window_fwd[grid](
         q, ref_k, ref_v, ring_k, ring_v, chunk_k, chunk_v, out,

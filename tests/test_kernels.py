@@ -333,3 +333,20 @@ def test_attention_bench_cpu_smoke_runs():
     assert len(rows) == 20
     ours = [r for r in rows if "| ours" in r]
     assert len(ours) == 4 and all("n/a" not in r for r in ours)
+
+
+@pytest.mark.parametrize("head_dim", [32, 64, 128])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_gpu_tiles_fit_the_shared_memory_budget(head_dim, dtype):
+    """float32 at head dim 128 with FA2-like tiles (128x64, 3 stages) would need ~256 KB of
+    shared memory, more than any GPU block has: the tiles shrink to the budget."""
+    from kernels.tiles import SMEM_BUDGET, Tiles, fit_tiles, smem_bytes
+
+    size = torch.tensor([], dtype=dtype).element_size()
+    fwd = fit_tiles(Tiles(128, 64, 8, 3), head_dim, size)
+    bwd = fit_tiles(Tiles(64, 64, 8, 2), head_dim, size, kv_tiles=4)
+    assert smem_bytes(fwd, head_dim, size) <= SMEM_BUDGET
+    assert smem_bytes(bwd, head_dim, size, kv_tiles=4) <= SMEM_BUDGET
+    assert min(fwd.block_m, fwd.block_n, bwd.block_m, bwd.block_n) >= 16  # tl.dot's minimum
+    if dtype != torch.float32:
+        assert fwd == Tiles(128, 64, 8, 3)  # 16-bit inputs keep the full tiles
