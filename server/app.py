@@ -26,6 +26,7 @@ from server.manager import SessionManager
 from server.metrics import Metrics
 from server.settings import IceServer, Settings
 from server.store import SessionStore, open_store
+from streaming.encode import EncoderError, choose_video_encoder
 from streaming.session import OfferError, SessionOptions, check_offer
 
 log = logging.getLogger("knotstream.server")
@@ -40,6 +41,13 @@ class CreateOptions(BaseModel):
     seed: int = Field(0, ge=0, lt=2**63)
     knobs: dict[str, float] = Field(default_factory=dict, description="StreamKnobs overrides")
     codec: Literal["vp8", "h264"] | None = None
+    encoder: Literal["auto", "software", "nvenc", "x264"] | None = Field(
+        None, description="video encoder (default: the server's setting): auto = NVENC for h264 where it opens, "
+                          "else aiortc's software encoder; nvenc and x264 send pre-encoded H264 (codec defaults "
+                          "to h264 with them)")
+    bitrate: int | None = Field(None, ge=100_000, le=20_000_000,
+                                description="target video bps of the nvenc/x264 encoders (default: the server's "
+                                            "setting, else 1 Mbps); the software encoder adapts to REMB instead")
     lead_frames: int | None = Field(None, ge=1, le=250)
     echo_mic: bool = Field(False, description="play the microphone back on the avatar's audio track")
     ice_servers: list[IceServer] | None = Field(
@@ -148,12 +156,20 @@ def create_app(settings: Settings | None = None, engine=None, store: SessionStor
             raise ApiError(400, "bad_knobs", f"invalid stream knobs: {exc}") from None
         ice = ([x.model_dump(exclude_none=True) for x in options.ice_servers] if options.ice_servers is not None
                else settings.ice_dicts())
-        sopts = SessionOptions(codec=options.codec or settings.codec,
+        encoder = options.encoder or settings.encoder
+        codec = options.codec or ("h264" if encoder in ("nvenc", "x264") else settings.codec)
+        try:  # probes an encoder once per size (off the loop); explicit choices that cannot work: 422
+            await asyncio.to_thread(choose_video_encoder, codec, encoder, (m.engine.config.width,
+                                                                           m.engine.config.height))
+        except EncoderError as exc:
+            raise ApiError(422, exc.code, str(exc)) from None
+        sopts = SessionOptions(codec=codec,
                                lead_frames=options.lead_frames or settings.lead_frames,
                                prebuffer_timeout_s=settings.prebuffer_timeout_s,
                                max_speech_seconds=settings.max_speech_seconds,
                                disconnect_grace_s=settings.disconnect_grace_s,
-                               ice_servers=ice, echo_mic=options.echo_mic)
+                               ice_servers=ice, echo_mic=options.echo_mic, encoder=encoder,
+                               bitrate=options.bitrate or settings.video_bitrate)
         session, token = await m.create(reference, knobs, options.seed, sopts, avatar)
         answer = None
         if offer_sdp is not None:

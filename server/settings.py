@@ -61,6 +61,11 @@ class Settings(BaseSettings):
     # None by default: aiortc would otherwise use a public STUN server (nothing offline).
     ice_servers: list[IceServer] = Field(default_factory=list)
     codec: Literal["vp8", "h264"] = "vp8"
+    # Video encoder (streaming/encode.py): auto = NVENC when codec is h264 and NVENC opens, else
+    # aiortc's software encoder; nvenc / x264 = pre-encoded H264 (a 422 where it cannot work).
+    encoder: Literal["auto", "software", "nvenc", "x264"] = "auto"
+    # Target bps of the nvenc/x264 paths (None = 1 Mbps); the software encoder adapts to REMB.
+    video_bitrate: int | None = Field(None, ge=100_000, le=20_000_000)
     max_sessions: int = Field(4, ge=1)
     max_batch: int = Field(1, ge=1)          # sessions per engine.step_many call
     lead_frames: int | None = Field(None, ge=1)  # generation lead; None = 1.5 chunks

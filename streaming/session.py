@@ -18,11 +18,11 @@ from typing import Any, Callable
 
 import numpy as np
 from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
-from aiortc.rtcrtpsender import RTCRtpSender
 
 from streaming import channel as proto
 from streaming.clock import MediaClock
 from streaming.driving import DrivingBuffer, Segment
+from streaming.encode import EncodedVideoTrack, EncoderError, check_bitrate, choose_video_encoder, encoder_status
 from streaming.playout import Playout
 from streaming.tracks import (AvatarAudioTrack, AvatarVideoTrack, Pacer, consume_audio, consume_blackhole,
                               track_task)
@@ -56,10 +56,19 @@ class SessionOptions:
     # one step) instead of only muting them; costs a few cache copies per step.
     regenerate_on_interrupt: bool = True
     ice_servers: list[dict] = field(default_factory=list)  # [{"urls": [...], "username", "credential"}]
+    # Video encoder (streaming/encode.py): auto | software | nvenc | x264. auto = NVENC when the
+    # codec is h264 and NVENC opens, else aiortc's software encoder.
+    encoder: str = "auto"
+    # Target bps of the pre-encoded paths (nvenc, x264); None = 1 Mbps. aiortc's software encoder
+    # ignores it and follows the receiver's REMB estimate instead.
+    bitrate: int | None = None
 
     def __post_init__(self) -> None:
         if self.codec not in CODECS:
             raise ValueError(f"codec must be one of {sorted(CODECS)}, got {self.codec!r}")
+        if self.encoder not in ("auto", "software", "nvenc", "x264"):
+            raise ValueError(f"encoder must be auto, software, nvenc or x264, got {self.encoder!r}")
+        check_bitrate(self.bitrate)
         for name in ("lead_frames", "mic_latency_frames"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or v < 1):
@@ -230,18 +239,43 @@ class LiveSession:
             raise err
         return added
 
+    encoded_video: EncodedVideoTrack | None = None  # the sent track on the pre-encoded paths (_attach)
+
+    def video_encoder(self):
+        """The session's VideoEncoder (cached per codec, preference and frame size)."""
+        cfg = getattr(self.stream, "cfg", None)
+        size = (cfg.width, cfg.height) if cfg is not None else None
+        return choose_video_encoder(self.options.codec, self.options.encoder, size)
+
     def _attach(self, pc: RTCPeerConnection, kind: str, track) -> None:
         """Put our track on the offer's transceiver of that kind (an answer cannot add m-lines)."""
         tr = next((t for t in pc.getTransceivers() if t.kind == kind and t.sender.track is None), None)
         if tr is None:
             raise OfferError(f"offer_missing_{kind}", f"offer has no usable {kind} m-line")
+        if kind == "video":
+            try:
+                enc = self.video_encoder()
+            except EncoderError as exc:
+                raise OfferError(exc.code, str(exc)) from None
+            # setRemoteDescription already negotiated the codecs in the offer's order, and
+            # aiortc ignores setCodecPreferences after it: reorder the negotiated list itself
+            # (the answer and the sender use its first codec). Packets of the pre-encoded
+            # paths are H264 and can go out as nothing else.
+            want = CODECS[self.options.codec]
+            codecs = [c for c in tr._codecs if c.mimeType.lower() == want.lower()]
+            if not codecs and enc.pre_encoded:
+                raise OfferError("offer_codec_unsupported",
+                                 f"the offer has no {want} for the {enc.kind} encoder; offer {want} or choose "
+                                 f"encoder 'software'")
+            if codecs:
+                pts = {c.payloadType for c in codecs}
+                rtx = [c for c in tr._codecs if c.mimeType.lower().endswith("/rtx") and c.parameters.get("apt") in pts]
+                rest = [] if enc.pre_encoded else [c for c in tr._codecs if c not in codecs and c not in rtx]
+                tr._codecs = codecs + rtx + rest
+            if enc.pre_encoded:
+                track = self.encoded_video = EncodedVideoTrack(track, enc, self.clock.fps, self.options.bitrate)
         tr.sender.replaceTrack(track)
         tr.direction = "sendrecv"  # aiortc intersects it with the offer's direction
-        if kind == "video":
-            caps = RTCRtpSender.getCapabilities("video").codecs
-            want = CODECS[self.options.codec]
-            pref = [c for c in caps if c.mimeType == want] + [c for c in caps if c.mimeType != want]
-            tr.setCodecPreferences(pref)
 
     async def _close_if_still_disconnected(self) -> None:
         await asyncio.sleep(self.options.disconnect_grace_s)
@@ -466,6 +500,7 @@ class LiveSession:
             "driving": dict(self.driving.stats),
             "error": self.error,
             "close_reason": self.close_reason,
+            "encoder": encoder_status(self.video_encoder, self.encoded_video, self.options.bitrate),
         }
 
     def _spawn(self, coro, name: str) -> asyncio.Task:
