@@ -11,7 +11,9 @@ record in one atomic step, so a worker is never given more sessions than its cap
 however many requests race. A worker's load is the number of sessions admitted to it
 and not yet released. With a TTL, worker entries and session records expire unless the
 owning worker's `heartbeat` refreshes them: a worker that stops (crash, partition) drops
-out of the registry with all its sessions after `ttl_s`.
+out of the registry after `ttl_s`, and its slots and records `grace_s` later. Within that
+grace, live workers' `sweep` marks the dead worker's sessions `failed` (with a reason, kept
+for `failed_ttl_s`), so their clients learn what happened instead of a plain 404.
 """
 
 from __future__ import annotations
@@ -37,8 +39,9 @@ class SessionRecord:
     token_hash: str           # sha256 hex of the bearer token; the token itself is never stored
     worker: str = field(default_factory=worker_name)
     created: float = field(default_factory=lambda: round(time.time(), 3))  # ms: survives Redis's cjson
-    state: str = "new"
+    state: str = "new"        # starting, new, ...; "failed": its worker died (see `reason`)
     avatar: str | None = None
+    reason: str | None = None
 
     def with_state(self, state: str) -> "SessionRecord":
         return replace(self, state=state)
@@ -62,6 +65,9 @@ class SessionStore(Protocol):
         """Refresh the worker's entry and its sessions' records (re-created if they expired)."""
     async def unregister_worker(self, worker_id: str) -> None: ...
     async def workers(self) -> list[WorkerInfo]: ...
+    async def sweep(self) -> list[tuple[str, int]]:
+        """Claim every registered worker whose entry expired (atomically: one sweeper per dead
+        worker), mark its sessions failed, drop it. [(worker id, sessions marked failed)]."""
 
     # ----- sessions
     async def admit(self, record: SessionRecord, worker: str | None = None) -> str | None:
@@ -81,23 +87,24 @@ class MemoryStore:
     """In-process store (the default: one server process). No method ever suspends, so on
     one event loop each is atomic; `clock` is injectable for tests."""
 
-    def __init__(self, ttl_s: float | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, ttl_s: float | None = None, clock: Callable[[], float] = time.monotonic,
+                 grace_s: float = 0.0, failed_ttl_s: float = 300.0) -> None:
         self.ttl_s = ttl_s
+        self.grace_s = grace_s
+        self.failed_ttl_s = failed_ttl_s
         self._clock = clock
         self._records: dict[str, tuple[SessionRecord, float]] = {}
         self._workers: dict[str, tuple[WorkerInfo, float]] = {}
         self._admitted: dict[str, set[str]] = {}   # worker id -> session ids holding its slots
 
-    def _deadline(self) -> float:
-        return float("inf") if self.ttl_s is None else self._clock() + self.ttl_s
+    def _deadline(self, grace: bool = False) -> float:
+        if self.ttl_s is None:
+            return float("inf")
+        return self._clock() + self.ttl_s + (self.grace_s if grace else 0.0)
 
     def _live_worker(self, worker_id: str) -> WorkerInfo | None:
         entry = self._workers.get(worker_id)
-        if entry is None:
-            return None
-        if entry[1] <= self._clock():   # expired: the worker and its slots are gone
-            self._workers.pop(worker_id, None)
-            self._admitted.pop(worker_id, None)
+        if entry is None or entry[1] <= self._clock():   # expired: left for `sweep`
             return None
         return replace(entry[0], load=len(self._admitted.get(worker_id, ())))
 
@@ -122,7 +129,7 @@ class MemoryStore:
             held.add(record.id)
             if not was_live or record.id in slots:
                 slots.add(record.id)
-                self._records[record.id] = (record, self._deadline())
+                self._records[record.id] = (record, self._deadline(grace=True))
         for sid in list(slots):
             if sid not in held and await self.get(sid) is None:
                 slots.discard(sid)
@@ -134,6 +141,20 @@ class MemoryStore:
 
     async def workers(self) -> list[WorkerInfo]:
         return [w for w in map(self._live_worker, list(self._workers)) if w is not None]
+
+    async def sweep(self) -> list[tuple[str, int]]:
+        out = []
+        for wid in [w for w in list(self._workers) if self._live_worker(w) is None]:
+            self._workers.pop(wid)
+            marked = 0
+            for sid in self._admitted.pop(wid, set()):
+                record = await self.get(sid)
+                if record is not None and record.worker == wid and record.state != "failed":
+                    failed = replace(record, state="failed", reason=f"worker {wid} stopped (no heartbeat)")
+                    self._records[sid] = (failed, self._clock() + self.failed_ttl_s)
+                    marked += 1
+            out.append((wid, marked))
+        return out
 
     # ----- sessions
 
@@ -149,12 +170,12 @@ class MemoryStore:
         if best is None:
             return None
         self._admitted.setdefault(best, set()).add(record.id)
-        self._records[record.id] = (replace(record, worker=best), self._deadline())
+        self._records[record.id] = (replace(record, worker=best), self._deadline(grace=True))
         return best
 
     async def put(self, record: SessionRecord) -> None:
         if await self.get(record.id) is not None:   # only while admitted
-            self._records[record.id] = (record, self._deadline())
+            self._records[record.id] = (record, self._deadline(grace=True))
 
     async def get(self, session_id: str) -> SessionRecord | None:
         entry = self._records.get(session_id)
@@ -190,5 +211,7 @@ def open_store(settings) -> SessionStore:
     """The store the settings ask for: Redis when `redis_url` is set, else in-process."""
     if settings.redis_url:
         from server.store_redis import RedisStore
-        return RedisStore(settings.redis_url, prefix=settings.redis_prefix, ttl_s=settings.store_ttl_s)
+        # Records outlive a dead worker's entry by one TTL: the time live workers have to sweep it.
+        return RedisStore(settings.redis_url, prefix=settings.redis_prefix, ttl_s=settings.store_ttl_s,
+                          grace_s=settings.store_ttl_s)
     return MemoryStore()

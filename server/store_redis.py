@@ -4,14 +4,20 @@ Keys (all under `prefix`, default `knotstream:`):
 
     workers                   set of worker ids that registered (pruned when their entry expired)
     worker:<id>               hash {id, address, capacity, started}; expires after ttl_s
-    worker:<id>:sessions      set of session ids holding the worker's slots (load = SCARD)
-    session:<sid>             the SessionRecord as JSON; expires after ttl_s
+    worker:<id>:sessions      set of session ids holding the worker's slots (load = SCARD);
+                              expires after ttl_s + grace_s
+    session:<sid>             the SessionRecord as JSON; expires after ttl_s + grace_s (a failed
+                              one after failed_ttl_s)
+    drive:<id>                stream of driving input for the worker's sessions (server/routing.py)
 
 Every step that reads and then writes runs as one Lua script, so it is atomic on the
 Redis server: `admit` checks capacity and takes the slot in one step (a worker is never
 overcommitted however many admits race), `release` frees the slot of the worker named in
 the record. A worker's `heartbeat` (every ttl_s / 3) refreshes its entry and the records
-of the sessions it holds; when heartbeats stop, its entry, slots and records expire.
+of the sessions it holds; when heartbeats stop, its entry expires, and its slots and
+records `grace_s` later. Within that grace any live worker's `sweep` (SWEEP: atomic, so
+exactly one sweeper claims a dead worker) marks the dead worker's sessions `failed` with a
+reason, drops its slots and driving stream and removes it from the id set.
 
 The scripts build key names from the prefix, so the store needs one Redis server (or,
 in Redis Cluster, a prefix with a hash tag such as `{knotstream}:` to keep every key in
@@ -26,7 +32,7 @@ from typing import Iterable
 
 from server.store import SessionRecord, StoreUnavailable, WorkerInfo
 
-# KEYS: workers set, session key. ARGV: prefix, ttl ms, worker id ('' = any live worker),
+# KEYS: workers set, session key. ARGV: prefix, record ttl ms, worker id ('' = any live worker),
 # session id, record JSON. Returns the worker id, or nil when no candidate has a free slot.
 ADMIT = """
 local prefix, ttl, only, sid = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4]
@@ -39,15 +45,12 @@ for _, w in ipairs(candidates) do
   if cap then
     local free = tonumber(cap) - redis.call('SCARD', prefix .. 'worker:' .. w .. ':sessions')
     if free > best_free then best, best_free = w, free end
-  elseif only == '' then
-    redis.call('SREM', KEYS[1], w)
   end
 end
 if not best then return false end
 local slots = prefix .. 'worker:' .. best .. ':sessions'
 redis.call('SADD', slots, sid)
-local wttl = redis.call('PTTL', prefix .. 'worker:' .. best)
-if wttl > 0 then redis.call('PEXPIRE', slots, wttl) end
+if redis.call('PTTL', slots) < ttl then redis.call('PEXPIRE', slots, ttl) end
 local record = cjson.decode(ARGV[5])
 record['worker'] = best
 redis.call('SET', KEYS[2], cjson.encode(record), 'PX', ttl)
@@ -68,7 +71,7 @@ return 1
 
 # KEYS: workers set, worker key, slots key. ARGV: prefix, ttl ms, fresh ('1': a new
 # registration, the slots of an earlier process with this id are dropped), worker id,
-# address, capacity, started, then (session id, record JSON) pairs of the sessions held.
+# address, capacity, started, record ttl ms, then (session id, record JSON) pairs of the sessions held.
 # A held session is refreshed only while it still holds a slot (a release that raced this
 # heartbeat is not undone), or re-created with its slot when the worker entry had expired.
 # Slots that no held session and no live record explain are freed.
@@ -82,13 +85,14 @@ local was_live = redis.call('EXISTS', KEYS[2]) == 1
 redis.call('HSET', KEYS[2], 'id', ARGV[4], 'address', ARGV[5], 'capacity', ARGV[6], 'started', ARGV[7])
 redis.call('PEXPIRE', KEYS[2], ttl)
 redis.call('SADD', KEYS[1], ARGV[4])
+local rttl = tonumber(ARGV[8])
 local held = {}
-for i = 8, #ARGV, 2 do
+for i = 9, #ARGV, 2 do
   local sid = ARGV[i]
   held[sid] = true
   if not was_live or redis.call('SISMEMBER', KEYS[3], sid) == 1 then
     redis.call('SADD', KEYS[3], sid)
-    redis.call('SET', prefix .. 'session:' .. sid, ARGV[i + 1], 'PX', ttl)
+    redis.call('SET', prefix .. 'session:' .. sid, ARGV[i + 1], 'PX', rttl)
   end
 end
 for _, sid in ipairs(redis.call('SMEMBERS', KEYS[3])) do
@@ -96,8 +100,42 @@ for _, sid in ipairs(redis.call('SMEMBERS', KEYS[3])) do
     redis.call('SREM', KEYS[3], sid)
   end
 end
-redis.call('PEXPIRE', KEYS[3], ttl)
+redis.call('PEXPIRE', KEYS[3], rttl)
 return 1
+"""
+
+# KEYS: workers set. ARGV: prefix, failed ttl ms. Every registered worker whose entry has
+# expired is claimed here (removed from the set in this same step, so two sweepers never
+# both claim it): its sessions' records become state 'failed' with a reason and live on for
+# the failed ttl, its slots and driving stream are dropped. Returns {worker id, sessions
+# marked} pairs, flattened.
+SWEEP = """
+local prefix, fttl = ARGV[1], tonumber(ARGV[2])
+local out = {}
+for _, w in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  if redis.call('EXISTS', prefix .. 'worker:' .. w) == 0 then
+    local slots = prefix .. 'worker:' .. w .. ':sessions'
+    local n = 0
+    for _, sid in ipairs(redis.call('SMEMBERS', slots)) do
+      local key = prefix .. 'session:' .. sid
+      local raw = redis.call('GET', key)
+      if raw then
+        local record = cjson.decode(raw)
+        if record['worker'] == w and record['state'] ~= 'failed' then
+          record['state'] = 'failed'
+          record['reason'] = 'worker ' .. w .. ' stopped (no heartbeat)'
+          redis.call('SET', key, cjson.encode(record), 'PX', fttl)
+          n = n + 1
+        end
+      end
+    end
+    redis.call('DEL', slots, prefix .. 'drive:' .. w)
+    redis.call('SREM', KEYS[1], w)
+    table.insert(out, w)
+    table.insert(out, n)
+  end
+end
+return out
 """
 
 # KEYS: workers set, worker key, slots key. ARGV: prefix, worker id.
@@ -138,20 +176,30 @@ def _load(raw: str | None) -> SessionRecord | None:
 
 
 class RedisStore:
-    def __init__(self, url: str, prefix: str = "knotstream:", ttl_s: float = 15.0, timeout_s: float = 5.0) -> None:
+    def __init__(self, url: str, prefix: str = "knotstream:", ttl_s: float = 15.0, timeout_s: float = 5.0,
+                 grace_s: float = 0.0, failed_ttl_s: float = 300.0) -> None:
+        """`grace_s`: how much longer than the worker entry its slots and records live (the time
+        other workers have to `sweep` a dead worker); `failed_ttl_s`: how long a failed record is
+        kept to tell its client."""
         import redis.asyncio as aioredis
 
-        if ttl_s <= 0:
-            raise ValueError(f"ttl_s must be positive, got {ttl_s}")
+        if ttl_s <= 0 or grace_s < 0 or failed_ttl_s <= 0:
+            raise ValueError(f"ttl_s and failed_ttl_s must be positive, grace_s >= 0; got {ttl_s}, {failed_ttl_s}, "
+                             f"{grace_s}")
         self.url = url
         self.prefix = prefix
         self.ttl_s = ttl_s
+        self.grace_s = grace_s
+        self.failed_ttl_s = failed_ttl_s
+        self.timeout_s = timeout_s
         self.redis = aioredis.Redis.from_url(url, decode_responses=True, socket_timeout=timeout_s,
                                              socket_connect_timeout=timeout_s)
+        self._binary = None
         self._admit = self.redis.register_script(ADMIT)
         self._release = self.redis.register_script(RELEASE)
         self._heartbeat = self.redis.register_script(HEARTBEAT)
         self._unregister = self.redis.register_script(UNREGISTER)
+        self._sweep = self.redis.register_script(SWEEP)
         self._registered: set[str] = set()
 
     # ----- keys
@@ -159,6 +207,19 @@ class RedisStore:
     @property
     def _ttl_ms(self) -> int:
         return max(1, round(self.ttl_s * 1000))
+
+    @property
+    def _record_ttl_ms(self) -> int:
+        return max(1, round((self.ttl_s + self.grace_s) * 1000))
+
+    @property
+    def binary(self):
+        """A second client that returns bytes (driving audio in streams), made on first use."""
+        if self._binary is None:
+            import redis.asyncio as aioredis
+            self._binary = aioredis.Redis.from_url(self.url, decode_responses=False, socket_timeout=self.timeout_s,
+                                                   socket_connect_timeout=self.timeout_s)
+        return self._binary
 
     def _session(self, sid: str) -> str:
         return f"{self.prefix}session:{sid}"
@@ -186,7 +247,7 @@ class RedisStore:
 
     async def _beat(self, worker: WorkerInfo, records: Iterable[SessionRecord], fresh: bool) -> None:
         args = [self.prefix, self._ttl_ms, "1" if fresh else "0", worker.id, worker.address, worker.capacity,
-                repr(worker.started)]
+                repr(worker.started), self._record_ttl_ms]
         for record in records:
             args += [record.id, _dump(record)]
         await self._heartbeat(keys=[self._workers, self._worker(worker.id), self._slots(worker.id)], args=args)
@@ -196,6 +257,11 @@ class RedisStore:
         await self._unregister(keys=[self._workers, self._worker(worker_id), self._slots(worker_id)],
                                args=[self.prefix, worker_id])
         self._registered.discard(worker_id)
+
+    @_unavailable
+    async def sweep(self) -> list[tuple[str, int]]:
+        reply = await self._sweep(keys=[self._workers], args=[self.prefix, max(1, round(self.failed_ttl_s * 1000))])
+        return [(reply[i], int(reply[i + 1])) for i in range(0, len(reply), 2)]
 
     @_unavailable
     async def workers(self) -> list[WorkerInfo]:
@@ -220,7 +286,8 @@ class RedisStore:
 
         try:
             return await self._admit(keys=[self._workers, self._session(record.id)],
-                                     args=[self.prefix, self._ttl_ms, worker or "", record.id, _dump(record)])
+                                     args=[self.prefix, self._record_ttl_ms, worker or "", record.id,
+                                           _dump(record)])
         except ResponseError as exc:
             if "session exists" in str(exc):
                 raise ValueError(f"session {record.id!r} already exists") from None
@@ -229,7 +296,7 @@ class RedisStore:
     @_unavailable
     async def put(self, record: SessionRecord) -> None:
         # xx: only while admitted (a released record is not brought back).
-        await self.redis.set(self._session(record.id), _dump(record), px=self._ttl_ms, xx=True)
+        await self.redis.set(self._session(record.id), _dump(record), px=self._record_ttl_ms, xx=True)
 
     @_unavailable
     async def get(self, session_id: str) -> SessionRecord | None:
@@ -263,3 +330,5 @@ class RedisStore:
 
     async def close(self) -> None:
         await self.redis.aclose()
+        if self._binary is not None:
+            await self._binary.aclose()

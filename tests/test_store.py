@@ -216,3 +216,73 @@ async def test_redis_down_raises_store_unavailable():
         await s.admit(record("a"))
     assert time.monotonic() - t0 < 5
     await s.close()
+
+
+# ----- dead workers: sweep --------------------------------------------------------------
+
+@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
+async def graced(request):
+    """Stores whose records outlive a dead worker's entry by one TTL (as the server opens them)."""
+    if request.param == "memory":
+        s = MemoryStore(ttl_s=TTL, grace_s=TTL, failed_ttl_s=30)
+    else:
+        from server.store_redis import RedisStore
+        s = RedisStore(request.getfixturevalue("redis_server").url, prefix=f"g{next(_prefix)}:", ttl_s=TTL,
+                       grace_s=TTL, failed_ttl_s=30)
+    yield s
+    await s.close()
+
+
+async def test_sweep_marks_a_dead_workers_sessions_failed_once(graced):
+    store = graced
+    w1, w2 = worker("w1", 2), worker("w2", 2, address="http://10.0.0.2:8000")
+    await store.register_worker(w1)
+    await store.register_worker(w2)
+    assert await store.admit(record("a", "w1"), worker="w1") == "w1"
+    assert await store.admit(record("b", "w2"), worker="w2") == "w2"
+    assert await store.sweep() == []                        # everyone alive: nothing to claim
+    for _ in range(4):                                      # w1 dies; w2 keeps beating
+        await asyncio.sleep(TTL * 0.35)
+        await store.heartbeat(w2, [await store.get("b")])
+    assert [w.id for w in await store.workers()] == ["w2"]
+    assert (await store.get("a")).state == "new"            # within the grace: not yet swept
+    assert await store.sweep() == [("w1", 1)]
+    assert await store.sweep() == []                        # claimed exactly once
+    failed = await store.get("a")
+    assert failed.state == "failed" and "w1" in failed.reason and failed.token_hash == "ab" * 32
+    assert (await store.get("b")).state == "new"
+    await asyncio.sleep(TTL * 1.2)                          # past the grace: the failed record is kept
+    assert (await store.get("a")).state == "failed"
+    await store.heartbeat(w2, [await store.get("b")])
+    placed = [await store.admit(record(f"n{i}")) for i in range(2)]
+    assert placed == ["w2", None]                           # new sessions go to the live worker only
+
+
+async def test_a_swept_worker_that_comes_back_restores_its_sessions(graced):
+    store = graced
+    w1 = worker("w1", 2)
+    await store.register_worker(w1)
+    await store.admit(record("a"))
+    await asyncio.sleep(TTL * 1.2)
+    assert await store.sweep() == [("w1", 1)]
+    await store.heartbeat(w1, [record("a")])                # it was only stalled
+    assert (await store.get("a")).state == "new"
+    assert (await store.workers())[0].load == 1
+
+
+@pytest.mark.redis
+async def test_concurrent_sweepers_claim_a_dead_worker_once(redis_server):
+    from server.store_redis import RedisStore
+
+    stores = [RedisStore(redis_server.url, prefix="sweep:", ttl_s=TTL, grace_s=TTL) for _ in range(6)]
+    try:
+        await stores[0].register_worker(worker("w1", 4))
+        for i in range(3):
+            await stores[0].admit(record(f"s{i}"))
+        await asyncio.sleep(TTL * 1.2)
+        results = await asyncio.gather(*(s.sweep() for s in stores))
+        assert sorted(r for r in results if r) == [[("w1", 3)]]
+        assert {(await stores[3].get(f"s{i}")).state for i in range(3)} == {"failed"}
+    finally:
+        for s in stores:
+            await s.close()
