@@ -198,12 +198,15 @@ class LiveSession:
             self._attach(pc, "video", self.video)
             self._attach(pc, "audio", self.audio)
             await pc.setLocalDescription(await pc.createAnswer())
-        except OfferError:
-            raise
         except Exception as exc:  # aiortc's parser raises many kinds of errors on garbage
+            # Refused: drop this peer so a corrected offer can be sent to the same session
+            # (its handlers first: closing it must not close the session).
+            pc.remove_all_listeners()
             await pc.close()
             self.pc = None
             self.state = "new"
+            if isinstance(exc, OfferError):
+                raise
             raise OfferError("bad_offer", f"cannot answer the offer: {type(exc).__name__}: {exc}") from None
         return pc.localDescription.sdp
 

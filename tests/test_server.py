@@ -240,7 +240,7 @@ def test_shutdown_closes_every_session(engine):
         lives = list(srv.manager.sessions.values())
         worker = srv.manager.worker
         assert len(lives) == 2 and len(worker.sessions()) == 2
-    assert all(lv.state == "closed" and lv.close_reason == "server shutdown" for lv in lives)
+    assert all(lv.state == "closed" and lv.close_reason == "server shutting down" for lv in lives)
     assert srv.manager.sessions == {} and not worker.alive
     assert all(lv.stream.closed for lv in lives)
 
@@ -264,3 +264,35 @@ def test_settings_from_env_and_flags(monkeypatch):
     monkeypatch.setenv("KNOTSTREAM_PORT", "not-a-port")
     with pytest.raises(ValueError):
         Settings()
+
+
+def vp8_only_offer_sdp() -> str:
+    from aiortc import RTCConfiguration, RTCPeerConnection
+    from aiortc.rtcrtpsender import RTCRtpSender
+
+    async def make():
+        pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        tr = pc.addTransceiver("video", direction="recvonly")
+        tr.setCodecPreferences([c for c in RTCRtpSender.getCapabilities("video").codecs if c.mimeType == "video/VP8"])
+        pc.addTransceiver("audio", direction="recvonly")
+        pc.createDataChannel("driving")
+        await pc.setLocalDescription(await pc.createOffer())
+        sdp = pc.localDescription.sdp
+        await pc.close()
+        return sdp
+
+    return asyncio.run(make())
+
+
+def test_a_refused_offer_leaves_the_session_ready_for_a_corrected_one(http):
+    """An offer the session cannot answer (here: VP8 only, for an H264-only encoder) is
+    refused without taking the session's one peer slot; the corrected offer is answered."""
+    r = http.post("/v1/sessions", json={"avatar": "ada", "options": {"encoder": "x264"}})
+    assert r.status_code == 201, r.text
+    sid, auth = r.json()["id"], {"Authorization": f"Bearer {r.json()['token']}"}
+    bad = http.post(f"/v1/sessions/{sid}/offer", content=vp8_only_offer_sdp(),
+                    headers={**auth, "Content-Type": "application/sdp"})
+    assert_error(bad, 400, "offer_codec_unsupported")
+    good = http.post(f"/v1/sessions/{sid}/offer", content=offer_sdp(), headers={**auth, "Content-Type": "application/sdp"})
+    assert good.status_code == 201, good.text
+    assert "H264" in good.text.split("m=video", 1)[1].split("m=", 1)[0]
