@@ -119,6 +119,8 @@ def create_app(settings: Settings | None = None, engine=None, store: SessionStor
     app.state.settings = settings
     app.state.api_keys = api_keys
     errors.install(app)
+    from server.routing import ClusterRouter
+    app.add_middleware(ClusterRouter)   # several workers: placement and per-session proxying
     if settings.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_credentials=False,
@@ -215,7 +217,7 @@ def create_app(settings: Settings | None = None, engine=None, store: SessionStor
         from model.media import MediaError, load_audio, pcm16_to_float
 
         m = manager(request)
-        session = await m.authorize(session_id, authorization)
+        session = await m.authorize(session_id, authorization, remote_ok=True)
         m.check_rate(session_id)
         raw = await _read_body(request, settings.max_audio_bytes, "audio")
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -240,7 +242,7 @@ def create_app(settings: Settings | None = None, engine=None, store: SessionStor
         from streaming.tts import TTSUnavailable
 
         m = manager(request)
-        session = await m.authorize(session_id, authorization)
+        session = await m.authorize(session_id, authorization, remote_ok=True)
         m.check_rate(session_id)
         try:
             seg = await session.speak(body.text)
@@ -250,7 +252,7 @@ def create_app(settings: Settings | None = None, engine=None, store: SessionStor
 
     @app.post("/v1/sessions/{session_id}/interrupt", summary="Barge-in: drop queued speech")
     async def interrupt(session_id: str, request: Request, authorization: str | None = Header(None)):
-        session = await manager(request).authorize(session_id, authorization)
+        session = await manager(request).authorize(session_id, authorization, remote_ok=True)
         return session.interrupt()
 
     @app.get("/v1/sessions/{session_id}", summary="Session state and live stats")
@@ -293,6 +295,8 @@ def create_app(settings: Settings | None = None, engine=None, store: SessionStor
         m = getattr(request.app.state, "manager", None)
         if m is None or not request.app.state.worker.alive:
             raise ApiError(503, "not_ready", "model not loaded or generation worker not running")
+        if m.draining:
+            raise ApiError(503, "draining", "shutting down: running sessions are ending, no new ones here")
         live = len(m.sessions)
         body = {"status": "ready", "sessions": live, "max_sessions": settings.max_sessions,
                 "model": m.engine.config.name, "worker": m.info.id}

@@ -5,7 +5,13 @@ encoding is model work, so it never runs on the event loop) once the store has a
 it to this worker (a slot reserved atomically: never more than `max_sessions`), and hands
 back a bearer token (only its hash is kept). A background task registers this process as
 a worker and heartbeats it with the records of its sessions, so with Redis a dead
-worker's entries expire. Shutdown closes every session and unregisters the worker.
+worker's entries expire; each heartbeat also sweeps the store for dead workers (their
+sessions become `failed`: 410 session_failed). With Redis, another worker's session is
+reached through server/routing.py (proxy, or its driving stream for pushed input).
+
+`drain` (SIGTERM, server/serve.py) stops new sessions here (503 draining, capacity 0 in the
+registry so no node places sessions here), gives running sessions up to the drain timeout
+to end, then closes the rest ("server shutting down"); shutdown unregisters the worker.
 """
 
 from __future__ import annotations
@@ -14,6 +20,8 @@ import asyncio
 import logging
 import secrets
 import socket
+import time
+from dataclasses import replace
 
 import numpy as np
 
@@ -48,6 +56,13 @@ class SessionManager:
                                address=s.public_url or f"http://{host}:{s.port}")
         self._heartbeat_task: asyncio.Task | None = None
         self._background: set[asyncio.Task] = set()
+        self.draining = False
+        self._remote_limits: dict[str, RateLimit] = {}   # audio/speak limit of sessions forwarded from here
+        self.forwarder = self.consumer = None
+        if hasattr(store, "binary"):   # Redis: driving input for other workers' sessions, and for ours
+            from server.routing import DriveConsumer, Forwarder
+            self.forwarder = Forwarder(store)
+            self.consumer = DriveConsumer(store, self.info.id, self.sessions)
 
     # ----- worker registration ------------------------------------------------------------
 
@@ -61,6 +76,8 @@ class SessionManager:
             log.warning("worker %s not registered yet, will retry with each heartbeat: %s", self.info.id, exc)
         period = self.settings.heartbeat_s or self.settings.store_ttl_s / 3
         self._heartbeat_task = asyncio.create_task(self._heartbeats(period), name="knotstream-heartbeat")
+        if self.consumer is not None:
+            self.consumer.start()
         log.info("worker %s registered (%s, capacity %d, %s store)", self.info.id, self.info.address,
                  self.info.capacity, type(self.store).__name__)
 
@@ -69,13 +86,21 @@ class SessionManager:
             await asyncio.sleep(period)
             try:
                 await self.store.heartbeat(self.info, list(self.records.values()))
+                for wid, n in await self.store.sweep():
+                    log.warning("worker %s stopped heartbeating: %d of its sessions marked failed", wid, n)
             except Exception as exc:  # the store is down: keep serving, try again next period
                 log.warning("heartbeat of worker %s failed: %s", self.info.id, exc)
+
+    async def address_of(self, worker_id: str) -> str | None:
+        return next((w.address for w in await self.store.workers() if w.id == worker_id), None)
 
     # ----- sessions -----------------------------------------------------------------------
 
     async def create(self, reference: np.ndarray, knobs: StreamKnobs, seed: int, options: SessionOptions,
                      avatar: str | None = None) -> tuple[LiveSession, str]:
+        if self.draining:
+            raise ApiError(503, "draining", "this server is shutting down; try another or again later",
+                           headers={"Retry-After": str(self.settings.retry_after_s)})
         session_id = secrets.token_hex(8)
         token = secrets.token_urlsafe(32)
         record = SessionRecord(session_id, auth.digest(token), worker=self.info.id, state="starting", avatar=avatar)
@@ -156,10 +181,12 @@ class SessionManager:
             self._spawn(self._release(session.id))
             log.info("session %s closed: %s (%d live)", session.id, session.close_reason, len(self.sessions))
 
-    async def authorize(self, session_id: str, authorization: str | None) -> LiveSession:
+    async def authorize(self, session_id: str, authorization: str | None, remote_ok: bool = False):
         """The live session for a bearer token. 401 without a token (before any lookup); the
-        same 404 for an unknown id, a malformed id and a token of another session; 421 when
-        the token is right but the session runs on another worker (server/auth.py)."""
+        same 404 for an unknown id, a malformed id and a token of another session; 410
+        session_failed when its worker died. A session on another worker: with `remote_ok`
+        (driving routes, Redis store) a RemoteSession that forwards through the owner's stream;
+        else 421 naming the owner (routes the router did not proxy: the WebSocket)."""
         token = auth.session_token(authorization)
         if not auth.SESSION_ID.fullmatch(session_id):
             auth.token_matches(token, None)
@@ -178,9 +205,14 @@ class SessionManager:
         if not auth.token_matches(token, record.token_hash if record else None):
             raise auth.not_found(session_id)
         if session is None:
+            if record.state == "failed":
+                raise ApiError(410, "session_failed", f"session {session_id} failed: {record.reason or 'unknown'}")
             if record.worker == self.info.id:   # admitted here, still starting or just closed
                 raise auth.not_found(session_id)
-            address = next((w.address for w in await self.store.workers() if w.id == record.worker), None)
+            if remote_ok and self.forwarder is not None:
+                from server.routing import RemoteSession
+                return RemoteSession(record, self.engine.config.driving.sample_rate, self.forwarder, self.tts)
+            address = await self.address_of(record.worker)
             raise ApiError(421, "session_on_other_worker",
                            f"session {session_id} runs on worker {record.worker}"
                            + (f" at {address}" if address else " (no longer registered)"))
@@ -189,6 +221,11 @@ class SessionManager:
     def check_rate(self, session_id: str) -> None:
         """The per-session audio/speak request limit: 429 rate_limited with Retry-After."""
         limit = self.limits.get(session_id)
+        if limit is None and session_id not in self.sessions:   # a session forwarded from here
+            if len(self._remote_limits) > 10_000:
+                self._remote_limits.clear()
+            limit = self._remote_limits.setdefault(
+                session_id, RateLimit(self.settings.audio_rate_per_s, self.settings.audio_burst))
         wait = limit.take() if limit is not None else 0.0
         if wait > 0:
             raise ApiError(429, "rate_limited",
@@ -201,12 +238,35 @@ class SessionManager:
         if session is not None:
             await session.close(reason)
 
+    async def drain(self, timeout_s: float) -> None:
+        """Stop taking sessions, wait up to `timeout_s` for running ones to end, close the rest."""
+        if self.draining:
+            return
+        self.draining = True
+        self.info = replace(self.info, capacity=0)     # no node places sessions here any more
+        log.info("worker %s draining: %d session(s), up to %.0f s", self.info.id, len(self.sessions), timeout_s)
+        try:
+            await self.store.heartbeat(self.info, list(self.records.values()))
+        except StoreUnavailable as exc:
+            log.warning("worker %s: could not mark itself draining in the store: %s", self.info.id, exc)
+        deadline = time.monotonic() + timeout_s
+        while self.sessions and time.monotonic() < deadline:
+            await asyncio.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
+        await self._close_all()
+
+    async def _close_all(self) -> None:
+        await asyncio.gather(*(s.close("server shutting down") for s in list(self.sessions.values())),
+                             return_exceptions=True)
+
     async def shutdown(self) -> None:
+        self.draining = True
         if self._heartbeat_task is not None:
             self._heartbeat_task.cancel()
             await asyncio.gather(self._heartbeat_task, return_exceptions=True)
-        await asyncio.gather(*(s.close("server shutdown") for s in list(self.sessions.values())),
-                             return_exceptions=True)
+        await self._close_all()
+        for part in (self.consumer, self.forwarder):
+            if part is not None:
+                await part.aclose()
         await asyncio.gather(*list(self._background), return_exceptions=True)
         try:
             await self.store.unregister_worker(self.info.id)

@@ -2,11 +2,20 @@
 
 Flags override `KNOTSTREAM_*` environment variables, which override the defaults
 (server/settings.py).
+
+SIGTERM (or Ctrl-C) drains: readyz answers 503 draining, new sessions are refused (503 +
+Retry-After) or placed on other workers, running sessions get `drain_timeout_s` to end and
+are then closed ("server shutting down"); then uvicorn stops and the worker unregisters.
+A second signal stops at once.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import logging
+
+log = logging.getLogger("knotstream.serve")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -20,6 +29,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="STUN/TURN URL handed to peers (repeatable; default none)")
     parser.add_argument("--loopback-ice", action="store_true", default=None,
                         help="offer 127.0.0.1 ICE candidates (hosts with only a loopback interface)")
+    parser.add_argument("--redis-url", help="shared session store of several workers (env KNOTSTREAM_REDIS_URL)")
+    parser.add_argument("--public-url", help="this worker's address as other workers reach it "
+                                             "(default http://<host>:<port>)")
+    parser.add_argument("--drain-timeout", type=float, help="seconds running sessions get on SIGTERM (default 30)")
 
 
 def settings_from_args(args: argparse.Namespace):
@@ -28,9 +41,44 @@ def settings_from_args(args: argparse.Namespace):
     overrides = {k: v for k, v in {
         "host": args.host, "port": args.port, "model": args.model, "device": args.device,
         "max_sessions": args.max_sessions, "codec": args.codec, "loopback_ice": args.loopback_ice,
+        "redis_url": args.redis_url, "public_url": args.public_url, "drain_timeout_s": args.drain_timeout,
         "ice_servers": [{"urls": [u]} for u in args.ice_server] if args.ice_server else None,
     }.items() if v is not None}
     return Settings(**overrides)
+
+
+def draining_server(config, app, drain_timeout_s: float):
+    """A uvicorn Server whose first SIGTERM/SIGINT drains the app's sessions before stopping."""
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        _loop = None
+        _drain = None
+
+        async def serve(self, sockets=None):
+            self._loop = asyncio.get_running_loop()
+            await super().serve(sockets)
+
+        def handle_exit(self, sig, frame):
+            manager = getattr(app.state, "manager", None)
+            if self._drain is None and manager is not None and self._loop is not None and not self.should_exit:
+                self._captured_signals.append(sig)   # uvicorn re-raises it once stopped
+                self._drain = True
+                self._loop.call_soon_threadsafe(self._start_drain, manager)
+                return
+            super().handle_exit(sig, frame)          # second signal (or not started): stop now
+
+        def _start_drain(self, manager):
+            self._drain = asyncio.ensure_future(self._drain_then_exit(manager))
+
+        async def _drain_then_exit(self, manager):
+            try:
+                await manager.drain(drain_timeout_s)
+            except Exception:
+                log.exception("drain failed; stopping anyway")
+            self.should_exit = True
+
+    return DrainingServer(config)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -39,5 +87,8 @@ def run(args: argparse.Namespace) -> int:
     from server.app import create_app
 
     settings = settings_from_args(args)
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+    app = create_app(settings)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info",
+                            timeout_graceful_shutdown=10)
+    draining_server(config, app, settings.drain_timeout_s).run()
     return 0

@@ -95,6 +95,8 @@ class Settings(BaseSettings):
     public_url: str | None = None                        # this worker's address; default http://<host>:<port>
     store_ttl_s: float = Field(15.0, gt=0)               # records expire this long after the last heartbeat
     heartbeat_s: float | None = Field(None, gt=0)        # default store_ttl_s / 3
+    # SIGTERM: running sessions get this long to end before they are closed (server/serve.py).
+    drain_timeout_s: float = Field(30.0, ge=0)
     # aioice skips 127.0.0.1 when gathering candidates; turn on in a namespace with only `lo`.
     loopback_ice: bool = False
 

@@ -1,7 +1,7 @@
 """The server on the Redis store (`redis_url` set): it registers itself as a worker with its
 capacity and address, heartbeats, admits sessions through Redis (so slots taken by other
 workers' admissions count), answers 503 + Retry-After when full, frees slots on close,
-answers 421 for a session of another worker, 503 store_unavailable when Redis is down,
+proxies requests for a session of another worker, 503 store_unavailable when Redis is down,
 and unregisters on shutdown. Real redis-server, real tiny engine."""
 
 import asyncio
@@ -89,7 +89,7 @@ def test_server_admits_through_redis_and_unregisters_on_shutdown(engine, redis_s
         # Heartbeats keep the worker and its session alive well past the TTL.
         time.sleep(2.5)
         assert raw.exists(wkey) and raw.exists(f"{PREFIX}session:{sid}")
-        assert 0 < raw.pttl(f"{PREFIX}session:{sid}") <= 1500
+        assert 0 < raw.pttl(f"{PREFIX}session:{sid}") <= 3000   # TTL + the grace for sweepers
 
         r2 = create(c, "ben")
         assert r2.status_code == 201, r2.text
@@ -107,7 +107,10 @@ def test_server_admits_through_redis_and_unregisters_on_shutdown(engine, redis_s
     assert raw.keys(f"{PREFIX}worker:*") == [] and raw.keys(f"{PREFIX}session:*") == []
 
 
-def test_session_on_another_worker_is_421_only_with_its_token(engine, redis_server):
+def test_session_on_an_unreachable_worker_is_503_only_with_its_token(engine, redis_server):
+    """Another worker's session is proxied there (server/routing.py); that worker does not
+    answer here (a made-up address), so 503 worker_unavailable naming it; without the right
+    token nothing is proxied: the same 404 as for an unknown id."""
     url = redis_server.url
     token = "t" * 43
     rec = SessionRecord("abcdef0123456789", auth.digest(token), worker="worker-b")
@@ -120,9 +123,10 @@ def test_session_on_another_worker_is_421_only_with_its_token(engine, redis_serv
     try:
         with LiveServer(settings(url), engine) as srv, httpx.Client(base_url=srv.url, timeout=60) as c:
             r = c.get(f"/v1/sessions/{rec.id}", headers={"Authorization": f"Bearer {token}"})
-            assert r.status_code == 421, r.text
-            assert r.json()["error"]["code"] == "session_on_other_worker"
+            assert r.status_code == 503, r.text
+            assert r.json()["error"]["code"] == "worker_unavailable"
             assert "http://worker-b.internal:8000" in r.json()["error"]["message"]
+            assert r.headers["retry-after"] == "7"
             wrong = c.get(f"/v1/sessions/{rec.id}", headers={"Authorization": "Bearer nope"})
             unknown = c.get("/v1/sessions/0000000000000000", headers={"Authorization": "Bearer nope"})
             assert wrong.status_code == unknown.status_code == 404
