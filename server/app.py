@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from server import avatars, errors
+from server import avatars, errors, spec
 from server.auth import ApiKeys
 from server.errors import ApiError
 from server.manager import SessionManager
@@ -136,7 +136,8 @@ def create_app(settings: Settings | None = None, engine=None, store: SessionStor
 
     # ----- sessions -------------------------------------------------------------------
 
-    @app.post("/v1/sessions", status_code=201, summary="Create a session (and answer its SDP offer)")
+    @app.post("/v1/sessions", status_code=201, summary="Create a session (and answer its SDP offer)",
+              openapi_extra=spec.create_body(CreateOptions, Offer))
     async def create_session(request: Request, authorization: str | None = Header(None),
                              x_api_key: str | None = Header(None)):
         """Multipart form: `image` (portrait upload) or `avatar` (bundled name), `options`
@@ -185,7 +186,8 @@ def create_app(settings: Settings | None = None, engine=None, store: SessionStor
                 "model": {"name": cfg.name, "trained": bool(getattr(m.engine, "trained", True))}}
         return JSONResponse(body, status_code=201, headers={"Location": location, **ice_link_header(ice)})
 
-    @app.post("/v1/sessions/{session_id}/offer", summary="Send the SDP offer (offer-later)")
+    @app.post("/v1/sessions/{session_id}/offer", summary="Send the SDP offer (offer-later)",
+              openapi_extra=spec.offer_body(Offer))
     async def offer(session_id: str, request: Request, authorization: str | None = Header(None)):
         """Body: `application/sdp` (answer comes back as `application/sdp`, 201, as WHIP) or
         JSON {"sdp", "type": "offer"} (answer as JSON {"answer": {...}})."""
@@ -207,7 +209,8 @@ def create_app(settings: Settings | None = None, engine=None, store: SessionStor
         _check_offer(sdp)
         return {"answer": {"type": "answer", "sdp": await _answer(session, sdp)}}
 
-    @app.post("/v1/sessions/{session_id}/audio", status_code=202, summary="Push speech audio")
+    @app.post("/v1/sessions/{session_id}/audio", status_code=202, summary="Push speech audio",
+              openapi_extra=spec.AUDIO)
     async def push_audio(session_id: str, request: Request, rate: int = 16000,
                          segment: str | None = Query(None, min_length=1, max_length=128),
                          end: bool = True, authorization: str | None = Header(None)):
