@@ -35,7 +35,7 @@ from urllib.parse import parse_qs, urlsplit
 import numpy as np
 
 from server import auth
-from server.errors import error_body
+from server.errors import ApiError, error_body
 from server.store import SessionRecord, StoreUnavailable
 
 log = logging.getLogger("knotstream.routing")
@@ -78,6 +78,10 @@ class ClusterRouter:
         """The owner's address when this request must be proxied, else None (handled here)."""
         path, method = scope["path"], scope["method"]
         if path == "/v1/sessions" and method == "POST":
+            try:   # a request without a valid API key is refused here, never passed on
+                scope["app"].state.api_keys.check(headers.get("authorization"), headers.get("x-api-key"))
+            except ApiError:
+                return None
             return await self._placement(manager)
         m = SESSION_PATH.fullmatch(path)
         if m is None or not auth.SESSION_ID.fullmatch(m.group(1)) or m.group(1) in manager.sessions:

@@ -138,6 +138,10 @@ def test_sessions_spread_over_workers_and_any_node_reaches_them(cluster):
         assert st.status_code == 200, st.text
         assert st.json()["id"] == on_b["id"] and st.json()["driving"]["speech_samples"] == 0
         assert ca.get(on_b["location"], headers={"Authorization": "Bearer nope"}).status_code == 404
+        # The audio WebSocket is not proxied: on the other node it names the owner.
+        ws_error = asyncio.run(ws_first_message(f"ws://127.0.0.1:{a.port}{on_b['location']}/audio/ws"
+                                                f"?token={on_b['token']}"))
+        assert ws_error["code"] == "session_on_other_worker" and b.url in ws_error["message"]
 
         # Audio pushed to node a reaches the session on b through b's Redis stream.
         n = 16000
@@ -176,6 +180,34 @@ def test_sessions_spread_over_workers_and_any_node_reaches_them(cluster):
         # Its slot is free again: the next create through a lands on b.
         r = ca.post("/v1/sessions", json={"avatar": "cleo"})
         assert r.status_code == 201 and owner(raw, prefix, r.json()["id"]) == "b"
+
+
+async def ws_first_message(url: str) -> dict:
+    import json
+
+    import websockets
+
+    async with websockets.connect(url) as ws:
+        return json.loads(await asyncio.wait_for(ws.recv(), 30))
+
+
+def test_api_keys_travel_with_proxied_requests(cluster):
+    key = "k" * 24
+    a, b = cluster(2, max_sessions=1, api_keys=key, auth_disabled="false")
+    raw, prefix = cluster.raw, cluster.prefix
+    with httpx.Client(base_url=a.url, timeout=120) as ca:
+        assert ca.post("/v1/sessions", json={"avatar": "ada"}).status_code == 401
+        first = ca.post("/v1/sessions", json={"avatar": "ada"}, headers={"Authorization": f"Bearer {key}"})
+        assert first.status_code == 201 and owner(raw, prefix, first.json()["id"]) == "a"
+        # a is full now: without a key nothing is passed on; with one, b admits it (b checked the key).
+        assert ca.post("/v1/sessions", json={"avatar": "ben"}).status_code == 401
+        assert ca.post("/v1/sessions", json={"avatar": "ben"},
+                       headers={"Authorization": "Bearer " + "x" * 24}).status_code == 401
+        second = ca.post("/v1/sessions", json={"avatar": "ben"}, headers={"X-API-Key": key})
+        assert second.status_code == 201, second.text
+        assert owner(raw, prefix, second.json()["id"]) == "b"
+        st = ca.get(second.json()["location"], headers=bearer(second.json()))
+        assert st.status_code == 200 and st.json()["id"] == second.json()["id"]
 
 
 def test_a_killed_worker_fails_its_sessions_and_new_ones_go_elsewhere(cluster):
