@@ -44,3 +44,11 @@ def test_train_all_stages_resume_and_export(tmp_path):
     assert engine.config.vae.latent_std is not None
     frames = engine.start(np.full((32, 32, 3), 128, np.uint8)).step()
     assert frames.shape[1:] == (32, 32, 3)
+
+    # A finished VAE asked for more steps trains on; the DiT stage then re-encodes its pool.
+    pool_before = torch.load(ck / "latent_pool_5.pt", weights_only=False)["vae_fingerprint"]
+    assert trainer.run(args_for(tmp_path, stage="vae", vae_steps=5)) == 0
+    assert torch.load(ck / "vae.pt", weights_only=False)["step"] == 5
+    assert trainer.run(args_for(tmp_path, stage="dit", dit_steps=7, pool=40, batch=8)) == 0
+    pool = torch.load(ck / "latent_pool_5.pt", weights_only=False)
+    assert not torch.equal(pool["vae_fingerprint"], pool_before) and len(pool["latents"]) == 40

@@ -200,7 +200,7 @@ class LatentPool:
         from model.train.chunks import ClipBatch
 
         idx = torch.randint(len(self), (batch,), generator=gen)
-        t = {k: v[idx].float() for k, v in self.t.items()}
+        t = {k: self.t[k][idx].float() for k in ("audio", "motion", "latents", "ref_latent", "latent_weight")}
         return ClipBatch(frames=None, reference=None, audio=t["audio"], motion=t["motion"], weight=None,
                          latents=t["latents"], ref_latent=t["ref_latent"], latent_weight=t["latent_weight"])
 
