@@ -45,6 +45,7 @@ SESSION_PATH = re.compile(r"/v1/sessions/([^/]+)(/[a-z/]*)?")
 DRIVING = {"/audio", "/speak", "/interrupt"}           # POST suffixes that go through the stream
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
               "transfer-encoding", "upgrade", "host", "content-length"}
+ANSWER_TIMEOUT_S = 300.0     # longest wait for a proxied answer to start (a create on a busy worker)
 STREAM_MAXLEN = 1000          # entries per worker stream (approximate trim); consumed entries are deleted
 GROUP = "owner"
 
@@ -154,9 +155,13 @@ async def proxy(scope, receive, send, base_url: str, manager) -> None:
             event = conn.next_event()
             if event is h11.NEED_DATA:
                 read = asyncio.ensure_future(reader.read(65536))
-                done, _ = await asyncio.wait({read, watcher}, return_when=asyncio.FIRST_COMPLETED)
-                if read not in done:      # our client went away (an SSE reader, say): stop
+                done, _ = await asyncio.wait({read, watcher}, return_when=asyncio.FIRST_COMPLETED,
+                                             timeout=None if started else ANSWER_TIMEOUT_S)
+                if read not in done:      # our client went away (an SSE reader, say), or no answer
                     read.cancel()
+                    if not started and watcher not in done:
+                        return await _unavailable(send, manager, f"worker at {base_url} did not answer "
+                                                                 f"within {ANSWER_TIMEOUT_S:.0f} s")
                     return
                 conn.receive_data(read.result())
             elif isinstance(event, h11.Response):
@@ -312,6 +317,7 @@ class DriveConsumer:
         from redis.exceptions import ResponseError
 
         need_group = True
+        backoff = 0.2
         while True:
             try:
                 if need_group:
@@ -319,6 +325,7 @@ class DriveConsumer:
                     need_group = False
                 replies = await self.store.binary.xreadgroup(GROUP, self.worker_id, {self.key: ">"}, count=32,
                                                              block=self.block_ms)
+                backoff = 0.2
                 for _, entries in replies or []:
                     for entry_id, fields in entries:
                         self._apply(fields)
@@ -330,10 +337,11 @@ class DriveConsumer:
                 log.warning("driving stream %s: %s; creating its group again", self.key, exc)
                 need_group = True
                 await asyncio.sleep(0.2)
-            except Exception as exc:
-                log.warning("driving stream %s unreadable: %s", self.key, exc)
+            except Exception as exc:   # Redis down: retry, less often the longer it lasts
+                log.warning("driving stream %s unreadable (retry in %.1f s): %s", self.key, backoff, exc)
                 need_group = True
-                await asyncio.sleep(0.5)
+                await asyncio.sleep(backoff)
+                backoff = min(5.0, backoff * 2)
 
     def _apply(self, fields: dict) -> None:
         sid = fields.get(b"sid", b"").decode()

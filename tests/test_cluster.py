@@ -315,3 +315,22 @@ def test_sigterm_drains(cluster):
 
     asyncio.run(asyncio.wait_for(scenario(), 120))
     assert raw.keys(f"{prefix}worker:*") == [] and raw.keys(f"{prefix}session:*") == []
+
+
+def test_a_draining_worker_places_new_sessions_on_the_others(cluster):
+    a, b = cluster(2, max_sessions=2, drain_timeout_s=30)
+    raw, prefix = cluster.raw, cluster.prefix
+    with httpx.Client(base_url=a.url, timeout=120) as ca:
+        mine = ca.post("/v1/sessions", json={"avatar": "ada"}).json()   # keeps a draining for a while
+        assert owner(raw, prefix, mine["id"]) == "a"
+        a.proc.send_signal(signal.SIGTERM)
+        wait_for(lambda: ca.get("/readyz").status_code == 503, 10, "a to start draining")
+        r = ca.post("/v1/sessions", json={"avatar": "ben"})
+        assert r.status_code == 201, r.text
+        assert owner(raw, prefix, r.json()["id"]) == "b"
+        # Ending its last session lets the drain finish early: a exits long before 30 s.
+        t0 = time.monotonic()
+        assert ca.delete(mine["location"], headers=bearer(mine)).status_code == 204
+        assert a.proc.wait(20) in (0, -signal.SIGTERM)
+        assert time.monotonic() - t0 < 20
+    assert not raw.exists(f"{prefix}worker:a") and raw.exists(f"{prefix}worker:b")
