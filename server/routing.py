@@ -165,7 +165,8 @@ async def proxy(scope, receive, send, base_url: str, manager) -> None:
                     return
                 conn.receive_data(read.result())
             elif isinstance(event, h11.Response):
-                out = [(k, v) for k, v in event.headers if k.decode("latin-1").lower() not in HOP_BY_HOP]
+                out = [(k, v) for k, v in event.headers   # uvicorn adds its own date and server
+                       if k.decode("latin-1").lower() not in HOP_BY_HOP | {"date", "server"}]
                 await send({"type": "http.response.start", "status": event.status_code, "headers": out})
                 started = True
             elif isinstance(event, h11.Data):

@@ -137,6 +137,7 @@ def test_sessions_spread_over_workers_and_any_node_reaches_them(cluster):
         st = ca.get(on_b["location"], headers=bearer(on_b))
         assert st.status_code == 200, st.text
         assert st.json()["id"] == on_b["id"] and st.json()["driving"]["speech_samples"] == 0
+        assert len(st.headers.get_list("date")) == 1 and len(st.headers.get_list("server")) == 1
         assert ca.get(on_b["location"], headers={"Authorization": "Bearer nope"}).status_code == 404
         # The audio WebSocket is not proxied: on the other node it names the owner.
         ws_error = asyncio.run(ws_first_message(f"ws://127.0.0.1:{a.port}{on_b['location']}/audio/ws"
