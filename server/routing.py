@@ -73,10 +73,13 @@ class ClusterRouter:
             pass   # the route itself answers (503 store_unavailable where it needs the store)
         if target is None:
             return await self.app(scope, receive, send)
+        if not target:   # its worker's entry expired: soon swept (then 410), or back
+            return await _unavailable(send, manager, "the worker of this session is not answering heartbeats")
         await proxy(scope, receive, send, target, manager)
 
     async def _target(self, manager, scope, headers) -> str | None:
-        """The owner's address when this request must be proxied, else None (handled here)."""
+        """The owner's address when this request must be proxied, else None (handled here);
+        "" for a session whose worker is no longer registered."""
         path, method = scope["path"], scope["method"]
         if path == "/v1/sessions" and method == "POST":
             try:   # a request without a valid API key is refused here, never passed on
@@ -99,7 +102,7 @@ class ClusterRouter:
         if (record is None or record.worker == manager.info.id or record.state == "failed"
                 or not auth.token_matches(token, record.token_hash)):
             return None   # the route answers (404, 410) exactly as for a session of this node
-        return await manager.address_of(record.worker)
+        return await manager.address_of(record.worker) or ""
 
     async def _placement(self, manager) -> str | None:
         workers = await manager.store.workers()

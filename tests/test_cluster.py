@@ -220,9 +220,16 @@ def test_a_killed_worker_fails_its_sessions_and_new_ones_go_elsewhere(cluster):
         b.proc.kill()                                    # SIGKILL: no shutdown, no unregister
         b.proc.wait()
         t0 = time.monotonic()
-        r = wait_for(lambda: (lambda r: r if r.status_code == 410 else None)(
-            ca.get(on_b["location"], headers=bearer(on_b))), 4 * TTL + 5, "410 session_failed")
+        seen = []
+
+        def failed():
+            r = ca.get(on_b["location"], headers=bearer(on_b))
+            seen.append((r.status_code, r.json()["error"]["code"]))
+            return r if r.status_code == 410 else None
+        r = wait_for(failed, 4 * TTL + 5, "410 session_failed")
         took = time.monotonic() - t0
+        # Until it is swept: 503 worker_unavailable (refused connection, then no registered worker).
+        assert set(seen[:-1]) <= {(503, "worker_unavailable")} and seen[-1] == (410, "session_failed")
         assert r.json()["error"]["code"] == "session_failed" and "worker b" in r.json()["error"]["message"]
         assert took < 2 * TTL + 2        # entry TTL + one sweep period, with slack for a busy machine
         # Other routes say the same; a wrong token still learns nothing.
