@@ -11,7 +11,8 @@ Codes used by the API (stable; clients and tests match on them):
   audio_buffer_full (409), rate_limited (429, Retry-After), tts_unavailable (501),
   too_many_sessions (503, Retry-After), store_unavailable (503, Retry-After),
   not_ready (503), session_closed (410), internal_error (500),
-  encoder_unavailable (422), encoder_codec_mismatch (422), offer_codec_unsupported (400).
+  encoder_unavailable (422), encoder_codec_mismatch (422), offer_codec_unsupported (400),
+  worker_unavailable (503), session_failed (410), draining (503), forward_queue_full (409).
 """
 
 from __future__ import annotations
