@@ -33,7 +33,7 @@ def pct(values, q):
     return float(np.percentile(values, q)) if values else float("nan")
 
 
-async def run_level(n_sessions: int, seconds: float, model: str) -> dict:
+async def run_level(n_sessions: int, seconds: float, model: str, max_batch: int = 1) -> dict:
     import httpx
 
     from model.engine import Engine
@@ -45,7 +45,7 @@ async def run_level(n_sessions: int, seconds: float, model: str) -> dict:
         allow_loopback()
     engine = Engine.from_pretrained(model)
     latencies: dict[str, list[float]] = {"motion": [], "speech": []}
-    with LiveServer(Settings(max_sessions=n_sessions, model=model), engine) as srv:
+    with LiveServer(Settings(max_sessions=n_sessions, model=model, max_batch=max_batch), engine) as srv:
         clients = [AvatarClient(srv.url) for _ in range(n_sessions)]
         for i, c in enumerate(clients):
             await c.connect(["ada", "ben", "cleo", "dev"][i % 4], options={"seed": i})
@@ -101,11 +101,12 @@ def main(argv=None) -> int:
     p.add_argument("--sessions", type=int, nargs="+", default=[1, 2])
     p.add_argument("--seconds", type=float, default=20.0)
     p.add_argument("--model", default="tiny")
+    p.add_argument("--max-batch", type=int, default=1, help="sessions per batched engine step (KNOTSTREAM_MAX_BATCH)")
     args = p.parse_args(argv)
-    print(f"# cpus={os.cpu_count()} load={os.getloadavg()[0]:.2f} model={args.model}")
+    print(f"# cpus={os.cpu_count()} load={os.getloadavg()[0]:.2f} model={args.model} max_batch={args.max_batch}")
     print("sessions  fps(min..max)  gen_fps  held%  step_ms  av_skew_ms  motion_ms p50/p95  speech_ms p50/p95")
     for n in args.sessions:
-        r = asyncio.run(run_level(n, args.seconds, args.model))
+        r = asyncio.run(run_level(n, args.seconds, args.model, args.max_batch))
         print(f"{r['sessions']:8d}  {r['fps_min']:5.2f}..{r['fps_max']:5.2f}  {r['gen_fps_mean']:7.2f}  "
               f"{r['held_pct_max']:5.1f}  {r['step_ms_mean']:7.1f}  {r['av_skew_ms_max']:10.2f}  "
               f"{r['motion_ms_p50']:6.0f}/{r['motion_ms_p95']:<6.0f} (n={r['n_motion']})  "
