@@ -161,7 +161,8 @@ def ada_mouth_box():
 
 async def test_speech_moves_the_mouth_more_than_silence(server):
     """Typed speech (offline TTS, the kind of speech the model was trained on) makes the
-    mouth region of the received video move far more than the idle avatar's does."""
+    mouth of the received video open and close far more than the idle avatar's does."""
+    from model.train.world import measure_mouth_open
     from streaming.tts import available_engine
     if available_engine() is None:
         pytest.skip("no espeak-ng/flite installed (scripts/setup.sh installs them)")
@@ -183,12 +184,14 @@ async def test_speech_moves_the_mouth_more_than_silence(server):
         finally:
             await client.close()
         assert len(frames) >= 50
-        mouth = frames[:, y0:y1, x0:x1]
-        return float(mouth.std(axis=0).mean())
+        # Mouth opening (dark cavity in the mouth box): head sway and blinks barely move it.
+        opening = measure_mouth_open(frames.astype(np.uint8), (x0, y0, x1, y1))
+        return float(opening.std()), float(opening.max())
 
     silent = await mouth_motion(False)
     spoken = await mouth_motion(True)
-    assert spoken > 2.0 * silent + 1.0, (spoken, silent)
+    # (std, max) of the opening: bundled model 0.028 / 0.17 spoken vs 0.002 / 0.05 silent.
+    assert spoken[0] > 4 * silent[0] + 0.005 and spoken[1] > silent[1] + 0.05, (spoken, silent)
 
 
 async def test_a_failing_session_gets_an_error_event_and_others_go_on(server):
