@@ -13,8 +13,10 @@ sends `interrupt` on the data channel and records what the client receives:
   frame after which the mouth stays closed (openness measured in the renderer's mouth box,
   closed = at most the idle avatar's 99th percentile + 0.02).
 
-Both are measured at the client (decoded frames on arrival, so they include encoding,
-loopback transport and decoding: an upper bound of the server's output latency).
+Both are measured at the server's output (the moment each track takes a slot's frame or
+audio from the playout to send it) and at the client (decoded frames on arrival, which adds
+encoding, loopback transport, aiortc's jitter buffer and decoding). The server side also
+reports when the first regenerated frame went out.
 Also reports how many trials had the mouth open when the interrupt was sent, and the
 server's regeneration results (frames regenerated, fallbacks).
 """
@@ -75,10 +77,26 @@ async def run(trials: int, model: str, seed: int) -> dict:
     pcm16 = (np.clip(pcm, -1, 1) * 32767).astype("<i2").tobytes()
     engine = Engine.from_pretrained(model)
     silence_ms, closed_ms, open_at_interrupt, rewinds = [], [], 0, []
+    server = {"silence_ms": [], "closed_ms": [], "first_new_frame_ms": []}
     with LiveServer(Settings(max_sessions=1, model=model), engine) as srv:
         client = AvatarClient(srv.url, keep_images=True, keep_audio=True)
         session = await client.connect("ada", options={"seed": seed})
         live = srv.manager.sessions[session["id"]]
+        # Server side: what the tracks take from the playout, when (send time of each slot).
+        sent_video, sent_audio = [], []  # (time, image, generated index) / (time, peak)
+        video_of, audio_of = live.playout.video, live.playout.audio
+
+        def video(slot):
+            image, gen = video_of(slot)
+            sent_video.append((time.monotonic(), image, gen))
+            return image, gen
+
+        def audio(start, n):
+            out = audio_of(start, n)
+            sent_audio.append((time.monotonic(), float(np.abs(out).max()) if len(out) else 0.0))
+            return out
+
+        live.playout.video, live.playout.audio = video, audio
         await asyncio.sleep(4.0)  # warm up, then measure the idle mouth
         t = time.monotonic()
         await asyncio.sleep(3.0)
@@ -106,13 +124,23 @@ async def run(trials: int, model: str, seed: int) -> dict:
                                        lambda img: measure_mouth_open(img[None], box)[0] > threshold)
                 silence_ms.append(1000 * (t_quiet - t_send))
                 closed_ms.append(1000 * (t_closed - t_send))
+                sv = [(0, t, (img, gen)) for t, img, gen in sent_video if t_send <= t <= t_end]
+                sa = [(0, t, peak) for t, peak in sent_audio if t_send <= t <= t_end]
+                server["silence_ms"].append(1000 * (last_change(sa, t_send, t_end, lambda p: p > 0.01) - t_send))
+                server["closed_ms"].append(1000 * (last_change(
+                    sv, t_send, t_end, lambda x: measure_mouth_open(x[0][None], box)[0] > threshold) - t_send))
+                held = [t for _, t, (_, gen) in sv if gen is None]
+                fresh = [t for _, t, (_, gen) in sv if gen is not None and held and t > held[0]]
+                server["first_new_frame_ms"].append(1000 * ((fresh[0] if fresh else t_end) - t_send))
+                sent_video.clear()
+                sent_audio.clear()
                 await asyncio.sleep(0.5)
                 print(f"trial {i + 1}/{trials}: silence {silence_ms[-1]:.0f} ms, closed mouth {closed_ms[-1]:.0f} ms",
                       file=sys.stderr)
         rewinds = list(live.rewinds)
         status = live.status()
         await client.close()
-    return {"trials": trials, "silence_ms": silence_ms, "closed_ms": closed_ms, "threshold": threshold,
+    return {"trials": trials, "silence_ms": silence_ms, "closed_ms": closed_ms, "threshold": threshold, "server": server,
             "open_at_interrupt": open_at_interrupt, "rewinds": rewinds, "status": status}
 
 
@@ -130,8 +158,12 @@ def main(argv=None) -> int:
     print(f"# cpus={os.cpu_count()} load={os.getloadavg()[0]:.2f} model={args.model} trials={r['trials']}")
     print("| measure | median ms | p95 ms | max ms |")
     print("|---|---|---|---|")
-    for name, key in (("interrupt -> silence", "silence_ms"), ("interrupt -> closed mouth", "closed_ms")):
-        v = r[key]
+    rows = (("server output: interrupt -> silence", r["server"]["silence_ms"]),
+            ("server output: interrupt -> first regenerated frame", r["server"]["first_new_frame_ms"]),
+            ("server output: interrupt -> closed mouth", r["server"]["closed_ms"]),
+            ("client arrival: interrupt -> silence", r["silence_ms"]),
+            ("client arrival: interrupt -> closed mouth", r["closed_ms"]))
+    for name, v in rows:
         print(f"| {name} | {pct(v, 50):.0f} | {pct(v, 95):.0f} | {max(v):.0f} |")
     print(f"\nmouth open when interrupted: {r['open_at_interrupt']}/{r['trials']} trials; "
           f"closed threshold {r['threshold']:.3f}; regenerated frames per interrupt: "
