@@ -40,13 +40,18 @@ def http(server):
         server.call(server.manager.close(sid, "test cleanup"))
 
 
-def offer_sdp(audio=True, video=True) -> str:
+def offer_sdp(audio=True, video=True, video_codec: str | None = None) -> str:
+    """An aiortc offer; `video_codec` ("video/VP8") offers only that video codec."""
     from aiortc import RTCConfiguration, RTCPeerConnection
+    from aiortc.rtcrtpsender import RTCRtpSender
 
     async def make():
         pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
         if video:
-            pc.addTransceiver("video", direction="recvonly")
+            tr = pc.addTransceiver("video", direction="recvonly")
+            if video_codec:
+                tr.setCodecPreferences([c for c in RTCRtpSender.getCapabilities("video").codecs
+                                        if c.mimeType == video_codec])
         if audio:
             pc.addTransceiver("audio", direction="recvonly")
         pc.createDataChannel("driving")
@@ -266,31 +271,13 @@ def test_settings_from_env_and_flags(monkeypatch):
         Settings()
 
 
-def vp8_only_offer_sdp() -> str:
-    from aiortc import RTCConfiguration, RTCPeerConnection
-    from aiortc.rtcrtpsender import RTCRtpSender
-
-    async def make():
-        pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-        tr = pc.addTransceiver("video", direction="recvonly")
-        tr.setCodecPreferences([c for c in RTCRtpSender.getCapabilities("video").codecs if c.mimeType == "video/VP8"])
-        pc.addTransceiver("audio", direction="recvonly")
-        pc.createDataChannel("driving")
-        await pc.setLocalDescription(await pc.createOffer())
-        sdp = pc.localDescription.sdp
-        await pc.close()
-        return sdp
-
-    return asyncio.run(make())
-
-
 def test_a_refused_offer_leaves_the_session_ready_for_a_corrected_one(http):
     """An offer the session cannot answer (here: VP8 only, for an H264-only encoder) is
     refused without taking the session's one peer slot; the corrected offer is answered."""
     r = http.post("/v1/sessions", json={"avatar": "ada", "options": {"encoder": "x264"}})
     assert r.status_code == 201, r.text
     sid, auth = r.json()["id"], {"Authorization": f"Bearer {r.json()['token']}"}
-    bad = http.post(f"/v1/sessions/{sid}/offer", content=vp8_only_offer_sdp(),
+    bad = http.post(f"/v1/sessions/{sid}/offer", content=offer_sdp(video_codec="video/VP8"),
                     headers={**auth, "Content-Type": "application/sdp"})
     assert_error(bad, 400, "offer_codec_unsupported")
     good = http.post(f"/v1/sessions/{sid}/offer", content=offer_sdp(), headers={**auth, "Content-Type": "application/sdp"})
