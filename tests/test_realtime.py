@@ -281,6 +281,27 @@ def free_port():
         return s.getsockname()[1]
 
 
+def stun_answers(port: int, timeout_s: float) -> bool:
+    """True once a STUN binding request to 127.0.0.1:port gets an answer (the server is up)."""
+    import os as _os
+    import socket
+    import struct
+
+    request = struct.pack("!HHI12s", 0x0001, 0, 0x2112A442, _os.urandom(12))
+    end = time.monotonic() + timeout_s
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(0.2)
+        while time.monotonic() < end:
+            sock.sendto(request, ("127.0.0.1", port))
+            try:
+                data, _ = sock.recvfrom(2048)
+                if len(data) >= 20 and data[8:20] == request[8:20]:
+                    return True
+            except OSError:
+                pass
+    return False
+
+
 @pytest.fixture()
 def coturn(tmp_path):
     """A coturn TURN server on loopback with one static user (Debian's coturn package)."""
@@ -297,9 +318,9 @@ def coturn(tmp_path):
          "--no-tls", "--no-dtls", "--no-cli", "--allow-loopback-peers", "--fingerprint",
          f"--pidfile={tmp_path}/turn.pid", "--log-file=stdout", "--simple-log"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    time.sleep(1.0)
-    if proc.poll() is not None:
-        pytest.fail(f"turnserver exited: {proc.stdout.read().decode()[-2000:]}")
+    if not stun_answers(port, timeout_s=20.0):
+        proc.terminate()
+        pytest.fail(f"turnserver did not answer on port {port}: {proc.stdout.read().decode()[-2000:]}")
     yield {"urls": [f"turn:127.0.0.1:{port}?transport=udp"], "username": "knot", "credential": "stream"}
     proc.terminate()
     proc.wait(10)
