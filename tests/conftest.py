@@ -9,4 +9,17 @@ the engine's dispatch still picks SDPA unless a test forces Triton.
 
 import os
 
+import pytest
+
 os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture()
+def http(server):
+    """An HTTP client of the module's live `server` fixture; every test leaves no session behind."""
+    import httpx
+
+    with httpx.Client(base_url=server.url, timeout=120) as c:
+        yield c
+    for sid in list(server.manager.sessions):
+        server.call(server.manager.close(sid, "test cleanup"))

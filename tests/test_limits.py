@@ -29,14 +29,6 @@ def server(engine):
         yield srv
 
 
-@pytest.fixture()
-def http(server):
-    with httpx.Client(base_url=server.url, timeout=120) as c:
-        yield c
-    for sid in list(server.manager.sessions):
-        server.call(server.manager.close(sid, "test cleanup"))
-
-
 def err(r, status, code):
     assert r.status_code == status, r.text
     body = r.json()

@@ -31,15 +31,6 @@ def server(engine, tmp_path_factory):
         yield srv
 
 
-@pytest.fixture()
-def http(server):
-    with httpx.Client(base_url=server.url, timeout=120) as c:
-        yield c
-    # Every test leaves no session behind.
-    for sid in list(server.manager.sessions):
-        server.call(server.manager.close(sid, "test cleanup"))
-
-
 def offer_sdp(audio=True, video=True, video_codec: str | None = None) -> str:
     """An aiortc offer; `video_codec` ("video/VP8") offers only that video codec."""
     from aiortc import RTCConfiguration, RTCPeerConnection
