@@ -15,7 +15,7 @@ from tests.test_train_chunks import small_config
 
 def args_for(tmp_path, **kw):
     base = dict(stage="all", model=str(tmp_path / "start.safetensors"), out=str(tmp_path / "ck"),
-                data=str(tmp_path / "data"), vae_steps=3, dit_steps=3, rollout_steps=2, batch=2, lr=1e-3,
+                data=str(tmp_path / "data"), vae_steps=3, dit_steps=3, rollout_steps=2, decoder_steps=2, batch=2, lr=1e-3,
                 clip_latents=5, pool=4, threads=0, seed=0, save_every=1, max_minutes=0,
                 export=str(tmp_path / "out.safetensors"))
     base.update(kw)
@@ -31,8 +31,14 @@ def test_train_all_stages_resume_and_export(tmp_path):
 
     assert trainer.run(args_for(tmp_path)) == 0
     ck = tmp_path / "ck"
-    steps = {s: torch.load(ck / f"{s}.pt", weights_only=False)["step"] for s in ("vae", "dit", "rollout")}
-    assert steps == {"vae": 3, "dit": 3, "rollout": 2}
+    steps = {s: torch.load(ck / f"{s}.pt", weights_only=False)["step"] for s in ("vae", "dit", "rollout", "decoder")}
+    assert steps == {"vae": 3, "dit": 3, "rollout": 2, "decoder": 2}
+    # The decoder stage trains the decoder alone: the encoder (the DiT's latent space) is untouched.
+    before = torch.load(ck / "rollout.pt", weights_only=False)["model"]
+    after = torch.load(ck / "decoder.pt", weights_only=False)["model"]
+    for name in before:
+        changed = not torch.equal(before[name], after[name])
+        assert changed == name.startswith("vae.decoder."), name
     vae_state = torch.load(ck / "vae.pt", weights_only=False)
     assert vae_state["extra"]["stats_done"] and vae_state["config"]["vae"]["latent_std"] is not None
 

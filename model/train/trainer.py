@@ -1,4 +1,5 @@
-"""`knotstream train`: VAE stage, DiT stage (teacher forcing), rollout stage (exposure bias).
+"""`knotstream train`: VAE stage, DiT stage (teacher forcing), rollout stage (exposure bias),
+decoder stage (sharper VAE decoder on the frozen latent space).
 
 Resumable: every stage keeps a checkpoint (model, optimiser, step, RNG) in `--out`
 and continues from it when run again with the same command. Seeded. A progress bar
@@ -16,7 +17,7 @@ from pathlib import Path
 
 log = logging.getLogger("knotstream.train")
 
-STAGES = ("vae", "dit", "rollout")
+STAGES = ("vae", "dit", "rollout", "decoder")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -27,6 +28,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vae-steps", type=int, default=3000)
     p.add_argument("--dit-steps", type=int, default=20000)
     p.add_argument("--rollout-steps", type=int, default=4000)
+    p.add_argument("--decoder-steps", type=int, default=3000,
+                   help="decoder stage: VAE decoder alone, encoder frozen (the DiT's latents stay valid)")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--clip-latents", type=int, default=8, help="latent frames per training clip")
@@ -166,12 +169,63 @@ def train_vae(model, data, args, out: Path, deadline) -> None:
     save_checkpoint(ck, model, opt, loop.step, gen, {"stats_done": loop.done})
 
 
+def train_decoder(model, data, args, out: Path, deadline) -> None:
+    """The VAE decoder alone, on the frozen encoder's latents.
+
+    The latent space (encoder and latent statistics) is what the DiT learned to predict;
+    training only the decoder sharpens the pictures without invalidating a trained DiT,
+    so this stage can run before or after the DiT stages. Same reconstruction loss and
+    64x64 crops as the VAE stage, latents sampled from the encoder's posterior (a decoder
+    that tolerates small latent errors copes better with the DiT's predictions)."""
+    import torch
+
+    from model.train.losses import vae_loss
+
+    ck = _checkpoint_path(out, "decoder")
+    gen = torch.Generator().manual_seed(args.seed + 4)
+    vae = model.vae
+    opt = torch.optim.AdamW(vae.decoder.parameters(), lr=args.lr, weight_decay=0.0)
+    start = 0
+    if ck.exists():
+        state = load_checkpoint(ck)
+        opt.load_state_dict(state["opt"])
+        gen.set_state(state["gen"])
+        start = state["step"]
+    if start >= args.decoder_steps:
+        return
+    vae.encoder.eval().requires_grad_(False)
+    vae.decoder.train().requires_grad_(True)
+    loop = Loop("decoder", args.decoder_steps, start, args, deadline)
+    while not loop.done and not loop.out_of_time:
+        for g in opt.param_groups:  # short warm-up (fresh optimiser on trained weights), cosine to 10%
+            p = loop.step / max(1, args.decoder_steps)
+            g["lr"] = args.lr * min(1.0, (loop.step + 1) / 100) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
+        batch = data.clips(args.batch, n_latents=2, gen=gen)
+        frames, weight = _random_crop(batch.frames, batch.weight, 64, gen)
+        with torch.no_grad():
+            mean, logvar = vae.encode_dist(frames)
+            z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=gen)
+        recon = vae.decode(vae.normalize(z), clamp=False)
+        losses = vae_loss(recon, frames, weight, mean, logvar, kl_weight=0.0)
+        opt.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(vae.decoder.parameters(), 1.0)
+        opt.step()
+        loop.update(losses["loss"].item())
+        if loop.step % args.save_every == 0:
+            save_checkpoint(ck, model, opt, loop.step, gen)
+    loop.close()
+    vae.encoder.requires_grad_(True)
+    save_checkpoint(ck, model, opt, loop.step, gen)
+
+
 def vae_fingerprint(vae):
-    """A few numbers that change whenever the VAE's weights or latent statistics change."""
+    """A few numbers that change whenever the latents change: the encoder's weights and the
+    latent statistics (the decoder stage leaves both alone, so the pool stays valid)."""
     import torch
 
     with torch.no_grad():
-        sums = [p.double().abs().sum() for p in vae.parameters()]
+        sums = [p.double().abs().sum() for p in vae.encoder.parameters()]
     stats = list(vae.cfg.latent_mean or ()) + list(vae.cfg.latent_std or ())
     return torch.tensor([float(sum(sums)), float(sums[0]), float(sums[-1]), *stats], dtype=torch.float64)
 
@@ -252,6 +306,8 @@ def run(args: argparse.Namespace) -> int:
     for stage in stages:
         if stage == "vae":
             train_vae(model, data, args, out, deadline)
+        elif stage == "decoder":
+            train_decoder(model, data, args, out, deadline)
         else:
             train_dit(model, data, args, out, deadline, stage)
         if deadline is not None and time.time() > deadline:
