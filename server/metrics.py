@@ -2,16 +2,20 @@
 
 Observed as they happen: chunk time, generated frames, driving-to-frame latency.
 Collected at scrape time from the live sessions (plus totals of closed ones): sessions,
-queue depth, held (late) and dropped frames, generated fps over the last 10 s.
+queue depth, held (late) and dropped frames, generated fps over the last 10 s; and from
+the process: resident memory, open files, threads and asyncio tasks (what a leak grows;
+the soak test watches them).
 """
 
 from __future__ import annotations
 
+import asyncio
+import threading
 import time
 from collections import deque
 from typing import Callable, Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
@@ -34,6 +38,8 @@ class Metrics:
         self.errors = Counter("knotstream_session_errors", "Sessions closed by a generation error",
                               registry=self.registry)
         self.registry.register(_Live(self))
+        # process_resident_memory_bytes, process_open_fds, ... (Linux /proc; nothing elsewhere)
+        ProcessCollector(registry=self.registry)
 
     def chunk(self, seconds: float, frames: int) -> None:
         """Worker thread: one chunk generated."""
@@ -77,3 +83,9 @@ class _Live:
                                   value=self.m.closed_totals["held"] + sum(s["held_frames"] for s in statuses))
         yield CounterMetricFamily("knotstream_dropped_frames", "Frames skipped or discarded",
                                   value=self.m.closed_totals["dropped"] + sum(s["dropped_frames"] for s in statuses))
+        yield GaugeMetricFamily("knotstream_threads", "Live threads of the process", value=threading.active_count())
+        try:  # scraped from the event loop (the /metrics handler is async)
+            tasks = len(asyncio.all_tasks())
+        except RuntimeError:
+            tasks = 0
+        yield GaugeMetricFamily("knotstream_asyncio_tasks", "Pending asyncio tasks of the event loop", value=tasks)

@@ -27,11 +27,12 @@ TTL = 1.5
 class Worker:
     """One `knotstream serve` process (stopped in teardown; SIGKILL if it does not stop)."""
 
-    def __init__(self, redis_url: str, wid: str, prefix: str, log_dir: Path, capacity: int = 2, **env):
+    def __init__(self, redis_url: str, wid: str, prefix: str, log_dir: Path, capacity: int = 2,
+                 torch_threads: int = 1, **env):
         self.id = wid
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.env = {**os.environ, "OMP_NUM_THREADS": "1", "KNOTSTREAM_REDIS_URL": redis_url,
+        self.env = {**os.environ, "OMP_NUM_THREADS": str(torch_threads), "KNOTSTREAM_REDIS_URL": redis_url,
                     "KNOTSTREAM_REDIS_PREFIX": prefix, "KNOTSTREAM_WORKER_ID": wid,
                     "KNOTSTREAM_MAX_SESSIONS": str(capacity), "KNOTSTREAM_STORE_TTL_S": str(TTL),
                     "KNOTSTREAM_HEARTBEAT_S": "0.25", "KNOTSTREAM_AUTH_DISABLED": "true",

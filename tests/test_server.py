@@ -98,6 +98,12 @@ def test_health_ready_metrics_and_static_web(http):
                  "knotstream_queue_depth_frames", "knotstream_late_frames_total",
                  "knotstream_dropped_frames_total", "knotstream_driving_to_frame_seconds"):
         assert name in metrics, name
+    # Process gauges (what a leak grows; the soak test reads them).
+    values = {line.split()[0]: float(line.split()[1]) for line in metrics.splitlines()
+              if line and not line.startswith("#")}
+    assert values["process_resident_memory_bytes"] > 50e6 and values["process_open_fds"] > 3
+    assert values["knotstream_threads"] >= 2      # the event loop's and the generation worker's
+    assert values["knotstream_asyncio_tasks"] >= 1  # at least the scrape itself
     assert "knotstream" in http.get("/").text
     assert http.get("/v1/avatars").json()["avatars"] == ["ada", "ben", "cleo", "dev"]
     png = http.get("/v1/avatars/ada.png")
