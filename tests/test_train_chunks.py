@@ -80,8 +80,17 @@ def test_rollout_context_runs_and_differs_from_teacher_forcing():
     plan = ChunkPlan(start=4, knobs=cfg.stream, ref_lead=0)
     with torch.no_grad():
         tf = trainer.forward(batch, plan, torch.full((2,), 0.5), torch.Generator().manual_seed(3))
-        ro = trainer.forward(batch, plan, torch.full((2,), 0.5), torch.Generator().manual_seed(3), rollout=True)
+        ro = trainer.forward(batch, plan, torch.full((2,), 0.5), torch.Generator().manual_seed(3), rollout="all")
+        last = trainer.forward(batch, plan, torch.full((2,), 0.5), torch.Generator().manual_seed(3), rollout="last")
     assert not torch.allclose(tf["x0_pred"], ro["x0_pred"])
+    # "last" generates only the chunk before the trained one: neither of the other two...
+    assert not torch.allclose(last["x0_pred"], ro["x0_pred"]) and not torch.allclose(last["x0_pred"], tf["x0_pred"])
+    # ...and exactly "all" when that chunk is the only context (the stream's first chunk).
+    first = ChunkPlan(start=2, knobs=cfg.stream, ref_lead=0)
+    with torch.no_grad():
+        a = trainer.forward(batch, first, torch.full((2,), 0.5), torch.Generator().manual_seed(3), rollout="all")
+        b = trainer.forward(batch, first, torch.full((2,), 0.5), torch.Generator().manual_seed(3), rollout="last")
+    assert torch.equal(a["x0_pred"], b["x0_pred"])
 
 
 def test_a_few_steps_reduce_the_loss():

@@ -15,7 +15,7 @@ from tests.test_train_chunks import small_config
 
 def args_for(tmp_path, **kw):
     base = dict(stage="all", model=str(tmp_path / "start.safetensors"), out=str(tmp_path / "ck"),
-                data=str(tmp_path / "data"), vae_steps=3, dit_steps=3, rollout_steps=2, decoder_steps=2, batch=2, lr=1e-3,
+                data=str(tmp_path / "data"), vae_steps=3, dit_steps=3, rollout_steps=2, rollout_context="all", decoder_steps=2, batch=2, lr=1e-3,
                 clip_latents=5, pool=4, threads=0, seed=0, save_every=1, max_minutes=0,
                 export=str(tmp_path / "out.safetensors"))
     base.update(kw)

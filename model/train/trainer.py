@@ -28,6 +28,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vae-steps", type=int, default=3000)
     p.add_argument("--dit-steps", type=int, default=20000)
     p.add_argument("--rollout-steps", type=int, default=4000)
+    p.add_argument("--rollout-context", choices=("all", "last"), default="all",
+                   help="rollout stage: generate every context chunk, or only the last one before the trained chunk")
     p.add_argument("--decoder-steps", type=int, default=3000,
                    help="decoder stage: VAE decoder alone, encoder frozen (the DiT's latents stay valid)")
     p.add_argument("--batch", type=int, default=8)
@@ -273,7 +275,7 @@ def train_dit(model, data, args, out: Path, deadline, stage: str) -> None:
         batch = pool.clips(args.batch, gen)
         plan = plan_chunk(args.clip_latents, knobs, gen)
         sigma = sample_sigma(args.batch, model.config.sampler.shift, gen)
-        out_ = trainer.forward(batch, plan, sigma, gen, rollout=(stage == "rollout"))
+        out_ = trainer.forward(batch, plan, sigma, gen, rollout=args.rollout_context if stage == "rollout" else None)
         w = batch.latent_weight[:, :, plan.start:plan.start + out_["x0"].shape[2]]
         loss = x0_loss(out_["x0_pred"], out_["x0"], w)
         opt.zero_grad(set_to_none=True)
