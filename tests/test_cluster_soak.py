@@ -3,8 +3,8 @@ default; run on a quiet machine with `scripts/test.sh -m load tests/test_cluster
 / `-m soak`; they print the figures recorded in docs/benchmarks.md).
 
 Sizes come from the environment so the same tests scale to a bigger host:
-- load: KNOTSTREAM_LOAD_SESSIONS (2: what this 2-core CPU holds in real time with the
-  tiny model), KNOTSTREAM_LOAD_S (60), KNOTSTREAM_LOAD_THREADS (2, torch threads of the
+- load: KNOTSTREAM_LOAD_SESSIONS (1: what this 2-core CPU holds in real time with the
+  tiny model; 2 sessions measured 14.5 generated fps each), KNOTSTREAM_LOAD_S (60), KNOTSTREAM_LOAD_THREADS (2, torch threads of the
   worker); the burst test: KNOTSTREAM_LOAD_WORKERS (2), KNOTSTREAM_LOAD_CAPACITY (4 per
   worker), KNOTSTREAM_LOAD_CREATES (60), KNOTSTREAM_LOAD_PUSHES (20 per session);
 - soak: KNOTSTREAM_SOAK_S (1800), KNOTSTREAM_SOAK_WARMUP_S (120).
@@ -98,10 +98,11 @@ def rate(later: dict, earlier: dict, key: str) -> float:
 
 
 @pytest.mark.load
+@pytest.mark.timeout(env_int("KNOTSTREAM_LOAD_S", 60) + 600)
 def test_load_as_many_sessions_as_the_cpu_holds_then_one_more_is_refused(cluster):
     """N sessions (KNOTSTREAM_LOAD_SESSIONS) streaming speech on one worker all generate in
     real time; session N + 1 is refused with a clean 503 and the running ones go on."""
-    n = env_int("KNOTSTREAM_LOAD_SESSIONS", 2)
+    n = env_int("KNOTSTREAM_LOAD_SESSIONS", 1)
     seconds = env_int("KNOTSTREAM_LOAD_S", 60)
     (worker,) = cluster(1, max_sessions=n, torch_threads=env_int("KNOTSTREAM_LOAD_THREADS", 2),
                         audio_rate_per_s=1000, audio_burst=1000)
@@ -210,6 +211,7 @@ def test_load_burst_of_creates_and_pushes_through_any_node(cluster):
 
 
 @pytest.mark.soak
+@pytest.mark.timeout(env_int("KNOTSTREAM_SOAK_WARMUP_S", 120) + env_int("KNOTSTREAM_SOAK_S", 1800) + 600)
 def test_soak_one_session_with_speech_stays_flat(cluster):
     """One session streams speech pushed through either node for KNOTSTREAM_SOAK_S: after the
     warm-up, RSS grows < 5 %, generated and received fps stay within 2 % of 25, and threads,
