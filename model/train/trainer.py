@@ -90,6 +90,16 @@ class Loop:
         self.bar.close()
 
 
+def _resume(ck: Path, opt, gen) -> int:
+    """Optimiser and RNG state of a stage's checkpoint; returns its step (0 when none)."""
+    if not ck.exists():
+        return 0
+    state = load_checkpoint(ck)
+    opt.load_state_dict(state["opt"])
+    gen.set_state(state["gen"])
+    return state["step"]
+
+
 def _build_model(args, out: Path):
     """The model to train: from the latest checkpoint of any stage, else fresh/preset/file."""
     from model.avatar import AvatarModel
@@ -187,12 +197,7 @@ def train_decoder(model, data, args, out: Path, deadline) -> None:
     gen = torch.Generator().manual_seed(args.seed + 4)
     vae = model.vae
     opt = torch.optim.AdamW(vae.decoder.parameters(), lr=args.lr, weight_decay=0.0)
-    start = 0
-    if ck.exists():
-        state = load_checkpoint(ck)
-        opt.load_state_dict(state["opt"])
-        gen.set_state(state["gen"])
-        start = state["step"]
+    start = _resume(ck, opt, gen)
     if start >= args.decoder_steps:
         return
     vae.encoder.eval().requires_grad_(False)
@@ -245,12 +250,7 @@ def train_dit(model, data, args, out: Path, deadline, stage: str) -> None:
     params = list(model.dit.parameters()) + list(model.driving.parameters())
     lr = args.lr if stage == "dit" else args.lr / 3
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
-    start = 0
-    if ck.exists():
-        state = load_checkpoint(ck)
-        opt.load_state_dict(state["opt"])
-        gen.set_state(state["gen"])
-        start = state["step"]
+    start = _resume(ck, opt, gen)
     if start >= steps:
         return
     pool_path = out / f"latent_pool_{args.clip_latents}.pt"
