@@ -80,7 +80,6 @@ class BaselineStream:
         T = cfg.tokens_per_frame
         self.cache = GrowingCache(d.num_layers, d.num_heads, d.head_dim, T, 1 + max_chunks * knobs.chunk_frames,
                                   dtype, device)
-        self.decoder = model.vae.stream_decoder()
         self.next_pos = 1  # the reference sits at temporal position 0, frames follow it
         # Driving tokens of the same shape the engine feeds (their encoder cost is not the point).
         self.drive = torch.zeros(1, knobs.chunk_frames, 4 * cfg.driving.tokens_per_frame, d.drive_dim,
@@ -88,6 +87,7 @@ class BaselineStream:
         with torch.inference_mode():
             image = torch.from_numpy(reference).to(device, dtype).permute(2, 0, 1)[None, :, None] / 127.5 - 1
             latent = model.vae.encode(image)  # (1, z, 1, h, w)
+            self.decoder = model.vae.stream_decoder(reference=image)
             model.dit(latent, torch.zeros(1, 1, device=device, dtype=dtype), torch.zeros(1, dtype=torch.float64),
                       DenseBlockCausal(self.cache))
             self.cache.commit(T)

@@ -33,6 +33,11 @@ class VAEConfig:
     # Per-channel latent normalisation, filled in after VAE training (Wan keeps these too).
     latent_mean: tuple[float, ...] | None = None
     latent_std: tuple[float, ...] | None = None
+    # Decoder sees the reference portrait (features added at every level, plus a learned
+    # per-pixel blend with the reference at full resolution): what does not move is copied
+    # instead of re-drawn from the latent every frame. Trained by `knotstream train --stage
+    # decoder --reference-decoder`; the encoder and the latent space are unchanged.
+    reference_decoder: bool = False
 
 
 @dataclass
@@ -112,6 +117,9 @@ class StreamKnobs:
     # temporal position 0 and frames start at position 1.
     ahead_frames: int = 4
     denoise_steps: int = 4
+    # Steps of the one chunk regenerated after a rewind (barge-in): it stands between the
+    # viewer and a closed mouth, so it is made faster. 0 = denoise_steps.
+    rewind_denoise_steps: int = 2
     shift: float = 5.0
     # Absolute positions are rebased once they exceed this many frames.
     rebase_every: int = 1024
@@ -125,6 +133,7 @@ class StreamKnobs:
             "knot_frames": 0 <= self.knot_frames <= self.chunk_frames,
             "ahead_frames": self.ahead_frames >= 0,
             "denoise_steps": 1 <= self.denoise_steps <= 100,
+            "rewind_denoise_steps": 0 <= self.rewind_denoise_steps <= 100,
             "shift": self.shift > 0,
             "rebase_every": self.rebase_every >= 16,
             "knot_fusion": 0.0 <= self.knot_fusion <= 1.0,

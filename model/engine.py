@@ -152,7 +152,7 @@ def batch_key(stream: "Stream") -> tuple:
     """Streams with equal keys can be stepped in one batched forward (same chunk geometry and
     sampler schedule); positions, caches, driving and knots may differ."""
     k = stream.knobs
-    return (id(stream.engine), k.chunk_frames, k.knot_frames, k.denoise_steps, k.shift, k.knot_fusion)
+    return (id(stream.engine), k.chunk_frames, k.knot_frames, stream.denoise_steps_now, k.shift, k.knot_fusion)
 
 
 @torch.inference_mode()
@@ -209,7 +209,7 @@ def step_group(streams: list["Stream"], audios: list, motions: list) -> list[np.
                 x0[i:i + 1, :, :kn] = k.knot_fusion * p.prev + (1 - k.knot_fusion) * x0[i:i + 1, :, :kn]
         return x0
 
-    x0 = denoise(velocity, torch.cat([p.noise for p in plans]), get_sigmas(k.denoise_steps, k.shift),
+    x0 = denoise(velocity, torch.cat([p.noise for p in plans]), get_sigmas(s0.denoise_steps_now, k.shift),
                  on_last=fuse_knot)
     committed = torch.cat([s._finish(x0[i:i + 1]) for i, s in enumerate(streams)])
 
@@ -262,7 +262,6 @@ class Stream:
         d = cfg.dit
         self.reference = ReferenceCache(d.num_layers, 1, d.num_heads, T, d.head_dim, dt, dev)
         self.window = WindowCache(d.num_layers, 1, d.num_heads, knobs.window_frames, T, d.head_dim, dt, dev)
-        self.decoder = m.vae.stream_decoder()
         self.rope = m.dit.rope
 
         self.next_latent = 0           # latent index of the next chunk's first frame
@@ -272,6 +271,8 @@ class Stream:
         self.closed = False
         self._history: deque[_Undo] | None = None  # undo entries of the last steps (keep_history)
         self._abort = threading.Event()  # set from another thread: stop the step in progress
+        self._regenerating = False  # the next step remakes frames after a rewind (rewind_denoise_steps)
+        self._muted = (0, 0)  # audio samples [lo, hi) read as silence by the model (mute_context_before)
 
         self._audio = np.zeros(0, dtype=np.float32)  # history, starting at sample self._audio_origin
         self._audio_origin = 0
@@ -282,6 +283,7 @@ class Stream:
         with torch.inference_mode():
             video = torch.from_numpy(image).to(dev, dt).permute(2, 0, 1)[None, :, None] / 127.5 - 1  # (1, 3, 1, H, W)
             self.reference_latent = m.vae.encode(video)  # (1, z, 1, h, w)
+            self.decoder = m.vae.stream_decoder(reference=video)  # a reference-conditioned decoder copies from it
             # Running ahead off: the reference sits at position 0 and frames start at 1.
             self.reference.position = float(self._chunk_span_end(0) + knobs.ahead_frames) if knobs.ahead_frames else 0.0
             pos = torch.tensor([self.reference.position], dtype=torch.float64)
@@ -344,6 +346,8 @@ class Stream:
                 raise ValueError("driving audio contains NaN or infinite samples")
             parts.append(audio[: self.audio_samples_needed])
         hist = np.concatenate(parts)
+        lo, hi = (max(0, b - self._audio_origin) for b in self._muted)
+        hist[lo:hi] = 0.0
         # Keep only what a later chunk can still read (its audio context reaches back).
         keep_from = self._sample(max(0, self.frame_index - self.cfg.driving.audio_context_frames - 8))
         keep_from = (keep_from // self.cfg.driving.hop_length) * self.cfg.driving.hop_length
@@ -418,8 +422,16 @@ class Stream:
         noise = torch.randn(1, z, Fr, h, w, generator=self.generator).to(dev, dt)
         return _ChunkPlan(pos, drive, build_cond(self.cfg, self.reference_latent, self.knot, Fr), self.knot, noise)
 
+    @property
+    def denoise_steps_now(self) -> int:
+        """Euler steps of the next step: `rewind_denoise_steps` for the chunk regenerated
+        right after a rewind, when set; `denoise_steps` otherwise."""
+        k = self.knobs
+        return k.rewind_denoise_steps if self._regenerating and k.rewind_denoise_steps else k.denoise_steps
+
     def _finish(self, x0: Tensor) -> tuple[Tensor, Tensor]:
         """Step part 3 (per stream, after the batched commit pass): keep the knot, count."""
+        self._regenerating = False
         c = self.knobs.chunk_frames
         committed = x0[:, :, :c]
         self.knot = x0[:, :, c:].clone() if self.knobs.knot_frames else None
@@ -466,17 +478,31 @@ class Stream:
         """Undo the steps that generated frame `frame` and after: the stream continues from the
         start of the chunk holding `frame` as if those steps never ran (same caches, positions,
         knot, RNG and driving history). Returns the new `frame_index` (<= frame). Raises
-        ValueError when the history does not reach back that far."""
+        ValueError when the history does not reach back that far. The next step (the chunk
+        remade) denoises with `rewind_denoise_steps`, so the new picture comes sooner."""
         if frame >= self.frame_index:
             return self.frame_index
         earliest = self.rewindable_frame()
         if earliest is None or frame < earliest:
             raise ValueError(f"cannot rewind to frame {frame}: history reaches back to frame {earliest}")
+        self._regenerating = True
         while True:
             u = self._history.pop()
             self._restore(u)
             if self.frame_index <= frame:
                 return self.frame_index
+
+    def mute_context_before(self, frame: int) -> None:
+        """Barge-in: the model hears silence in the audio context of `frame` (the
+        `audio_context_frames` before it, plus one for the mel window), now and in what later
+        steps bring for those frames. Without it the first regenerated frames still see the
+        interrupted speech in their context and the mouth closes a few frames late; the frames
+        muted here were already shown (and played) with the speech, so nothing visible changes."""
+        ctx = self.cfg.driving.audio_context_frames + 1
+        self._muted = (self._sample(max(0, frame - ctx)), self._sample(frame))
+        lo, hi = (max(0, b - self._audio_origin) for b in self._muted)
+        self._audio = self._audio.copy()  # undo entries may hold the old array
+        self._audio[lo:hi] = 0.0
 
     def request_abort(self) -> bool:
         """Thread-safe: make the step in progress (or the next one) stop before it commits

@@ -26,8 +26,8 @@ import torch
 from torch import Tensor, nn
 
 from model.config import VAEConfig
-from model.vae_blocks import (CausalConv3d, CausalState, ChannelRMSNorm, ResBlock, SpatialUp, TimeUp, ToPixels,
-                              number_slots)
+from model.vae_blocks import (CausalConv3d, CausalState, ChannelRMSNorm, ReferenceBlend, ReferenceFeatures,
+                              ReferenceInputs, ResBlock, SpatialUp, TimeUp, ToPixels, number_slots)
 
 # Residual blocks per level. Encoder: at every level plus one at the bottom. Decoder:
 # `_DEC_DEEP_BLOCKS` at the latent resolution, `_DEC_MID_BLOCKS` at each level in
@@ -140,12 +140,41 @@ class Decoder(nn.Module):
             self.ups.append(up)
         # Spatial stride 1 (a single level): a plain output conv.
         self.conv_out = CausalConv3d(widths[0], 3, (1, 3, 3)) if L == 1 else None
+        self.reference_features = self.reference_inject = self.reference_blend = None
+        if cfg.reference_decoder:
+            if L < 2 or n_time == L - 1:
+                raise ValueError("reference_decoder needs spatial_stride >= 2 and no time upsample in the last stage")
+            self.reference_features = ReferenceFeatures(widths[1:])
+            # Added before each up stage (level L-1 down to 1); zero-initialised, so a trained
+            # decoder given these modules starts out unchanged.
+            self.reference_inject = nn.ModuleList(nn.Conv2d(widths[i], widths[i], 1) for i in range(L - 1, 0, -1))
+            for conv in self.reference_inject:
+                nn.init.zeros_(conv.weight)
+                nn.init.zeros_(conv.bias)
+            self.reference_blend = ReferenceBlend(widths[1])
         self.n_slots = number_slots(self)
+
+    def prepare_reference(self, image: Tensor) -> ReferenceInputs:
+        """Portrait (B, 3, H, W) in [-1, 1] -> what `forward` needs of it (once per stream)."""
+        if self.reference_features is None:
+            raise ValueError("this decoder takes no reference (reference_decoder is off)")
+        if image.dim() != 4 or image.shape[1] != 3:
+            raise ValueError(f"reference must be (B, 3, H, W), got {tuple(image.shape)}")
+        return ReferenceInputs(image, self.reference_features(image))
 
     def forward(self, z: Tensor, state: CausalState) -> Tensor:
         """z (B, z, F, h, w) -> video (B, 3, n, H, W), advancing `state` by one chunk."""
         x = self.mid(self.conv_in(z.transpose(1, 2), state), state)  # frame-major (B, F, C, h, w) inside
-        for up in self.ups:
+        ref = state.reference
+        if self.reference_features is not None and ref is None:
+            raise ValueError("this decoder is reference-conditioned: pass the portrait (reference=...)")
+        for k, up in enumerate(self.ups):
+            if ref is not None:
+                feat = ref.features[len(self.ups) - 1 - k]  # this level's resolution
+                x = x + self.reference_inject[k](feat)[:, None]
+                if k == len(self.ups) - 1:
+                    x = self.reference_blend(x, up(x, state), ref.image, state)
+                    break
             x = up(x, state)
         if self.conv_out is not None:
             x = self.conv_out(torch.relu(x), state)
@@ -227,19 +256,39 @@ class CausalVAE(nn.Module):
             mean = mean + torch.exp(0.5 * logvar) * eps
         return self.normalize(mean)
 
-    def decode(self, latent: Tensor, clamp: bool = True) -> Tensor:
+    def decode(self, latent: Tensor, clamp: bool = True, reference: Tensor | None = None) -> Tensor:
         """normalised latent (B, z, F, h, w) -> video (B, 3, 1 + 4(F - 1), 8h, 8w) in [-1, 1].
 
         clamp=False returns the raw decoder output (for reconstruction losses: clamping
-        would stop gradients outside [-1, 1])."""
+        would stop gradients outside [-1, 1]). reference: the portrait (B or 1, 3, 8h, 8w)
+        in [-1, 1]; required by a reference-conditioned decoder, ignored otherwise."""
         self._check_latent(latent)
-        video = self.decoder(self.denormalize(latent), CausalState(self.decoder.n_slots, keep=False))
+        state = CausalState(self.decoder.n_slots, keep=False)
+        state.reference = self._reference_inputs(reference, latent)
+        video = self.decoder(self.denormalize(latent), state)
         return video.clamp(-1, 1) if clamp else video
 
     # ----- streams --------------------------------------------------------------------------
 
-    def stream_decoder(self) -> "StreamingDecoder":
-        return StreamingDecoder(self)
+    def _reference_inputs(self, reference: Tensor | None, latent: Tensor) -> ReferenceInputs | None:
+        if not self.cfg.reference_decoder:
+            return None
+        if reference is None:
+            raise ValueError("this VAE's decoder is reference-conditioned: pass reference=(B, 3, H, W) in [-1, 1]")
+        s = self.cfg.spatial_stride
+        want = (latent.shape[-2] * s, latent.shape[-1] * s)
+        if reference.dim() == 5:  # (B, 3, 1, H, W), as the encoder takes it
+            reference = reference[:, :, 0]
+        if reference.dim() != 4 or reference.shape[1] != 3 or tuple(reference.shape[-2:]) != want \
+                or reference.shape[0] not in (1, latent.shape[0]):
+            raise ValueError(f"reference must be (1 or {latent.shape[0]}, 3, {want[0]}, {want[1]}), "
+                             f"got {tuple(reference.shape)}")
+        return self.decoder.prepare_reference(reference.to(latent.dtype))
+
+    def stream_decoder(self, reference: Tensor | None = None) -> "StreamingDecoder":
+        """reference: the stream's portrait, (1, 3, H, W) or (1, 3, 1, H, W) in [-1, 1]; needed
+        by a reference-conditioned decoder (its features are computed once, here)."""
+        return StreamingDecoder(self, reference)
 
     def stream_encoder(self) -> "StreamingEncoder":
         return StreamingEncoder(self)
@@ -257,9 +306,16 @@ class StreamingDecoder:
     `frames_for_latents`). Holds the decoder's causal caches (fixed size); one per stream.
     """
 
-    def __init__(self, vae: CausalVAE):
+    def __init__(self, vae: CausalVAE, reference: Tensor | None = None):
         self.vae = vae
         self.state = CausalState(vae.decoder.n_slots)
+        if vae.cfg.reference_decoder:
+            if reference is None:
+                raise ValueError("this VAE's decoder is reference-conditioned: stream_decoder(reference=portrait)")
+            p = next(vae.decoder.parameters())
+            h, w = (n // vae.cfg.spatial_stride for n in reference.shape[-2:])
+            like = p.new_zeros(reference.shape[0], vae.cfg.z_channels, 1, h, w)
+            self.state.reference = vae._reference_inputs(reference.to(p.device), like)
         self.frames_out = 0   # video frames produced so far
         self.latents_in = 0   # latent frames consumed so far
 

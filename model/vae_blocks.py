@@ -35,6 +35,9 @@ class CausalState:
         self.keep = keep
         self.first = True
         self.buffers: list[Tensor | None] = [None] * n_slots
+        # Reference-conditioned decoder only: the portrait (B, 3, H, W) in [-1, 1] and its
+        # features per level, computed once per stream (a constant, kept across reset()).
+        self.reference: "ReferenceInputs | None" = None
 
     def reset(self) -> None:
         """Forget the past: the next chunk starts a new clip (any batch size or frame size)."""
@@ -222,3 +225,54 @@ class ToPixels(nn.Module):
         y = self.conv(self.act(x), state)
         B, T, C, H, W = y.shape
         return F.pixel_shuffle(y.view(B * T, C, H, W), 2).view(B, T, 3, 2 * H, 2 * W)
+
+
+class ReferenceInputs:
+    """What a reference-conditioned decoder needs of the portrait, computed once per stream:
+    the image at full resolution and one feature map per decoder level below it."""
+
+    def __init__(self, image: Tensor, features: list[Tensor]):
+        self.image = image        # (B, 3, H, W) in [-1, 1]
+        self.features = features  # features[i]: (B, C_i, H / 2^(i+1), W / 2^(i+1))
+
+
+class ReferenceFeatures(nn.Module):
+    """Reference portrait -> a feature pyramid at 1/2, 1/4, ... of full resolution.
+
+    Stride-2 3x3 convs with ReLU, one per decoder level; runs once per stream, so its cost
+    does not matter at inference."""
+
+    def __init__(self, widths: list[int]):
+        super().__init__()
+        chans = [3] + list(widths)
+        self.convs = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(cin, cout, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(cout, cout, 3, padding=1))
+            for cin, cout in zip(chans[:-1], chans[1:]))
+
+    def forward(self, image: Tensor) -> list[Tensor]:
+        feats, x = [], image
+        for conv in self.convs:
+            x = conv(torch.relu(x) if feats else x)
+            feats.append(x)
+        return feats
+
+
+class ReferenceBlend(nn.Module):
+    """Full-resolution output: a per-pixel blend of the decoded image and the reference,
+    out = rgb + sigmoid(m) * (reference - rgb), with m from a sub-pixel conv at half
+    resolution like `ToPixels`. Starts near 'no blend' (bias -4) so a trained decoder keeps
+    its behaviour when the blend is added."""
+
+    def __init__(self, cin: int):
+        super().__init__()
+        self.conv = CausalConv3d(cin, 4, (1, 3, 3))
+        nn.init.zeros_(self.conv.weight)
+        nn.init.constant_(self.conv.bias, -4.0)
+
+    def forward(self, x: Tensor, rgb: Tensor, reference: Tensor, state: CausalState) -> Tensor:
+        """x (B, T, Cin, h, w) half-resolution features, rgb (B, T, 3, 2h, 2w), reference
+        (B or 1, 3, 2h, 2w) -> (B, T, 3, 2h, 2w)."""
+        y = self.conv(torch.relu(x), state)
+        B, T, C, h, w = y.shape
+        m = torch.sigmoid(F.pixel_shuffle(y.reshape(B * T, C, h, w), 2).view(B, T, 1, 2 * h, 2 * w))
+        return rgb + m * (reference[:, None] - rgb)

@@ -82,20 +82,28 @@ class Rig:
         self.worker.stop()
 
 
-def reference_frames(engine, pcm, cut_frame, rewound_to, n_frames):
+def reference_frames(engine, pcm, cut_frame, rewound_to, n_frames, rewound=True):
     """Frames of a fresh stream (same seed) whose steps from `rewound_to` on get the speech cut
-    at `cut_frame`, and whose earlier steps get the whole speech (as the worker's did)."""
+    at `cut_frame`, and whose earlier steps get the whole speech (as the worker's did). As the
+    worker does after a rewind: the model's audio context before `cut_frame` is muted, and the
+    first step from `rewound_to` denoises with `rewind_denoise_steps` (here by setting
+    denoise_steps for that one step). rewound=False: a stream never rewound."""
     s = engine.start(portrait(), seed=7)
     cut = pcm.copy()
     cut[sample_of(cut_frame):] = 0
+    knobs = s.knobs
     frames = []
     while len(frames) < n_frames:
         src = cut if s.frame_index >= rewound_to else pcm
+        if rewound and s.frame_index == rewound_to:
+            s.mute_context_before(cut_frame)
+            s.knobs = knobs.replace(denoise_steps=knobs.rewind_denoise_steps)
         s0 = sample_of(s.frame_index)
         audio = np.zeros(s.audio_samples_needed, np.float32)
         part = src[s0:s0 + len(audio)]
         audio[:len(part)] = part
         frames.extend(s.step(audio, None))
+        s.knobs = knobs
     return frames
 
 
@@ -123,7 +131,7 @@ def test_interrupt_regenerates_unplayed_frames_as_if_the_speech_had_stopped_ther
     assert np.abs(np.concatenate([a for _, _, a in rig.shown[:10]])).max() > 0.1
     assert np.abs(np.concatenate([a for _, _, a in rig.shown[10:]])).max() == 0.0
     # Frames shown before the interrupt come from the whole speech, the rest from the cut speech.
-    whole = reference_frames(engine, pcm, len(pcm), 0, 40)
+    whole = reference_frames(engine, pcm, len(pcm), 0, 40, rewound=False)
     ref = whole[:first_unplayed] + reference_frames(engine, pcm, first_unplayed, start, 40)[first_unplayed:]
     for i in range(40):
         diff = np.abs(rig.shown[i][1].astype(int) - ref[i].astype(int)).max()
@@ -159,6 +167,6 @@ def test_an_aborted_step_is_simply_made_again(engine):
         rig.close()
     assert not rig.stream._abort.is_set()  # the abort was served by a step
     assert [g for g, _, _ in rig.shown] == list(range(40))
-    ref = reference_frames(engine, pcm, len(pcm), 0, 40)
+    ref = reference_frames(engine, pcm, len(pcm), 0, 40, rewound=False)
     for i in range(40):
         assert np.abs(rig.shown[i][1].astype(int) - ref[i].astype(int)).max() <= 1, i

@@ -132,7 +132,7 @@ def test_rewind_regenerates_exactly_what_the_undone_steps_made(engine, rebase_ev
     the same frames (caches, positions, knot, RNG, decoder state all put back); with different
     driving it goes on from the same state. rebase_every=16 puts a rebase inside the undone steps."""
     knobs = StreamKnobs(chunk_frames=2, window_frames=3, knot_frames=1, ahead_frames=2, denoise_steps=2,
-                        rebase_every=rebase_every)
+                        rewind_denoise_steps=0, rebase_every=rebase_every)
     s = engine.start(portrait(), knobs, seed=3)
     s.keep_history(4)
     rng = np.random.default_rng(0)
@@ -152,6 +152,44 @@ def test_rewind_regenerates_exactly_what_the_undone_steps_made(engine, rebase_ev
     with pytest.raises(ValueError, match="history reaches back"):
         s.rewind_to(0)
     assert s.frame_index == starts[9] + len(outputs[9])
+
+
+def test_the_chunk_remade_after_a_rewind_is_faster_and_hears_no_interrupted_speech(engine):
+    """Barge-in latency: the one step after a rewind runs `rewind_denoise_steps` Euler steps
+    (DiT calls: denoising passes + the cache-writing pass), later steps `denoise_steps` again;
+    mute_context_before() silences the model's audio context before the cut, also for audio a
+    later step re-sends for those frames."""
+    knobs = StreamKnobs(denoise_steps=4, rewind_denoise_steps=2)
+    s = engine.start(portrait(), knobs, seed=2)
+    s.keep_history(3)
+    calls = []
+    real = engine.model.dit.forward
+    engine.model.dit.forward = lambda *a, **k: (calls.append(1), real(*a, **k))[1]
+    try:
+        rng = np.random.default_rng(5)
+        loud = lambda: (0.5 * rng.standard_normal(s.audio_samples_needed)).astype(np.float32)  # noqa: E731
+        for _ in range(3):
+            calls.clear()
+            s.step(loud())
+            assert len(calls) == 4 + 1
+        cut = s.frame_index - 6
+        start = s.rewind_to(cut)
+        assert s.denoise_steps_now == 2
+        s.mute_context_before(cut)
+        calls.clear()
+        s.step(loud())  # an app would send silence from the cut; loud audio shows what is muted
+        assert len(calls) == 2 + 1 and s.denoise_steps_now == 4
+        calls.clear()
+        s.step()
+        assert len(calls) == 4 + 1
+    finally:
+        engine.model.dit.forward = real
+    ctx = engine.config.driving.audio_context_frames + 1
+    lo, hi = (s._sample(f) - s._audio_origin for f in (cut - ctx, cut))
+    assert lo >= 0 and start < cut
+    assert not s._audio[lo:hi].any() and s._audio[hi:hi + 100].any() and s._audio[lo - 100:lo].any()
+    with pytest.raises(ValueError, match="rewind_denoise_steps"):
+        StreamKnobs(rewind_denoise_steps=-1)
 
 
 def test_without_history_rewind_is_refused(engine):

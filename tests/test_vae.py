@@ -309,3 +309,53 @@ def test_meta_build_and_assign_load_gives_the_same_model(vae):
     z = latent(2, seed=13)
     with torch.inference_mode():
         assert torch.equal(loaded.eval().decode(z), vae.decode(z))
+
+
+# ----- reference-conditioned decoder ---------------------------------------------------------
+
+
+def _reference_upgrade(vae):
+    """A copy of `vae` switched to the reference decoder as the trainer does it."""
+    from model.train.trainer import add_reference_decoder
+
+    ref_vae = CausalVAE(dataclasses.replace(vae.cfg)).eval()
+    ref_vae.load_state_dict(vae.state_dict())
+    add_reference_decoder(ref_vae)
+    return ref_vae.eval()
+
+
+def test_reference_decoder_streams_like_whole_clip_and_needs_the_portrait(vae):
+    ref_vae = _reference_upgrade(vae)
+    torch.manual_seed(5)
+    for p in ref_vae.decoder.parameters():  # every new module active, not at its neutral start
+        p.data.add_(0.05 * torch.randn_like(p))
+    z, portrait = latent(5, seed=6), video(1, seed=7)[:, :, 0]
+    with torch.inference_mode():
+        full = ref_vae.decode(z, clamp=False, reference=portrait)
+        other = ref_vae.decode(z, clamp=False, reference=video(1, seed=8)[:, :, 0])
+        assert (full - other).abs().max() > 1e-3  # the portrait changes the output
+        dec = ref_vae.stream_decoder(reference=portrait[:, :, None])  # (1, 3, 1, H, W) as the encoder takes it
+        parts = [dec.decode(p, clamp=False) for p in split(z, [2, 1, 2])]
+        dec.reset()  # a new stream of the same portrait: the reference is kept
+        again = dec.decode(z, clamp=False)
+    assert (torch.cat(parts, dim=2) - full).abs().max() <= TOL
+    assert (again - full).abs().max() <= TOL
+    with pytest.raises(ValueError, match="reference"):
+        ref_vae.decode(z)
+    with pytest.raises(ValueError, match="reference"):
+        ref_vae.stream_decoder()
+    with pytest.raises(ValueError, match="reference must be"):
+        ref_vae.decode(z, reference=video(1, hw=16)[:, :, 0])
+
+
+def test_reference_upgrade_starts_as_the_old_decoder_and_blend_can_copy_the_portrait(vae):
+    ref_vae = _reference_upgrade(vae)
+    z, portrait = latent(3, seed=9), video(1, seed=10)[:, :, 0]
+    blend = ref_vae.decoder.reference_blend.conv
+    with torch.inference_mode():
+        old = vae.decode(z, clamp=False)
+        blend.bias.fill_(-60.0)  # blend off: the injections start at zero, so exactly the old decoder
+        assert (ref_vae.decode(z, clamp=False, reference=portrait) - old).abs().max() <= TOL
+        blend.bias.fill_(60.0)   # blend fully on: every frame is the portrait
+        copied = ref_vae.decode(z, clamp=False, reference=portrait)
+    assert (copied - portrait[:, :, None]).abs().max() <= TOL

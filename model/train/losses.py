@@ -36,3 +36,11 @@ def vae_loss(recon: Tensor, frames: Tensor, weight: Tensor, mean: Tensor, logvar
     rec = ((err.abs() + err ** 2) * weight).sum() / (weight.sum() * frames.shape[1])
     kl = 0.5 * (mean ** 2 + logvar.exp() - 1 - logvar).mean()
     return {"loss": rec + kl_weight * kl, "rec": rec.detach(), "kl": kl.detach()}
+
+
+def temporal_loss(recon: Tensor, frames: Tensor, weight: Tensor) -> Tensor:
+    """L1 between decoded and true frame-to-frame differences (B, 3, T, H, W), weighted by
+    region as the reconstruction loss: penalises flicker that the per-frame loss tolerates."""
+    w = weight[:, :, 1:]
+    err = (recon[:, :, 1:] - recon[:, :, :-1]) - (frames[:, :, 1:] - frames[:, :, :-1])
+    return (err.abs() * w).sum() / (w.sum() * frames.shape[1])

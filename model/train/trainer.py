@@ -32,6 +32,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="rollout stage: generate every context chunk, or only the last one before the trained chunk")
     p.add_argument("--decoder-steps", type=int, default=3000,
                    help="decoder stage: VAE decoder alone, encoder frozen (the DiT's latents stay valid)")
+    p.add_argument("--reference-decoder", action="store_true",
+                   help="decoder stage: give the decoder the reference portrait (copies what does not move; "
+                        "adds the modules to a decoder trained without them)")
+    p.add_argument("--temporal-weight", type=float, default=1.0,
+                   help="decoder stage: weight of the frame-difference loss (flicker between latent frames)")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--clip-latents", type=int, default=8, help="latent frames per training clip")
@@ -117,16 +122,17 @@ def _build_model(args, out: Path):
     return AvatarModel.random(from_name(args.model), seed=args.seed)
 
 
-def _random_crop(frames, weight, size: int, gen):
-    """The same random (size x size) window of frames (B, 3, T, H, W) and weights, 8-aligned."""
+def _random_crop(frames, weight, size: int, gen, *more):
+    """The same random (size x size) window, 8-aligned, of frames (B, 3, T, H, W), weights and
+    any further tensors with the same last two dimensions (e.g. the reference portrait)."""
     import torch
 
     H, W = frames.shape[-2:]
     if H <= size and W <= size:
-        return frames, weight
+        return (frames, weight, *more)
     y = int(torch.randint((H - size) // 8 + 1, (1,), generator=gen)) * 8
     x = int(torch.randint((W - size) // 8 + 1, (1,), generator=gen)) * 8
-    return frames[..., y:y + size, x:x + size], weight[..., y:y + size, x:x + size]
+    return tuple(t[..., y:y + size, x:x + size] for t in (frames, weight, *more))
 
 
 def train_vae(model, data, args, out: Path, deadline) -> None:
@@ -188,16 +194,25 @@ def train_decoder(model, data, args, out: Path, deadline) -> None:
     training only the decoder sharpens the pictures without invalidating a trained DiT,
     so this stage can run before or after the DiT stages. Same reconstruction loss and
     64x64 crops as the VAE stage, latents sampled from the encoder's posterior (a decoder
-    that tolerates small latent errors copes better with the DiT's predictions)."""
+    that tolerates small latent errors copes better with the DiT's predictions).
+
+    Clips of 3 latents (9 frames), so two latent borders fall inside each; a frame-difference
+    loss (`--temporal-weight`) makes the decoded motion match the true motion across them:
+    the per-frame loss alone leaves errors that change at every latent border (flicker).
+    `--reference-decoder` adds the reference-conditioned modules (see VAEConfig)."""
     import torch
 
-    from model.train.losses import vae_loss
+    from model.train.losses import temporal_loss, vae_loss
 
     ck = _checkpoint_path(out, "decoder")
     gen = torch.Generator().manual_seed(args.seed + 4)
     vae = model.vae
+    upgrade = args.reference_decoder and not vae.cfg.reference_decoder
+    if upgrade:
+        add_reference_decoder(vae)
     opt = torch.optim.AdamW(vae.decoder.parameters(), lr=args.lr, weight_decay=0.0)
-    start = _resume(ck, opt, gen)
+    # A decoder checkpoint from before the upgrade belongs to other parameters: start over.
+    start = 0 if upgrade else _resume(ck, opt, gen)
     if start >= args.decoder_steps:
         return
     vae.encoder.eval().requires_grad_(False)
@@ -207,23 +222,39 @@ def train_decoder(model, data, args, out: Path, deadline) -> None:
         for g in opt.param_groups:  # short warm-up (fresh optimiser on trained weights), cosine to 10%
             p = loop.step / max(1, args.decoder_steps)
             g["lr"] = args.lr * min(1.0, (loop.step + 1) / 100) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
-        batch = data.clips(args.batch, n_latents=2, gen=gen)
-        frames, weight = _random_crop(batch.frames, batch.weight, 64, gen)
+        batch = data.clips(args.batch, n_latents=3, gen=gen)
+        frames, weight, reference = _random_crop(batch.frames, batch.weight, 64, gen, batch.reference)
         with torch.no_grad():
             mean, logvar = vae.encode_dist(frames)
             z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=gen)
-        recon = vae.decode(vae.normalize(z), clamp=False)
+        recon = vae.decode(vae.normalize(z), clamp=False, reference=reference)
         losses = vae_loss(recon, frames, weight, mean, logvar, kl_weight=0.0)
+        motion = temporal_loss(recon, frames, weight)
+        loss = losses["loss"] + args.temporal_weight * motion
         opt.zero_grad(set_to_none=True)
-        losses["loss"].backward()
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.decoder.parameters(), 1.0)
         opt.step()
-        loop.update(losses["loss"].item())
+        loop.update(loss.item(), rec=losses["rec"].item(), dt=motion.item())
         if loop.step % args.save_every == 0:
             save_checkpoint(ck, model, opt, loop.step, gen)
     loop.close()
     vae.encoder.requires_grad_(True)
     save_checkpoint(ck, model, opt, loop.step, gen)
+
+
+def add_reference_decoder(vae) -> None:
+    """Switch a trained VAE to the reference-conditioned decoder: a new decoder with the old
+    weights and the new modules in their neutral start (zero injection, blend near 0)."""
+    from model.vae import Decoder
+
+    vae.cfg.reference_decoder = True  # the config object is the model's: saved with it
+    new = Decoder(vae.cfg).to(next(vae.decoder.parameters()).dtype)
+    missing, unexpected = new.load_state_dict(vae.decoder.state_dict(), strict=False)
+    if unexpected or any(not k.startswith("reference_") for k in missing):
+        raise RuntimeError(f"decoder upgrade mismatch: missing {missing}, unexpected {unexpected}")
+    vae.decoder = new
+    log.info("decoder: reference-conditioned modules added (%d new tensors)", len(missing))
 
 
 def vae_fingerprint(vae):
