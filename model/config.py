@@ -119,7 +119,7 @@ class StreamKnobs:
     denoise_steps: int = 4
     # Steps of the one chunk regenerated after a rewind (barge-in): it stands between the
     # viewer and a closed mouth, so it is made faster. 0 = denoise_steps.
-    rewind_denoise_steps: int = 2
+    rewind_denoise_steps: int = 1
     shift: float = 5.0
     # Absolute positions are rebased once they exceed this many frames.
     rebase_every: int = 1024

@@ -26,6 +26,7 @@ import threading
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -117,11 +118,14 @@ class Engine:
         return Stream(self, reference, knobs or self.config.stream, seed)
 
     def step_many(self, streams: list["Stream"], audios: list[np.ndarray | None],
-                  motions: list[np.ndarray | None]) -> list[np.ndarray]:
+                  motions: list[np.ndarray | None],
+                  on_frames: Callable[[int, np.ndarray], None] | None = None) -> list[np.ndarray]:
         """The generation worker's batch: streams with the same `batch_key` are stepped
         together (one forward per denoising pass, `step_group`), up to `max_group` at a time;
         the result equals stepping each alone. A group whose step was aborted
-        (`Stream.request_abort`) gives None for each of its streams."""
+        (`Stream.request_abort`) gives None for each of its streams. on_frames(i, frames):
+        called with stream i's frames as soon as they are decoded, before the step's
+        cache-writing pass (the frames can go out one DiT pass sooner)."""
         out: list[np.ndarray | None] = [None] * len(streams)
         groups: dict[tuple, list[int]] = {}
         for i, s in enumerate(streams):
@@ -129,9 +133,10 @@ class Engine:
         for idx in groups.values():
             for j in range(0, len(idx), self.max_group):
                 part = idx[j:j + self.max_group]
+                early = None if on_frames is None else (lambda j, f, part=part: on_frames(part[j], f))
                 try:
                     frames = step_group([streams[i] for i in part], [audios[i] for i in part],
-                                        [motions[i] for i in part])
+                                        [motions[i] for i in part], early)
                 except StepAborted:
                     continue
                 for i, f in zip(part, frames):
@@ -156,7 +161,8 @@ def batch_key(stream: "Stream") -> tuple:
 
 
 @torch.inference_mode()
-def step_group(streams: list["Stream"], audios: list, motions: list) -> list[np.ndarray]:
+def step_group(streams: list["Stream"], audios: list, motions: list,
+               on_frames: Callable[[int, np.ndarray], None] | None = None) -> list[np.ndarray]:
     """One chunk for every stream (all with the same `batch_key`), each denoising pass and the
     cache-writing pass as ONE forward over the batch; the attention core, VAE decode and the
     cache bookkeeping stay per stream. The result equals stepping them one by one.
@@ -164,9 +170,11 @@ def step_group(streams: list["Stream"], audios: list, motions: list) -> list[np.
     1. per stream: driving in, running ahead, positions, condition (previous knot), noise;
     2. denoise chunk + knot frames with few-step Euler, batched; each row's first
        `knot_frames` are fused with its previous knot prediction at the last step;
-    3. write the committed clean frames into each window cache (one batched pass at noise
-       level 0, condition without knot); knot frames are never cached;
-    4. per stream: decode with the streaming VAE, advance, rebase when due.
+    3. per stream: decode with the streaming VAE (`on_frames(i, frames)` hands them out now);
+    4. write the committed clean frames into each window cache (one batched pass at noise
+       level 0, condition without knot); knot frames are never cached; advance, rebase when due.
+    The cache write comes after the decode because no frame depends on it: it is for the
+    next step, so the frames go out one DiT pass sooner.
     Raises StepAborted when an abort was requested for any stream and every stream keeps
     history (all are then restored as before the step)."""
     if len({batch_key(s) for s in streams}) != 1:
@@ -212,6 +220,11 @@ def step_group(streams: list["Stream"], audios: list, motions: list) -> list[np.
     x0 = denoise(velocity, torch.cat([p.noise for p in plans]), get_sigmas(s0.denoise_steps_now, k.shift),
                  on_last=fuse_knot)
     committed = torch.cat([s._finish(x0[i:i + 1]) for i, s in enumerate(streams)])
+    frames = []
+    for i, s in enumerate(streams):
+        frames.append(s._decode(committed[i:i + 1]))
+        if on_frames is not None:
+            on_frames(i, frames[-1])
 
     t0 = torch.zeros(B, c, device=dev, dtype=torch.float32)
     write = BatchedStreaming([Streaming(s.reference, s.window, write=True) for s in streams])
@@ -219,7 +232,8 @@ def step_group(streams: list["Stream"], audios: list, motions: list) -> list[np.
     m.dit(committed, t0, pos[:, :c], write, cond=cond0, drive=drive[:, :c])
     for s in streams:
         s.window.commit(c)
-    return [s._decode(committed[i:i + 1]) for i, s in enumerate(streams)]
+        s._advance()
+    return frames
 
 
 class StepAborted(Exception):
@@ -272,7 +286,7 @@ class Stream:
         self._history: deque[_Undo] | None = None  # undo entries of the last steps (keep_history)
         self._abort = threading.Event()  # set from another thread: stop the step in progress
         self._regenerating = False  # the next step remakes frames after a rewind (rewind_denoise_steps)
-        self._muted = (0, 0)  # audio samples [lo, hi) read as silence by the model (mute_context_before)
+        self._muted = (0, 0)  # audio samples [lo, hi) read as silence by the model (prepare_remake)
 
         self._audio = np.zeros(0, dtype=np.float32)  # history, starting at sample self._audio_origin
         self._audio_origin = 0
@@ -440,13 +454,15 @@ class Stream:
     def _decode(self, committed: Tensor) -> np.ndarray:
         frames = self.decoder.decode(committed)  # (1, 3, n, H, W) in [-1, 1]
         out = ((frames[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-        out = out.permute(1, 2, 3, 0).cpu().numpy()  # (n, H, W, 3)
+        return out.permute(1, 2, 3, 0).cpu().numpy()  # (n, H, W, 3)
+
+    def _advance(self) -> None:
+        """Step part 4 (per stream, after the cache write): next chunk, rebase when due."""
         self.next_latent += self.knobs.chunk_frames
         self.chunks += 1
         # Rebase: the next chunk starts again at position 1.
         if self.next_latent + 1 - self.offset > self.knobs.rebase_every:
             self.rebase()
-        return out
 
     def rebase(self) -> None:
         """Shift every position so the next chunk starts at 1; outputs are unchanged."""
@@ -492,17 +508,25 @@ class Stream:
             if self.frame_index <= frame:
                 return self.frame_index
 
-    def mute_context_before(self, frame: int) -> None:
-        """Barge-in: the model hears silence in the audio context of `frame` (the
-        `audio_context_frames` before it, plus one for the mel window), now and in what later
-        steps bring for those frames. Without it the first regenerated frames still see the
-        interrupted speech in their context and the mouth closes a few frames late; the frames
-        muted here were already shown (and played) with the speech, so nothing visible changes."""
+    def prepare_remake(self, frame: int) -> None:
+        """Barge-in, after `rewind_to(frame)`: the driving changed from `frame` on (the speech
+        stopped there), so the next step must not carry the old speech into the new frames.
+
+        - The model hears silence in the audio context of `frame` (the `audio_context_frames`
+          before it, plus one for the mel window), now and in what later steps bring for
+          those frames; those frames were shown (and played) with the speech already.
+        - When `frame` falls inside the chunk's knot frames, the knot (the previous chunk's
+          prediction of them, made while the speech went on) is dropped: the chunk is made as
+          with knots off, instead of being conditioned on, and fused with, an open mouth.
+        Without these the mouth closes up to a latent frame (4 video frames) late."""
         ctx = self.cfg.driving.audio_context_frames + 1
         self._muted = (self._sample(max(0, frame - ctx)), self._sample(frame))
         lo, hi = (max(0, b - self._audio_origin) for b in self._muted)
         self._audio = self._audio.copy()  # undo entries may hold the old array
         self._audio[lo:hi] = 0.0
+        knot_end = 0 if self.knot is None else max(0, 4 * (self.next_latent + self.knot.shape[2]) - 3)
+        if frame < knot_end:
+            self.knot = None
 
     def request_abort(self) -> bool:
         """Thread-safe: make the step in progress (or the next one) stop before it commits

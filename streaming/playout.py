@@ -63,6 +63,7 @@ class Playout:
         self._queue: deque[tuple[int, np.ndarray, np.ndarray]] = deque()  # (generated frame, image, audio)
         self._last = np.ascontiguousarray(placeholder)
         self._next_slot = 0                       # first slot not yet assigned
+        self.mutes = 0                            # mute_queued() calls (see put)
         self._slots: dict[int, tuple[np.ndarray, np.ndarray, int | None]] = {}
         self.closed = False
 
@@ -73,7 +74,10 @@ class Playout:
 
     # ----- producer (worker thread) ---------------------------------------------------
 
-    def put(self, chunk: Chunk) -> None:
+    def put(self, chunk: Chunk, mutes_seen: int | None = None) -> None:
+        """Queue a generated chunk. mutes_seen: `self.mutes` when its audio was read from the
+        driving; an interrupt since then (`mute_queued`) means the audio is speech the user cut
+        off, so the chunk is queued silent (it was being generated while the interrupt came)."""
         n = len(chunk.frames)
         base = self.sample_of(chunk.first_frame)
         want = self.sample_of(chunk.first_frame + n) - base
@@ -83,6 +87,9 @@ class Playout:
         with self._lock:
             if len(self._queue) + n > self.max_frames:
                 raise OverflowError(f"playout holds {len(self._queue)} frames; {n} more exceed {self.max_frames}")
+            if mutes_seen is not None and mutes_seen != self.mutes:
+                chunk = Chunk(chunk.first_frame, chunk.frames, np.zeros_like(chunk.audio))
+                self.stats.muted_frames += n
             for i in range(n):
                 f = chunk.first_frame + i
                 a = chunk.audio[self.sample_of(f) - base: self.sample_of(f + 1) - base]
@@ -154,6 +161,7 @@ class Playout:
         """Interrupt: silence the audio of every frame generated but not yet played. Returns the count."""
         with self._lock:
             self._queue = deque((g, img, np.zeros_like(a)) for g, img, a in self._queue)
+            self.mutes += 1
             self.stats.muted_frames += len(self._queue)
             return len(self._queue)
 

@@ -21,11 +21,11 @@ through `call()`, so the engine is only ever used from this one thread.
 the stream and the driving buffer are rewound to the start of the chunk holding the first
 of them (`Stream.rewind_to`: the caches are put back as they were), and generation goes
 on from there with the new driving; regenerated frames before the discarded one are not
-sent again (they were shown). Two things make the closed mouth come sooner: the remade chunk
-runs fewer denoising steps (`rewind_denoise_steps`) and the model's audio context just
-before the cut is muted (`Stream.mute_context_before`), so the first new frame is already
-driven by silence. The picture continues from what the viewer saw, so there
-is no jump. When the stream has no history that far back (or cannot rewind), the
+sent again (they were shown). The picture continues from what the viewer saw, so there
+is no jump. Two things make the closed mouth come sooner: the remade chunk runs fewer
+denoising steps (`rewind_denoise_steps`), and `Stream.prepare_remake` mutes the model's
+audio context just before the cut and drops a knot predicted while the speech went on, so
+the first new frame is already driven by silence. When the stream has no history that far back (or cannot rewind), the
 fallback keeps the queued frames (their audio is already muted) and says so in the result.
 """
 
@@ -221,39 +221,53 @@ class GenerationWorker:
         for g in batch:
             st = g.stream
             fi, n = st.frame_index, st.next_frames
+            mutes = g.playout.mutes  # before the driving is read: an interrupt after it mutes this chunk
             d = g.driving.take(fi, st.driving_frames, st.audio_samples_needed, n)
             own = g.driving.sample_of(fi + n) - g.driving.sample_of(fi)
             streams.append(st)
             audios.append(d.audio)
             motions.append(d.motion)
-            spans.append((fi, n, d.playback[:own].copy()))
-        t = time.perf_counter()
-        try:
-            outs = self.engine.step_many(streams, audios, motions)
-        except Exception as exc:
-            self.stats.errors += 1
-            log.exception("generation failed for session(s) %s", [g.id for g in batch])
-            for g in batch:
-                self._fail(g, exc)
-            return
-        dt = time.perf_counter() - t
-        self.stats.steps += 1
-        self.stats.busy_s += dt
-        now = self.now()
-        for g, frames, (fi, n, own_audio) in zip(batch, outs, spans):
-            g.last_served = now
-            if frames is None:  # aborted for an interrupt: the stream is as before this step
-                g.driving.rewind(fi)
-                continue
+            spans.append((fi, n, d.playback[:own].copy(), mutes))
+        delivered: dict[int, bool] = {}
+
+        def deliver(i: int, frames) -> None:
+            """Frames of batch[i] straight to its playout (the engine calls this as soon as
+            they are decoded, before its cache write); False when the session failed."""
+            g, (fi, n, own_audio, mutes) = batch[i], spans[i]
             try:
                 if frames.shape[0] != n:
                     raise RuntimeError(f"engine returned {frames.shape[0]} frames, expected {n}")
                 shown = min(n, max(0, g.skip_before - fi))  # regenerated after a rewind, already shown
                 if shown < n:
                     cut = g.driving.sample_of(fi + shown) - g.driving.sample_of(fi)
-                    g.playout.put(Chunk(fi + shown, frames[shown:], own_audio[cut:]))
+                    g.playout.put(Chunk(fi + shown, frames[shown:], own_audio[cut:]), mutes)
+                delivered[i] = True
             except Exception as exc:
+                delivered[i] = False
                 self._fail(g, exc)
+
+        t = time.perf_counter()
+        try:
+            outs = self.engine.step_many(streams, audios, motions, on_frames=deliver)
+        except Exception as exc:
+            self.stats.errors += 1
+            log.exception("generation failed for session(s) %s", [g.id for g in batch])
+            for g in batch:
+                if not g.failed:
+                    self._fail(g, exc)
+            return
+        dt = time.perf_counter() - t
+        self.stats.steps += 1
+        self.stats.busy_s += dt
+        now = self.now()
+        for i, (g, frames, (fi, n, _, _)) in enumerate(zip(batch, outs, spans)):
+            g.last_served = now
+            if frames is None:  # aborted for an interrupt: the stream is as before this step
+                g.driving.rewind(fi)
+                continue
+            if i not in delivered:  # an engine that does not call on_frames
+                deliver(i, frames)
+            if not delivered[i]:
                 continue
             g.chunks += 1
             g.frames += n
@@ -292,8 +306,8 @@ def _rewind_unplayed(g: Generation) -> dict:
         return {"flushed_frames": 0, "rewound_to": None}
     g.driving.interrupt(from_frame=first)
     start = stream.rewind_to(first)
-    if hasattr(stream, "mute_context_before"):
-        stream.mute_context_before(first)  # the mouth closes from the first regenerated frame
+    if hasattr(stream, "prepare_remake"):
+        stream.prepare_remake(first)  # the mouth closes from the first regenerated frame
     g.driving.rewind(start)
     g.skip_before = first
     return {"flushed_frames": n, "rewound_to": start, "driving_from": g.driving.next_frame}

@@ -96,7 +96,7 @@ def reference_frames(engine, pcm, cut_frame, rewound_to, n_frames, rewound=True)
     while len(frames) < n_frames:
         src = cut if s.frame_index >= rewound_to else pcm
         if rewound and s.frame_index == rewound_to:
-            s.mute_context_before(cut_frame)
+            s.prepare_remake(cut_frame)
             s.knobs = knobs.replace(denoise_steps=knobs.rewind_denoise_steps)
         s0 = sample_of(s.frame_index)
         audio = np.zeros(s.audio_samples_needed, np.float32)

@@ -157,7 +157,7 @@ def test_rewind_regenerates_exactly_what_the_undone_steps_made(engine, rebase_ev
 def test_the_chunk_remade_after_a_rewind_is_faster_and_hears_no_interrupted_speech(engine):
     """Barge-in latency: the one step after a rewind runs `rewind_denoise_steps` Euler steps
     (DiT calls: denoising passes + the cache-writing pass), later steps `denoise_steps` again;
-    mute_context_before() silences the model's audio context before the cut, also for audio a
+    prepare_remake() silences the model's audio context before the cut, also for audio a
     later step re-sends for those frames."""
     knobs = StreamKnobs(denoise_steps=4, rewind_denoise_steps=2)
     s = engine.start(portrait(), knobs, seed=2)
@@ -172,10 +172,11 @@ def test_the_chunk_remade_after_a_rewind_is_faster_and_hears_no_interrupted_spee
             calls.clear()
             s.step(loud())
             assert len(calls) == 4 + 1
-        cut = s.frame_index - 6
+        cut = s.frame_index - 6  # inside the last chunk's knot frames (its first latent)
         start = s.rewind_to(cut)
-        assert s.denoise_steps_now == 2
-        s.mute_context_before(cut)
+        assert s.denoise_steps_now == 2 and s.knot is not None
+        s.prepare_remake(cut)
+        assert s.knot is None  # predicted while the speech went on: dropped
         calls.clear()
         s.step(loud())  # an app would send silence from the cut; loud audio shows what is muted
         assert len(calls) == 2 + 1 and s.denoise_steps_now == 4
@@ -188,6 +189,13 @@ def test_the_chunk_remade_after_a_rewind_is_faster_and_hears_no_interrupted_spee
     lo, hi = (s._sample(f) - s._audio_origin for f in (cut - ctx, cut))
     assert lo >= 0 and start < cut
     assert not s._audio[lo:hi].any() and s._audio[hi:hi + 100].any() and s._audio[lo - 100:lo].any()
+    # A cut past the knot frames keeps the knot (its frames were shown as predicted).
+    s.step()
+    knot_end = s.frame_index + 4 * s.knot.shape[2]
+    s.step()
+    s.rewind_to(knot_end + 1)
+    s.prepare_remake(knot_end + 1)
+    assert s.knot is not None
     with pytest.raises(ValueError, match="rewind_denoise_steps"):
         StreamKnobs(rewind_denoise_steps=-1)
 
@@ -282,3 +290,25 @@ def test_a_bad_input_in_a_batch_changes_no_stream(engine):
     with pytest.raises(ValueError, match="NaN"):
         engine.step_many([a, b], [None, bad], [None, None])
     assert (a.frame_index, b.frame_index) == before and a.reference.position == engine.start(portrait(0), seed=1).reference.position
+
+
+def test_frames_are_handed_out_before_the_cache_write(engine):
+    """step_many(on_frames=...) gives each stream's frames as soon as they are decoded: after
+    the denoising passes, before the cache-writing pass, and the same frames it returns; the
+    stream goes on exactly as without the callback."""
+    knobs = StreamKnobs(denoise_steps=3)
+    a, b = engine.start(portrait(), knobs, seed=4), engine.start(portrait(), knobs, seed=4)
+    calls, seen = [], []
+    real = engine.model.dit.forward
+    engine.model.dit.forward = lambda *x, **k: (calls.append(1), real(*x, **k))[1]
+    try:
+        for _ in range(3):
+            calls.clear()
+            out = engine.step_many([a], [None], [None], on_frames=lambda i, f: seen.append((i, len(calls), f)))
+            assert len(calls) == 3 + 1
+            i, dit_calls_then, frames = seen[-1]
+            assert i == 0 and dit_calls_then == 3 and np.array_equal(frames, out[0])
+    finally:
+        engine.model.dit.forward = real
+    for i in range(3):
+        assert np.array_equal(b.step(), seen[i][2])

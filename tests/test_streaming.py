@@ -219,6 +219,18 @@ def test_mute_queued_silences_generated_but_unplayed_audio():
     np.testing.assert_allclose(p.audio(0, SPF), 1 / 1000)
 
 
+def test_a_chunk_read_before_an_interrupt_and_queued_after_it_is_silent():
+    """The worker reads a chunk's audio, an interrupt mutes the queue, then the chunk arrives:
+    its (cut-off) speech must not play. A chunk read after the interrupt keeps its audio."""
+    p = Playout(VirtualClock(), SR, np.zeros((4, 4, 3), np.uint8), max_frames=32)
+    seen = p.mutes
+    p.mute_queued()
+    p.put(chunk(0, 8), seen)
+    np.testing.assert_array_equal(p.audio(0, 8 * SPF), 0)
+    p.put(chunk(8, 8), p.mutes)
+    assert np.abs(p.audio(8 * SPF, 8 * SPF)).max() > 0
+
+
 # ----- upsampler --------------------------------------------------------------------------
 
 def test_upsampler_matches_the_analytic_tone_and_is_seamless_across_blocks():
@@ -303,7 +315,7 @@ class FakeEngine:
     def __init__(self):
         self.calls = []
 
-    def step_many(self, streams, audios, motions):
+    def step_many(self, streams, audios, motions, on_frames=None):  # never calls on_frames: the fallback path
         self.calls.append(len(streams))
         return [s.step(a, m) for s, a, m in zip(streams, audios, motions)]
 
