@@ -201,12 +201,18 @@ def step_group(streams: list["Stream"], audios: list, motions: list,
     ctx = BatchedStreaming([Streaming(s.reference, s.window, write=False) for s in streams])
     abortable = all(s._history is not None for s in streams)
 
-    def velocity(x: Tensor, sigma: float) -> Tensor:
+    def abort_if_requested() -> None:
+        """Checked before every DiT pass and the decode: until the cache write nothing is
+        committed (the decoder caches and knot are in the undo entry), so the step can still
+        be undone. An interrupt then waits for at most one DiT pass or one decode."""
         if abortable and any(s._abort.is_set() for s in streams):
-            for s in streams:  # nothing is committed yet: as if the step never started
+            for s in streams:  # as if the step never started
                 s._abort.clear()
                 s._restore(s._history.pop())
             raise StepAborted(f"step of {[s.frame_index for s in streams]} aborted")
+
+    def velocity(x: Tensor, sigma: float) -> Tensor:
+        abort_if_requested()
         # Timesteps stay float32: in bf16, values in [512, 1000) would snap to multiples of 4.
         t = torch.full((B, Fr), sigma * s0.cfg.sampler.num_train_timesteps, device=dev, dtype=torch.float32)
         return m.dit(x, t, pos, ctx, cond=cond, drive=drive)
@@ -220,11 +226,15 @@ def step_group(streams: list["Stream"], audios: list, motions: list,
     x0 = denoise(velocity, torch.cat([p.noise for p in plans]), get_sigmas(s0.denoise_steps_now, k.shift),
                  on_last=fuse_knot)
     committed = torch.cat([s._finish(x0[i:i + 1]) for i, s in enumerate(streams)])
+    abort_if_requested()
     frames = []
     for i, s in enumerate(streams):
         frames.append(s._decode(committed[i:i + 1]))
         if on_frames is not None:
             on_frames(i, frames[-1])
+    # Frames handed out by on_frames belong to the step being undone: the interrupt that
+    # asked for the abort flushes them from the playout with everything else not yet shown.
+    abort_if_requested()
 
     t0 = torch.zeros(B, c, device=dev, dtype=torch.float32)
     write = BatchedStreaming([Streaming(s.reference, s.window, write=True) for s in streams])

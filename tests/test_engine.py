@@ -312,3 +312,18 @@ def test_frames_are_handed_out_before_the_cache_write(engine):
         engine.model.dit.forward = real
     for i in range(3):
         assert np.array_equal(b.step(), seen[i][2])
+
+
+def test_an_abort_after_the_decode_still_undoes_the_whole_step(engine):
+    """An interrupt landing while the frames are handed out (before the cache write) aborts the
+    step: step_many gives None, and the stream goes on as if the step never ran."""
+    knobs = StreamKnobs(denoise_steps=2)
+    a, b = engine.start(portrait(), knobs, seed=6), engine.start(portrait(), knobs, seed=6)
+    a.keep_history(2)
+    for _ in range(2):
+        assert np.array_equal(engine.step_many([a], [None], [None])[0], b.step())
+    handed = []
+    out = engine.step_many([a], [None], [None], on_frames=lambda i, f: (handed.append(f), a.request_abort()))
+    assert out == [None] and len(handed) == 1
+    for _ in range(2):
+        assert np.array_equal(a.step(), b.step())

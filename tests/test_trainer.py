@@ -16,7 +16,7 @@ from tests.test_train_chunks import small_config
 def args_for(tmp_path, **kw):
     base = dict(stage="all", model=str(tmp_path / "start.safetensors"), out=str(tmp_path / "ck"),
                 data=str(tmp_path / "data"), vae_steps=3, dit_steps=3, rollout_steps=2, rollout_context="all", decoder_steps=2,
-                reference_decoder=False, temporal_weight=1.0, batch=2, lr=1e-3,
+                reference_decoder=False, temporal_weight=1.0, knob=[], batch=2, lr=1e-3,
                 clip_latents=5, pool=4, threads=0, seed=0, save_every=1, max_minutes=0,
                 export=str(tmp_path / "out.safetensors"))
     base.update(kw)
@@ -62,12 +62,13 @@ def test_train_all_stages_resume_and_export(tmp_path):
 
     # The decoder stage can switch to the reference-conditioned decoder; the latent pool stays
     # valid (same encoder) and the exported model streams with it.
-    assert trainer.run(args_for(tmp_path, stage="decoder", decoder_steps=4, reference_decoder=True)) == 0
+    assert trainer.run(args_for(tmp_path, stage="decoder", decoder_steps=4, reference_decoder=True,
+                                knob=["denoise_steps=2"])) == 0
     state = torch.load(ck / "decoder.pt", weights_only=False)
     assert state["step"] == 4 and state["config"]["vae"]["reference_decoder"] is True
     assert any(k.startswith("vae.decoder.reference_blend.") for k in state["model"])
     encoder_before = torch.load(ck / "dit.pt", weights_only=False)["model"]
     assert all(torch.equal(v, state["model"][k]) for k, v in encoder_before.items() if k.startswith("vae.encoder."))
     engine = Engine.from_pretrained(str(tmp_path / "out.safetensors"))
-    assert engine.config.vae.reference_decoder
+    assert engine.config.vae.reference_decoder and engine.config.stream.denoise_steps == 2  # --knob exported
     assert engine.start(np.full((32, 32, 3), 128, np.uint8)).step().shape[1:] == (32, 32, 3)

@@ -46,6 +46,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--save-every", type=int, default=200)
     p.add_argument("--max-minutes", type=float, default=0, help="stop (checkpointed) after this long; 0 = no limit")
     p.add_argument("--export", help="write the trained model here (e.g. model/assets/tiny.safetensors)")
+    p.add_argument("--knob", action="append", default=[], metavar="NAME=VALUE",
+                   help="stream default written into the exported file (repeatable), e.g. denoise_steps=2")
 
 
 def _checkpoint_path(out: Path, stage: str) -> Path:
@@ -332,7 +334,10 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     deadline = time.time() + 60 * args.max_minutes if args.max_minutes else None
+    from model.render import parse_knobs
+
     model = _build_model(args, out)
+    knobs = parse_knobs(model.config.stream, args.knob)  # bad knobs fail before hours of training
     data = TrainingData(args.data, model.config, seed=args.seed)
     stages = STAGES if args.stage == "all" else (args.stage,)
     t0 = time.time()
@@ -348,6 +353,7 @@ def run(args: argparse.Namespace) -> int:
             break
     print(f"training wall time this run: {(time.time() - t0) / 60:.1f} min", file=sys.stderr)
     if args.export:
+        model.config.stream = knobs
         save_model(model.eval(), args.export, extra={"trained_stages": list(stages)}, dtype=torch.float16)
         print(f"exported {args.export}")
     return 0
