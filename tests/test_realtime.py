@@ -220,7 +220,7 @@ async def test_30_s_pushed_in_2_s_plays_at_real_time_in_sync(server):
     live.on_event(lambda e: at_event.setdefault(e["type"], live.playout.stats.released))
     put_audio = []  # (first frame, driving audio) of every generated chunk
     put = live.playout.put
-    live.playout.put = lambda chunk: (put_audio.append((chunk.first_frame, chunk.audio.copy())), put(chunk))[1]
+    live.playout.put = lambda chunk, *a: (put_audio.append((chunk.first_frame, chunk.audio.copy())), put(chunk, *a))[1]
     try:
         async with ws_connect(ws_url(server, session, rate=24000)) as ws:
             await ws.send(json.dumps({"type": "segment", "segment": "long", "rate": 24000}))
