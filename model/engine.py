@@ -369,9 +369,7 @@ class Stream:
             if not np.isfinite(audio).all():
                 raise ValueError("driving audio contains NaN or infinite samples")
             parts.append(audio[: self.audio_samples_needed])
-        hist = np.concatenate(parts)
-        lo, hi = (max(0, b - self._audio_origin) for b in self._muted)
-        hist[lo:hi] = 0.0
+        hist = self._silence_muted(np.concatenate(parts))
         # Keep only what a later chunk can still read (its audio context reaches back).
         keep_from = self._sample(max(0, self.frame_index - self.cfg.driving.audio_context_frames - 8))
         keep_from = (keep_from // self.cfg.driving.hop_length) * self.cfg.driving.hop_length
@@ -531,12 +529,16 @@ class Stream:
         Without these the mouth closes up to a latent frame (4 video frames) late."""
         ctx = self.cfg.driving.audio_context_frames + 1
         self._muted = (self._sample(max(0, frame - ctx)), self._sample(frame))
-        lo, hi = (max(0, b - self._audio_origin) for b in self._muted)
-        self._audio = self._audio.copy()  # undo entries may hold the old array
-        self._audio[lo:hi] = 0.0
+        self._audio = self._silence_muted(self._audio.copy())  # a copy: undo entries may hold the old array
         knot_end = 0 if self.knot is None else max(0, 4 * (self.next_latent + self.knot.shape[2]) - 3)
         if frame < knot_end:
             self.knot = None
+
+    def _silence_muted(self, history: np.ndarray) -> np.ndarray:
+        """Zero the `prepare_remake` range in an audio history starting at `_audio_origin` (in place)."""
+        lo, hi = (max(0, b - self._audio_origin) for b in self._muted)
+        history[lo:hi] = 0.0
+        return history
 
     def request_abort(self) -> bool:
         """Thread-safe: make the step in progress (or the next one) stop before it commits
