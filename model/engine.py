@@ -35,7 +35,7 @@ from torch import Tensor
 from model import driving as drv
 from model.avatar import AvatarModel
 from model.cache import ReferenceCache, WindowCache
-from model.config import ModelConfig, StreamKnobs, from_name, PRESETS
+from model.config import PRESETS, ModelConfig, StreamKnobs, from_name
 from model.dit import BatchedStreaming, EncodeReference, Streaming
 from model.media import fit_portrait
 from model.sampler import denoise, get_sigmas
