@@ -125,6 +125,10 @@ class StreamKnobs:
     rebase_every: int = 1024
     # Weight of the previous chunk's prediction when fusing knot frames (0.5 = average).
     knot_fusion: float = 0.5
+    # Fraction of the picture's jump into each latent frame spread over that latent's 4
+    # video frames (model/seams.py): a small decoder moves in steps at latent borders.
+    # 0 = off (frames as decoded).
+    seam_blend: float = 0.0
 
     def __post_init__(self) -> None:
         checks = {
@@ -137,6 +141,7 @@ class StreamKnobs:
             "shift": self.shift > 0,
             "rebase_every": self.rebase_every >= 16,
             "knot_fusion": 0.0 <= self.knot_fusion <= 1.0,
+            "seam_blend": 0.0 <= self.seam_blend <= 1.0,
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:

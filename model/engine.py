@@ -11,7 +11,8 @@ One `Stream` per live session. Each `step()` generates one chunk:
 3. write the committed `chunk_frames` clean frames into the window cache by one extra
    pass at noise level 0 (as Self Forcing), condition without knot; knot frames are never
    cached, they become the next chunk's condition;
-4. decode the committed latents with the streaming VAE decoder;
+4. decode the committed latents with the streaming VAE decoder (then the seam blend,
+   `seam_blend`, spreads each latent frame's step over its video frames: model/seams.py);
 5. rebase positions when they exceed `rebase_every` (rotate every cached key by the
    same negative offset: attention is unchanged, numbers stay small).
 
@@ -39,6 +40,7 @@ from model.config import PRESETS, ModelConfig, StreamKnobs, from_name
 from model.dit import BatchedStreaming, EncodeReference, Streaming
 from model.media import fit_portrait
 from model.sampler import denoise, get_sigmas
+from model.seams import spread_latent_steps
 
 log = logging.getLogger("knotstream.engine")
 
@@ -268,6 +270,7 @@ class _Undo:
     decoder: list
     decoder_first: bool
     decoder_counts: tuple[int, int]
+    last_frame: Tensor | None
 
 
 class Stream:
@@ -297,6 +300,7 @@ class Stream:
         self._abort = threading.Event()  # set from another thread: stop the step in progress
         self._regenerating = False  # the next step remakes frames after a rewind (rewind_denoise_steps)
         self._muted = (0, 0)  # audio samples [lo, hi) read as silence by the model (prepare_remake)
+        self._last_frame: Tensor | None = None  # last decoded frame (1, 3, H, W): the seam blend's past
 
         self._audio = np.zeros(0, dtype=np.float32)  # history, starting at sample self._audio_origin
         self._audio_origin = 0
@@ -460,7 +464,11 @@ class Stream:
         return committed
 
     def _decode(self, committed: Tensor) -> np.ndarray:
+        first = self.decoder.frames_out
         frames = self.decoder.decode(committed)  # (1, 3, n, H, W) in [-1, 1]
+        if self.knobs.seam_blend:
+            frames = spread_latent_steps(frames, first, self._last_frame, self.knobs.seam_blend)
+        self._last_frame = frames[:, :, -1].clone()  # a latent's last frame: the blend leaves it as decoded
         out = ((frames[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
         return out.permute(1, 2, 3, 0).cpu().numpy()  # (n, H, W, 3)
 
@@ -567,6 +575,7 @@ class Stream:
         state.buffers = [None if b is None else b.clone() for b in u.decoder]
         state.first = u.decoder_first
         self.decoder.frames_out, self.decoder.latents_in = u.decoder_counts
+        self._last_frame = u.last_frame
 
     def _save_undo(self) -> _Undo:
         state = self.decoder.state
@@ -574,9 +583,9 @@ class Stream:
                      self._audio, self._audio_origin, dict(self._motion), self.reference.k.clone(),
                      self.reference.position, self.window.save_slots(self.knobs.chunk_frames),
                      [None if b is None else b.clone() for b in state.buffers], state.first,
-                     (self.decoder.frames_out, self.decoder.latents_in))
+                     (self.decoder.frames_out, self.decoder.latents_in), self._last_frame)
 
     def close(self) -> None:
         """Free the caches (the worker calls this when a session ends)."""
         self.closed = True
-        self.reference = self.window = self.decoder = self.knot = None
+        self.reference = self.window = self.decoder = self.knot = self._last_frame = None

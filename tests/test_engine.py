@@ -132,7 +132,7 @@ def test_rewind_regenerates_exactly_what_the_undone_steps_made(engine, rebase_ev
     the same frames (caches, positions, knot, RNG, decoder state all put back); with different
     driving it goes on from the same state. rebase_every=16 puts a rebase inside the undone steps."""
     knobs = StreamKnobs(chunk_frames=2, window_frames=3, knot_frames=1, ahead_frames=2, denoise_steps=2,
-                        rewind_denoise_steps=0, rebase_every=rebase_every)
+                        rewind_denoise_steps=0, rebase_every=rebase_every, seam_blend=0.5)
     s = engine.start(portrait(), knobs, seed=3)
     s.keep_history(4)
     rng = np.random.default_rng(0)
@@ -317,7 +317,7 @@ def test_frames_are_handed_out_before_the_cache_write(engine):
 def test_an_abort_after_the_decode_still_undoes_the_whole_step(engine):
     """An interrupt landing while the frames are handed out (before the cache write) aborts the
     step: step_many gives None, and the stream goes on as if the step never ran."""
-    knobs = StreamKnobs(denoise_steps=2)
+    knobs = StreamKnobs(denoise_steps=2, seam_blend=0.5)  # the blend's past frame is undone too
     a, b = engine.start(portrait(), knobs, seed=6), engine.start(portrait(), knobs, seed=6)
     a.keep_history(2)
     for _ in range(2):
@@ -327,3 +327,27 @@ def test_an_abort_after_the_decode_still_undoes_the_whole_step(engine):
     assert out == [None] and len(handed) == 1
     for _ in range(2):
         assert np.array_equal(a.step(), b.step())
+
+
+def test_seam_blend_is_the_seams_filter_over_the_decoded_stream(engine):
+    """seam_blend spreads each latent-border jump (model/seams.py) across chunk borders too:
+    the stream equals the filter applied to the same stream without it, whole."""
+    import torch
+
+    from model.seams import spread_latent_steps
+
+    knobs = StreamKnobs(denoise_steps=2)
+    plain, blended = engine.start(portrait(), knobs, seed=5), engine.start(portrait(), knobs.replace(seam_blend=0.6), seed=5)
+    rng = np.random.default_rng(2)
+    a, b = [], []
+    for _ in range(4):
+        d = _driving(engine, plain, rng)
+        a.append(plain.step(*d))
+        b.append(blended.step(*d))
+    video = torch.from_numpy(np.concatenate(a)).permute(3, 0, 1, 2)[None].float()  # (1, 3, T, H, W)
+    want = spread_latent_steps(video, 0, None, 0.6).round().clamp(0, 255)[0].permute(1, 2, 3, 0).numpy()
+    got = np.concatenate(b).astype(np.float64)
+    assert np.abs(got - want).max() <= 2  # the engine filters before rounding to 8 bits
+    assert not np.array_equal(np.concatenate(a), np.concatenate(b))
+    with pytest.raises(ValueError, match="seam_blend"):
+        StreamKnobs(seam_blend=1.5)

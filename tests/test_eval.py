@@ -192,7 +192,8 @@ def test_eval_quick_end_to_end(tmp_path, capsys):
     rows = [line for line in report.splitlines() if line.startswith("| ") and not line.startswith("| system")]
     names = [r.split(" | ")[0][2:] for r in rows]
     for name in ("model", evaluate.REFERENCE, evaluate.ZEROED, "knots off (knot_frames=0)",
-                 "running ahead off (ahead_frames=0)", "window 2 (window_frames=2)", "window 12 (window_frames=12)"):
+                 "running ahead off (ahead_frames=0)", "window 2 (window_frames=2)", "window 12 (window_frames=12)",
+                 "seam blend off (seam_blend=0)"):  # the bundled model blends seams
         assert name in names, f"row {name!r} missing from the report"
     for r in rows:  # every metric filled with a number (drift rows have 3)
         cells = r.strip("| ").split(" | ")[1:]

@@ -117,6 +117,8 @@ def systems(base) -> dict[str, tuple[object, bool]]:
     out = {"model": (base, False), ZEROED: (base, True),
            "knots off (knot_frames=0)": (base.replace(knot_frames=0), False),
            "running ahead off (ahead_frames=0)": (base.replace(ahead_frames=0), False)}
+    if base.seam_blend:  # the decoder's own seams, without the post-filter (model/seams.py)
+        out["seam blend off (seam_blend=0)"] = (base.replace(seam_blend=0.0), False)
     for w in ABLATION_WINDOWS:
         if w != base.window_frames:
             out[f"window {w} (window_frames={w})"] = (base.replace(window_frames=w), False)
