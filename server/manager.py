@@ -37,6 +37,29 @@ from streaming.worker import GenerationWorker
 
 log = logging.getLogger("knotstream.manager")
 
+# Each shutdown step (closing the sessions, finishing background store writes) gets this
+# long; one that hangs (a peer connection that never closes, say) is logged and left
+# behind so the server still unregisters and exits.
+SHUTDOWN_STEP_S = 10.0
+
+
+async def _within(what: str, coros: list, timeout_s: float | None = None) -> None:
+    """Run `coros` (coroutines or tasks) concurrently for up to `timeout_s` (default
+    SHUTDOWN_STEP_S); cancel and log what is still running then."""
+    timeout_s = SHUTDOWN_STEP_S if timeout_s is None else timeout_s
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    if not tasks:
+        return
+    done, pending = await asyncio.wait(tasks, timeout=timeout_s)
+    for t in done:
+        if not t.cancelled() and t.exception() is not None:
+            log.warning("shutdown: %s failed: %r", what, t.exception())
+    if pending:
+        log.error("shutdown: %d of %d %s still running after %.0f s; cancelled",
+                  len(pending), len(tasks), what, timeout_s)
+        for t in pending:
+            t.cancel()
+
 
 class SessionManager:
     def __init__(self, settings: Settings, engine, worker: GenerationWorker, store: SessionStore,
@@ -255,8 +278,7 @@ class SessionManager:
         await self._close_all()
 
     async def _close_all(self) -> None:
-        await asyncio.gather(*(s.close("server shutting down") for s in list(self.sessions.values())),
-                             return_exceptions=True)
+        await _within("session closes", [s.close("server shutting down") for s in list(self.sessions.values())])
 
     async def shutdown(self) -> None:
         self.draining = True
@@ -267,7 +289,7 @@ class SessionManager:
         for part in (self.consumer, self.forwarder):
             if part is not None:
                 await part.aclose()
-        await asyncio.gather(*list(self._background), return_exceptions=True)
+        await _within("background store writes", list(self._background))
         try:
             await self.store.unregister_worker(self.info.id)
         except StoreUnavailable as exc:

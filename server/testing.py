@@ -89,8 +89,9 @@ class LiveServer:
 
         self.settings = (settings or Settings()).model_copy(update={"port": free_port()})
         self.app = create_app(self.settings, engine=engine, store=store)
+        # As `knotstream serve`: a connection that never finishes cannot hold up the shutdown.
         config = uvicorn.Config(self.app, host="127.0.0.1", port=self.settings.port, log_level="warning",
-                                lifespan="on")
+                                lifespan="on", timeout_graceful_shutdown=10)
         self.server = uvicorn.Server(config)
         self.start_timeout_s = start_timeout_s
         self.thread = threading.Thread(target=self.server.run, name="knotstream-test-server", daemon=True)
@@ -105,9 +106,24 @@ class LiveServer:
             time.sleep(0.02)
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *exc) -> None:
         self.server.should_exit = True
         self.thread.join(30)
+        if self.thread.is_alive() and exc_type is None:
+            # Say so here, with where the server's tasks are, rather than let its leftovers
+            # (a registered worker, heartbeats) fail the next test.
+            raise RuntimeError("test server did not shut down within 30 s; its tasks:\n" + self._task_stacks())
+
+    def _task_stacks(self) -> str:
+        import io
+
+        loop = getattr(self.app.state, "loop", None)
+        if loop is None:
+            return "(no event loop)"
+        out = io.StringIO()
+        for task in list(asyncio.all_tasks(loop)):  # read from another thread: diagnostics only
+            task.print_stack(limit=8, file=out)
+        return out.getvalue() or "(none)"
 
     @property
     def manager(self):

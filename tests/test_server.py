@@ -5,6 +5,7 @@ import asyncio
 import io
 import json
 import shutil
+import time
 import wave
 
 import httpx
@@ -245,6 +246,28 @@ def test_shutdown_closes_every_session(engine):
     assert all(lv.state == "closed" and lv.close_reason == "server shutting down" for lv in lives)
     assert srv.manager.sessions == {} and not worker.alive
     assert all(lv.stream.closed for lv in lives)
+
+
+def test_a_session_that_never_closes_does_not_hold_up_shutdown(engine, monkeypatch):
+    """A session close that hangs (a peer connection that never closes, say) is cancelled after
+    SHUTDOWN_STEP_S: the other sessions close, the worker stops and the server exits."""
+    from server import manager as mgr
+
+    monkeypatch.setattr(mgr, "SHUTDOWN_STEP_S", 1.0)
+    srv = LiveServer(Settings(max_sessions=2), engine)
+    with srv:
+        with httpx.Client(base_url=srv.url, timeout=120) as c:
+            for name in ("ada", "ben"):
+                assert c.post("/v1/sessions", json={"avatar": name}).status_code == 201
+        stuck, other = list(srv.manager.sessions.values())
+
+        async def never(reason="closed"):
+            await asyncio.Event().wait()
+
+        stuck.close = never
+        t0 = time.monotonic()
+    assert not srv.thread.is_alive() and time.monotonic() - t0 < 20
+    assert other.state == "closed" and not srv.manager.worker.alive
 
 
 def test_settings_from_env_and_flags(monkeypatch):
