@@ -85,10 +85,12 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from server.app import create_app
+    from server.logs import redact_access_log
 
     settings = settings_from_args(args)
     app = create_app(settings)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info",
                             timeout_graceful_shutdown=10)
+    redact_access_log()  # after uvicorn.Config, which sets up its loggers
     draining_server(config, app, settings.drain_timeout_s).run()
     return 0

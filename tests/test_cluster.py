@@ -144,6 +144,9 @@ def test_sessions_spread_over_workers_and_any_node_reaches_them(cluster):
         ws_error = asyncio.run(ws_first_message(f"ws://127.0.0.1:{a.port}{on_b['location']}/audio/ws"
                                                 f"?token={on_b['token']}"))
         assert ws_error["code"] == "session_on_other_worker" and b.url in ws_error["message"]
+        # uvicorn logs the WebSocket's path with its query: the token shows up redacted.
+        wait_for(lambda: "[redacted]" in a.log.read_text(), 10, "a's log line of the WebSocket")
+        assert on_b["token"] not in a.log.read_text()
 
         # Audio pushed to node a reaches the session on b through b's Redis stream.
         n = 16000
