@@ -30,8 +30,9 @@ AMOUNTS = (0.0, 0.5, 0.6, 0.7, 0.8, 1.0)
 def step_split(frames: np.ndarray, starts: list[int]) -> tuple[float, float, float]:
     """Mean squared 8-bit frame step at chunk borders, at latent borders inside chunks
     (steps into frames 1, 5, 9, ...) and inside latent frames."""
-    d = np.diff(frames.astype(np.float64), axis=0)
-    energy = (d * d).mean(axis=(1, 2, 3))  # energy[t - 1]: step t-1 -> t
+    from model.train.metrics import step_energy
+
+    energy = step_energy(frames)  # energy[t - 1]: step t-1 -> t
     chunk = np.zeros(len(energy), bool)
     chunk[[t - 1 for t in starts if 1 <= t < len(frames)]] = True
     latent = np.array([(t - 1) % 4 == 0 for t in range(1, len(frames))]) & ~chunk

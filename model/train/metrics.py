@@ -156,6 +156,17 @@ def chunk_starts(sizes: Sequence[int]) -> list[int]:
     return [int(s) for s in np.concatenate([[0], np.cumsum(sizes)[:-1]])] if len(sizes) else []
 
 
+def step_energy(frames: np.ndarray) -> np.ndarray:
+    """Frame-difference energy (T - 1,): mean squared 8-bit difference of each step t-1 -> t
+    (frame by frame, so a long clip never needs a float copy of itself)."""
+    f = np.asarray(frames)
+    energy = np.zeros(max(0, len(f) - 1))
+    for t in range(1, len(f)):
+        d = f[t].astype(np.float64) - f[t - 1]
+        energy[t - 1] = (d * d).mean()
+    return energy
+
+
 def boundary_jitter(frames: np.ndarray, starts: Sequence[int]) -> float:
     """Chunk-seam visibility: mean frame-difference energy across chunk borders divided by
     the mean inside chunks. 1 = borders look like any other frame step; > 1 = visible seams.
@@ -168,10 +179,7 @@ def boundary_jitter(frames: np.ndarray, starts: Sequence[int]) -> float:
     f = np.asarray(frames)
     if f.ndim != 4 or len(f) < 3:
         raise ValueError(f"need a clip (T >= 3, H, W, C), got {f.shape}")
-    energy = np.zeros(len(f) - 1)  # energy[t-1]: step t-1 -> t
-    for t in range(1, len(f)):
-        d = f[t].astype(np.float64) - f[t - 1]
-        energy[t - 1] = (d * d).mean()
+    energy = step_energy(f)  # energy[t-1]: step t-1 -> t
     border = np.zeros(len(energy), bool)
     for t in starts:
         if 1 <= t < len(f):
