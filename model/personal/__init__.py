@@ -4,7 +4,8 @@ Preparation (this package): face landmarks through the clip (`landmarks`), head 
 person-specific neutral face (`geometry`), motion parameters in the units the model takes
 (`motion`), a stable crop at the model's framing (`align`), a clean portrait (`portrait`),
 the clip's speech (`video`), all written to one file by `prepare`. `knotstream avatar
-create` (`cli`) runs it; `knotstream eval --personal` (`evaluate`) scores baselines on
-real clips. The landmark model is mediapipe's face mesh: an optional extra, imported only
+create` (`cli`) runs it; `knotstream eval --personal` (`evaluate`) scores baselines
+(the repeated portrait, the piecewise-affine `warp`) on real clips; `check` measures the
+motion measurement on world renders of known motion. The landmark model is mediapipe's face mesh: an optional extra, imported only
 when a clip is tracked.
 """

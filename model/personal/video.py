@@ -83,7 +83,8 @@ def iter_frames(path: str | Path, fps: int, max_seconds: float = MAX_SECONDS) ->
 
 def load_speech(path: str | Path, sample_rate: int, max_seconds: float = MAX_SECONDS) -> np.ndarray | None:
     """The clip's audio as (n,) float32 mono at `sample_rate` (PyAV demux, polyphase
-    resampling), sample 0 at the first video frame; None when the clip has no audio stream."""
+    resampling), from the start of its stream (taken as the first video frame: clips
+    whose audio starts late are not shifted); None when the clip has no audio stream."""
     with _open(path) as container:
         if not container.streams.audio:
             return None
