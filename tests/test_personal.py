@@ -170,7 +170,7 @@ def synthetic_clip(tmp_path_factory):
 
 def test_avatar_create_prepares_the_clip(synthetic_clip, tmp_path):
     from model.personal.prepare import load
-    from model.train import metrics, world
+    from model.train import metrics
     from server.cli import main
 
     path, truth = synthetic_clip

@@ -76,10 +76,10 @@ def run(args: argparse.Namespace) -> int:
         prepared = prepare(args.video, size=size, fps=fps, sample_rate=sample_rate, progress=bar.update)
     save(prepared, target)
     cost = prepared.meta["portrait_cost"]
+    speech = "no speech" if prepared.audio is None else f"speech {len(prepared.audio) / sample_rate:.1f} s"
     print(f"prepared {len(prepared.frames)} frames (face tracked in {100 * prepared.meta['tracked']:.0f} %), "
           f"portrait = frame {prepared.portrait_index} (cost {cost['total']:.2f}), "
-          f"{'speech ' + format(len(prepared.audio) / sample_rate, '.1f') + ' s' if prepared.audio is not None else 'no speech'}"
-          f" -> {target}", file=sys.stderr)
+          f"{speech} -> {target}", file=sys.stderr)
     if args.prepare_only:
         return 0
     print(f"step 2 of 2, fitting the model to the person: not available in this build. {args.out} was NOT "

@@ -171,6 +171,7 @@ def run(args: argparse.Namespace) -> int:
     command = f"knotstream eval --personal --model {args.model} --out {args.out} --videos " + " ".join(map(str, videos))
     text = report(results, command, time.perf_counter() - t0)
     (out / "report.md").write_text(text)
-    cv2.imwrite(str(out / "strip.png"), np.ascontiguousarray(np.concatenate([r["strip"] for r in results], 0)[..., ::-1]))
+    image = np.concatenate([r["strip"] for r in results], 0)
+    cv2.imwrite(str(out / "strip.png"), np.ascontiguousarray(image[..., ::-1]))
     print(text)
     return 0

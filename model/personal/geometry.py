@@ -56,7 +56,8 @@ def umeyama(src: np.ndarray, dst: np.ndarray) -> tuple[float, np.ndarray, np.nda
 
 def rotation(yaw: float, pitch: float, roll: float) -> np.ndarray:
     """R = Rz(roll) @ Rx(pitch) @ Ry(yaw), exactly as model.train.world._Pose builds it."""
-    cy, sy, cp, sp, cr, sr = math.cos(yaw), math.sin(yaw), math.cos(pitch), math.sin(pitch), math.cos(roll), math.sin(roll)
+    cy, sy, cp, sp = math.cos(yaw), math.sin(yaw), math.cos(pitch), math.sin(pitch)
+    cr, sr = math.cos(roll), math.sin(roll)
     ry = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
     rx = np.array([[1, 0, 0], [0, cp, -sp], [0, sp, cp]])
     rz = np.array([[cr, -sr, 0], [sr, cr, 0], [0, 0, 1]])
@@ -93,7 +94,7 @@ class Template:
 def _face_axes(pts: np.ndarray) -> np.ndarray:
     """(478, 3) landmarks -> (3, 3) rotation whose columns are the face's right, down and
     toward-the-viewer axes in the landmarks' frame."""
-    ex = np.mean([pts[r] - pts[l] for l, r in L.MIRROR_PAIRS], axis=0)
+    ex = np.mean([pts[right] - pts[left] for left, right in L.MIRROR_PAIRS], axis=0)
     ex /= np.linalg.norm(ex)
     eyes = (pts[L.EYE_L_OUTER] + pts[L.EYE_L_INNER] + pts[L.EYE_R_OUTER] + pts[L.EYE_R_INNER]) / 4
     mouth = (pts[L.MOUTH_L] + pts[L.MOUTH_R]) / 2
