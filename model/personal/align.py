@@ -1,0 +1,62 @@
+"""A stable crop of the face through the clip, framed as the bundled avatars are.
+
+The bundled avatars (server/avatars.py) are world renders: the head's pivot (the
+ellipsoid centre it turns about) sits at (0.5, FRAME_CENTER_Y) of the image and the face
+half-height is FACE_H of the image side (means of the world's identities). Each frame's
+pose gives the pivot's image position t and the pixels per half-height s, so the crop is
+a square of side s / FACE_H around it. The track is smoothed with a Gaussian over time
+(zero-phase: the whole clip is known) so landmark noise does not shake the picture, and
+the crop follows the head but never rotates with it: turning and tilting stay in the
+video as the motion the model renders.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+FACE_H = 0.335           # mean Identity.face_h of model/train/world.py
+FRAME_CENTER_Y = 0.51    # mean Identity.center_y
+SMOOTH_SECONDS = 0.2     # Gaussian sigma of the crop track
+
+
+def crop_track(s: np.ndarray, t: np.ndarray, fps: float, smooth_seconds: float = SMOOTH_SECONDS) -> np.ndarray:
+    """Per-frame pose scale (T,) and pivot (T, 3) (NaN where no face) -> (T, 3) crop boxes
+    (x0, y0, side) in source pixels, smoothed; frames without a face take their
+    neighbours' box. Raises ValueError when no frame has a face."""
+    from scipy.ndimage import gaussian_filter1d
+
+    ok = np.isfinite(s) & np.isfinite(t).all(1)
+    if not ok.any():
+        raise ValueError("no face was found in any frame: nothing to align")
+    idx, frames = np.flatnonzero(ok), np.arange(len(s))
+    cx = np.interp(frames, idx, t[ok, 0])
+    cy = np.interp(frames, idx, t[ok, 1])
+    log_side = np.interp(frames, idx, np.log(s[ok] / FACE_H))  # smoothed in log: a zoom is symmetric
+    sigma = smooth_seconds * fps
+    if sigma > 0 and len(s) > 1:
+        cx, cy, log_side = (gaussian_filter1d(v, sigma, mode="nearest") for v in (cx, cy, log_side))
+    side = np.exp(log_side)
+    return np.stack([cx - 0.5 * side, cy - FRAME_CENTER_Y * side, side], axis=1)
+
+
+def crop(frame: np.ndarray, box, size: int) -> np.ndarray:
+    """(H, W, 3) uint8 frame, box (x0, y0, side) -> (size, size, 3) uint8; outside the
+    frame the border pixels are repeated. Downscaling is anti-aliased (area-averaged
+    first to at most 1.5x the final scale, then bilinear)."""
+    import cv2
+
+    x0, y0, side = (float(v) for v in box)
+    k = size / side
+    pre = min(1.0, 1.5 * k)
+    if pre < 1.0:
+        frame = cv2.resize(frame, None, fx=pre, fy=pre, interpolation=cv2.INTER_AREA)
+    kk = k / pre
+    M = np.array([[kk, 0, -k * x0], [0, kk, -k * y0]], np.float64)
+    return cv2.warpAffine(frame, M, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+
+
+def to_crop(points: np.ndarray, box, size: int) -> np.ndarray:
+    """Landmarks (..., 3) in source pixels -> pixels of the (size, size) crop (z scaled alike)."""
+    x0, y0, side = (float(v) for v in box)
+    k = size / side
+    return (points - np.array([x0, y0, 0.0], np.float32)) * np.float32(k)

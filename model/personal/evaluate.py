@@ -1,0 +1,177 @@
+"""`knotstream eval --personal`: personal avatars scored on real clips of real people.
+
+Each clip is prepared (`prepare.prepare`) with the calibration and the portrait taken
+from its first FIT_FRACTION; the rest is held out. Every system produces the held-out
+frames from the portrait and is scored against the real aligned frames:
+
+  repeat the portrait      the portrait for every frame (what a still avatar shows)
+  piecewise-affine warp    the portrait warped onto each held-out frame's real landmarks
+                           (`warp`): a classical reenactment given more than a motion
+                           vector, every landmark of the real frame
+
+Metrics: PSNR and SSIM of the whole frame, PSNR inside the mouth box (the real frame's
+lip landmarks, 30 % margin), mouth-opening error and head-pose error: the landmark model
+run on generated and on real frames alike (both at the model's size), measured with the
+clip's calibration, |mouth_open| difference in motion units and the angle between the
+two head rotations in degrees, over the frames where both have a face ("tracked" says
+how many of the generated frames had one).
+
+Writes report.md and strip.png (real vs each system; the clips' faces are not ours to
+publish: never commit it) to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+FIT_FRACTION = 0.8
+MOUTH_MARGIN = 0.3
+REPEAT, WARP = "repeat the portrait", "piecewise-affine warp"
+METRICS = ("PSNR", "SSIM", "mouth PSNR", "mouth-open error", "head-pose error (deg)", "tracked")
+_BETTER = {"PSNR": "higher", "SSIM": "higher", "mouth PSNR": "higher", "mouth-open error": "lower",
+           "head-pose error (deg)": "lower", "tracked": "higher"}
+
+
+def mouth_boxes(landmarks: np.ndarray, size: int, margin: float = MOUTH_MARGIN) -> list[tuple[int, int, int, int]]:
+    """(T, 478, 3) crop-pixel landmarks -> one (x0, y0, x1, y1) box around the lips per frame
+    (the previous frame's box where there is no face; the whole frame before any)."""
+    from model.personal.landmarks import LIPS
+
+    boxes, last = [], (0, 0, size, size)
+    for pts in landmarks:
+        lips = pts[list(LIPS), :2]
+        if np.isfinite(lips).all():
+            (x0, y0), (x1, y1) = lips.min(0), lips.max(0)
+            mx, my = margin * (x1 - x0), margin * (y1 - y0)
+            last = (max(0, int(math.floor(x0 - mx))), max(0, int(math.floor(y0 - my))),
+                    min(size, int(math.ceil(x1 + mx))), min(size, int(math.ceil(y1 + my))))
+        boxes.append(last)
+    return boxes
+
+
+def measured(frames: np.ndarray, calibration) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Landmarks tracked on frames (enlarged to 256 px first) -> (mouth_open (T,), R (T, 3, 3), found (T,))."""
+    from model.config import MOTION_FIELDS
+    from model.personal import landmarks as L
+    from model.personal import motion as M
+
+    lms, found = L.track_frames(frames, upscale_to=256)
+    if not found.any():
+        return np.full(len(frames), np.nan), np.full((len(frames), 3, 3), np.nan), found
+    m, poses = M.measure(lms, found, calibration)
+    return m[:, MOTION_FIELDS.index("mouth_open")], poses.R, found
+
+
+def score(gen: np.ndarray, real: np.ndarray, boxes, real_measure, calibration) -> dict[str, float]:
+    """Every metric of METRICS for one system on one clip's held-out frames."""
+    from model.personal.geometry import angle_between
+    from model.train import metrics as Mt
+
+    open_gen, R_gen, found_gen = measured(gen, calibration)
+    open_real, R_real, found_real = real_measure
+    both = found_gen & found_real
+    if both.any():
+        open_err = float(np.abs(open_gen[both] - open_real[both]).mean())
+        pose_err = float(np.mean([math.degrees(angle_between(R_gen[i], R_real[i])) for i in np.flatnonzero(both)]))
+    else:
+        open_err = pose_err = float("nan")
+    return {"PSNR": Mt.psnr(gen, real), "SSIM": Mt.ssim(gen, real), "mouth PSNR": Mt.psnr(gen, real, boxes),
+            "mouth-open error": open_err, "head-pose error (deg)": pose_err, "tracked": float(found_gen.mean())}
+
+
+def systems(prepared, held: slice) -> dict[str, np.ndarray]:
+    """name -> generated held-out frames (T_held, S, S, 3)."""
+    from model.personal.warp import warp_portrait
+
+    p = prepared
+    still = p.frames[p.portrait_index]
+    src = p.landmarks[p.portrait_index]
+    warped = np.stack([warp_portrait(still, src, dst) for dst in p.landmarks[held]])
+    return {REPEAT: np.broadcast_to(still, p.frames[held].shape), WARP: warped}
+
+
+def evaluate_clip(video: Path, out: Path, size: int, fps: int, sample_rate: int, progress) -> dict:
+    """Prepare (or reuse the prepared file in `out`), run every system, score it."""
+    from model.personal import prepare as P
+
+    cached = out / f"{video.stem}.prepared.safetensors"
+    if cached.is_file() and cached.stat().st_mtime >= video.stat().st_mtime:
+        prepared = P.load(cached)
+    else:
+        prepared = P.prepare(video, size=size, fps=fps, sample_rate=sample_rate, fit_fraction=FIT_FRACTION)
+        P.save(prepared, cached)
+    if prepared.size != size:
+        raise ValueError(f"{cached} was prepared at {prepared.size} px, the model needs {size}: delete it")
+    held = slice(prepared.fit_frames, len(prepared.frames))
+    real = prepared.frames[held]
+    if len(real) < 2:
+        raise ValueError(f"{video} is too short: {len(real)} held-out frames")
+    boxes = mouth_boxes(prepared.landmarks[held], size)
+    real_measure = measured(real, prepared.calibration)
+    gens = systems(prepared, held)
+    rows = {name: score(gen, real, boxes, real_measure, prepared.calibration) for name, gen in gens.items()}
+    progress(1)
+    return {"name": video.name, "frames": len(prepared.frames), "held": len(real), "rows": rows,
+            "tracked real": float(real_measure[2].mean()), "strip": strip(real, gens)}
+
+
+def strip(real: np.ndarray, gens: dict[str, np.ndarray], n: int = 8) -> np.ndarray:
+    """Rows: real held-out frames, then each system, at n evenly spread frames."""
+    idx = np.linspace(0, len(real) - 1, n).round().astype(int)
+    return np.concatenate([np.concatenate(list(rows[idx]), 1) for rows in (real, *gens.values())], 0)
+
+
+def report(results: list[dict], command: str, wall: float) -> str:
+    lines = ["# knotstream eval --personal", "", f"Command: `{command}`", "",
+             f"Each clip: calibration and portrait from the first {FIT_FRACTION:.0%}, scored on the last "
+             f"{1 - FIT_FRACTION:.0%}. Wall time {wall:.0f} s.", "",
+             "| clip | system | " + " | ".join(METRICS) + " |", "|---" * (len(METRICS) + 2) + "|"]
+    for r in results:
+        for name, row in r["rows"].items():
+            lines.append(f"| {r['name']} ({r['held']} frames) | {name} | "
+                         + " | ".join(f"{row[m]:.3f}" for m in METRICS) + " |")
+    names = list(results[0]["rows"]) if results else []
+    for name in names:
+        mean = {m: np.nanmean([r["rows"][name][m] for r in results]) for m in METRICS}
+        lines.append(f"| mean | {name} | " + " | ".join(f"{mean[m]:.3f}" for m in METRICS) + " |")
+    lines += ["", "Better: " + ", ".join(f"{m} {b}" for m, b in _BETTER.items()) + ". The landmark model found a "
+              "face in " + ", ".join(f"{100 * r['tracked real']:.0f} %" for r in results)
+              + " of the real held-out frames (same order as the clips).",
+              "", "strip.png rows: real, then each system (not for publishing: the clips' faces are not ours)."]
+    return "\n".join(lines) + "\n"
+
+
+def run(args: argparse.Namespace) -> int:
+    import cv2
+    from tqdm import tqdm
+
+    from model.config import from_name
+    from model.weights import read_metadata
+
+    videos = [Path(v) for v in (args.videos or [])]
+    if not videos:
+        raise ValueError("--personal needs --videos CLIP [CLIP ...] (bench/personal_clips.py fetches the "
+                         "real clips the benchmarks use)")
+    for v in videos:
+        if not v.is_file():
+            raise FileNotFoundError(f"video not found: {v}")
+    cfg = read_metadata(args.model)["config"] if str(args.model).endswith(".safetensors") else from_name(args.model)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0, results = time.perf_counter(), []
+    with tqdm(total=len(videos), unit="clip", desc="eval --personal", file=sys.stderr) as bar:
+        for v in videos:
+            results.append(evaluate_clip(v, out, cfg.height, cfg.fps, cfg.driving.sample_rate, bar.update))
+    command = f"knotstream eval --personal --model {args.model} --out {args.out} --videos " + " ".join(map(str, videos))
+    text = report(results, command, time.perf_counter() - t0)
+    (out / "report.md").write_text(text)
+    image = np.concatenate([r["strip"] for r in results], 0)
+    cv2.imwrite(str(out / "strip.png"), np.ascontiguousarray(image[..., ::-1]))
+    print(text)
+    return 0

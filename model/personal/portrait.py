@@ -1,0 +1,66 @@
+"""Choosing the clean portrait of a clip: the frame the personal avatar starts from.
+
+Each frame with a face gets a cost (lower is better), a sum of terms in the model's
+motion units, each divided by how much of it still looks clean:
+  head turned      (|yaw| + |pitch| + |roll|) / 0.1 rad
+  eyes closing     blink / 0.1
+  mouth open       mouth_open / 0.05 (the model opens the mouth from a closed one)
+  expression       smile / 0.2 + |brow - 0.5| / 0.2 + |mouth_wide| / 0.3
+  gaze away        (|gaze_x| + |gaze_y|) / 0.4
+  blur             2 x log2(clip median sharpness / frame sharpness), when below the median
+Sharpness is the variance of the Laplacian of the grey face region, relative to the
+clip's median (motion blur and focus hunting lower it). Frames without a face never win.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from model.config import MOTION_FIELDS
+
+_F = {name: i for i, name in enumerate(MOTION_FIELDS)}
+
+
+def sharpness(frame: np.ndarray, pts: np.ndarray | None) -> float:
+    """Variance of the Laplacian of the grey face region (the landmarks' bounding box);
+    NaN when there is no face."""
+    import cv2
+
+    if pts is None or not np.isfinite(pts).all():
+        return float("nan")
+    H, W = frame.shape[:2]
+    x0, y0 = np.clip(np.floor(pts[:, :2].min(0)).astype(int), 0, [W, H])
+    x1, y1 = np.clip(np.ceil(pts[:, :2].max(0)).astype(int), 0, [W, H])
+    if x1 - x0 < 8 or y1 - y0 < 8:
+        return float("nan")
+    grey = cv2.cvtColor(np.ascontiguousarray(frame[y0:y1, x0:x1]), cv2.COLOR_RGB2GRAY)
+    return float(cv2.Laplacian(grey, cv2.CV_64F).var())
+
+
+def costs(motion: np.ndarray, sharp: np.ndarray, found: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-frame cost terms (T,) each, and their sum under "total" (inf where no face)."""
+    m = np.asarray(motion, np.float64)
+    sharp = np.asarray(sharp, np.float64)
+    median = np.nanmedian(sharp[found]) if found.any() else np.nan
+    ratio = np.where(np.isfinite(sharp) & (sharp > 0), median / np.maximum(sharp, 1e-9), np.inf)
+    terms = {
+        "head turned": np.abs(m[:, [_F["yaw"], _F["pitch"], _F["roll"]]]).sum(1) / 0.1,
+        "eyes closing": m[:, _F["blink"]] / 0.1,
+        "mouth open": m[:, _F["mouth_open"]] / 0.05,
+        "expression": (m[:, _F["smile"]] / 0.2 + np.abs(m[:, _F["brow"]] - 0.5) / 0.2
+                       + np.abs(m[:, _F["mouth_wide"]]) / 0.3),
+        "gaze away": (np.abs(m[:, _F["gaze_x"]]) + np.abs(m[:, _F["gaze_y"]])) / 0.4,
+        "blur": 2 * np.maximum(0.0, np.log2(ratio)),
+    }
+    total = sum(terms.values())
+    terms["total"] = np.where(found, total, np.inf)
+    return terms
+
+
+def choose(motion: np.ndarray, sharp: np.ndarray, found: np.ndarray) -> tuple[int, dict[str, float]]:
+    """Index of the cleanest frame and its cost terms. ValueError when no frame has a face."""
+    if not np.any(found):
+        raise ValueError("no face was found in any frame: no portrait to choose")
+    terms = costs(motion, sharp, found)
+    i = int(np.argmin(terms["total"]))
+    return i, {k: float(v[i]) for k, v in terms.items()}
