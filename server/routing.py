@@ -228,13 +228,20 @@ class RemoteSession:
         self.forwarder = forwarder
         self.tts = tts
 
-    def push_audio(self, samples: np.ndarray, segment_id: str | None = None, end: bool = False) -> ForwardedSegment:
+    def push_audio(self, samples: np.ndarray, segment_id: str | None = None, end: bool = False,
+                   rate: int | None = None) -> ForwardedSegment:
+        """Queue speech for the owner (at `rate`, default the driving rate: the owner resamples)."""
         seg = segment_id or f"fwd-{secrets.token_hex(4)}"
         pcm = np.ascontiguousarray(samples, dtype=np.float32)
         self.forwarder.send(self.record.worker, {b"sid": self.id, b"kind": b"audio", b"seg": seg,
-                                                 b"end": b"1" if end else b"0", b"rate": str(self.sample_rate),
-                                                 b"pcm": pcm.tobytes()})
-        return ForwardedSegment(seg, 0, len(pcm))
+                                                 b"end": b"1" if end else b"0",
+                                                 b"rate": str(rate or self.sample_rate), b"pcm": pcm.tobytes()})
+        return ForwardedSegment(seg, 0, len(pcm) * self.sample_rate // (rate or self.sample_rate))
+
+    async def push_pcm(self, samples: np.ndarray, rate: int, segment_id: str | None, end: bool) -> ForwardedSegment:
+        from streaming.resample import check_rate
+
+        return self.push_audio(samples, segment_id, end, check_rate(rate))
 
     async def speak(self, text: str) -> ForwardedSegment:
         """Synthesized here (same TTS as the owner), sent as audio."""
@@ -332,7 +339,7 @@ class DriveConsumer:
                 backoff = 0.2
                 for _, entries in replies or []:
                     for entry_id, fields in entries:
-                        self._apply(fields)
+                        await self._apply(fields)
                         await self.store.binary.xack(self.key, GROUP, entry_id)
                         await self.store.binary.xdel(self.key, entry_id)
             except asyncio.CancelledError:
@@ -347,7 +354,7 @@ class DriveConsumer:
                 await asyncio.sleep(backoff)
                 backoff = min(5.0, backoff * 2)
 
-    def _apply(self, fields: dict) -> None:
+    async def _apply(self, fields: dict) -> None:
         sid = fields.get(b"sid", b"").decode()
         session = self.sessions.get(sid)
         if session is None:
@@ -356,7 +363,7 @@ class DriveConsumer:
         try:
             if kind == b"audio":
                 samples = np.frombuffer(fields[b"pcm"], dtype=np.float32)
-                session.push_pcm(samples, int(fields[b"rate"]), fields[b"seg"].decode(), fields[b"end"] == b"1")
+                await session.push_pcm(samples, int(fields[b"rate"]), fields[b"seg"].decode(), fields[b"end"] == b"1")
             elif kind == b"interrupt":
                 session.interrupt()
             self.applied += 1
