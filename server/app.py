@@ -36,6 +36,9 @@ def create_app(settings: Settings | None = None, engine=None, store: SessionStor
     Raises ValueError for an auth configuration that would leave a public server open."""
     settings = settings or Settings()
     api_keys = ApiKeys(settings)
+    if settings.redis_url and not settings.cluster_secret:
+        raise ValueError("several workers (redis_url) need KNOTSTREAM_CLUSTER_SECRET (16+ characters, the same on "
+                         "every worker): it signs the requests they forward to each other")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -78,7 +81,8 @@ def create_app(settings: Settings | None = None, engine=None, store: SessionStor
             if own_store:
                 await the_store.close()
 
-    app = FastAPI(title="knotstream", version="0.1.0", lifespan=lifespan,
+    docs = {} if settings.docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
+    app = FastAPI(title="knotstream", version="0.1.0", lifespan=lifespan, **docs,
                   description="Streaming real-time avatar animation: sessions API and WebRTC signalling.")
     app.state.settings = settings
     app.state.api_keys = api_keys
@@ -91,6 +95,9 @@ def create_app(settings: Settings | None = None, engine=None, store: SessionStor
                            allow_methods=["GET", "POST", "PATCH", "DELETE", "OPTIONS"],
                            allow_headers=["Authorization", "Content-Type", "X-API-Key"],
                            expose_headers=["Location", "Retry-After"])
+    if not api_keys.required:   # no keys: only this machine's names, never a rebound one
+        from server.guard import HostGuard, allowed_hosts
+        app.add_middleware(HostGuard, hosts=allowed_hosts(settings), origins=settings.cors_origins)
 
     def manager(request: Request) -> SessionManager:
         m = getattr(request.app.state, "manager", None)
@@ -247,8 +254,11 @@ def create_app(settings: Settings | None = None, engine=None, store: SessionStor
         return body
 
     @app.get("/metrics")
-    async def metrics(request: Request):
+    async def metrics(request: Request, authorization: str | None = Header(None)):
         from prometheus_client import CONTENT_TYPE_LATEST
+
+        if settings.metrics_key is not None:
+            api_keys.check_metrics(authorization, settings.metrics_key)
         return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     # WebSocket audio push, server-sent events, trickle ICE (before the web mount at /).

@@ -103,6 +103,15 @@ class ApiKeys:
         return given
 
 
+    @staticmethod
+    def check_metrics(authorization: str | None, metrics_key: str) -> None:
+        """/metrics with a metrics key configured: 401 unless it is the bearer token."""
+        token = bearer(authorization) or ""
+        if not hmac.compare_digest(digest(token), digest(metrics_key)):
+            raise ApiError(401, "unauthorized", "/metrics needs 'Authorization: Bearer <metrics key>'",
+                           headers={"WWW-Authenticate": "Bearer"})
+
+
 def session_token(authorization: str | None) -> str:
     """The bearer token of a session route, or 401 (checked before any lookup)."""
     token = bearer(authorization)

@@ -42,7 +42,8 @@ class IceServer(BaseModel):
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="KNOTSTREAM_", extra="ignore")
+    # An empty variable counts as unset (compose passes `${X:-}` for optional secrets).
+    model_config = SettingsConfigDict(env_prefix="KNOTSTREAM_", extra="ignore", env_ignore_empty=True)
 
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
@@ -112,6 +113,9 @@ class Settings(BaseSettings):
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
     auth_disabled: bool | None = None                    # None: off on loopback without keys, else on
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)  # browser origins allowed
+    # Without API keys, requests must name one of these hosts (besides the loopback names, the
+    # bind address and public_url's host): DNS-rebinding protection (server/guard.py).
+    allowed_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
 
     # Scale-out: with a Redis URL, workers share one session registry (server/store_redis.py).
     redis_url: str | None = None
@@ -125,7 +129,7 @@ class Settings(BaseSettings):
     # aioice skips 127.0.0.1 when gathering candidates; turn on in a namespace with only `lo`.
     loopback_ice: bool = False
 
-    @field_validator("api_keys", "cors_origins", "turn_urls", mode="before")
+    @field_validator("api_keys", "cors_origins", "turn_urls", "allowed_hosts", mode="before")
     @classmethod
     def _split_commas(cls, value):
         if isinstance(value, str):
