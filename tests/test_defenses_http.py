@@ -54,7 +54,8 @@ def session(http, **body):
 
 def unlimited(server, session_id):
     """Lift a session's request budget for a test about something else."""
-    limit = server.manager.limits[session_id].requests
+    limits = server.manager.limits[session_id]
+    limit = getattr(limits, "requests", limits)   # (a bare RateLimit before the interrupt budget existed)
     limit.burst = limit.tokens = 1000.0
 
 
@@ -118,7 +119,7 @@ def test_internal_errors_say_nothing_but_an_id_that_is_in_the_log(http, caplog):
 # ----- trickle ICE ---------------------------------------------------------------------------------
 
 def test_trickle_body_and_candidate_caps(http, server):
-    from tests.test_relay import offer_sdp
+    from tests.test_server import offer_sdp
 
     body, auth = session(http, offer=offer_sdp())
     url, frag = body["location"], {**auth, "Content-Type": "application/trickle-ice-sdpfrag"}

@@ -24,7 +24,6 @@ import yaml
 from model.engine import Engine
 from server.settings import Settings
 from server.testing import AvatarClient, LiveServer
-from server.turn import mint
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "turn-test-secret-0123456789"
@@ -151,6 +150,8 @@ async def error_of(coro) -> int | None:
 
 
 def test_compose_coturn_relays_to_public_peers_only(compose_coturn):
+    from server.turn import mint
+
     async def run():
         creds = mint(SECRET, [compose_coturn.url], "0123456789abcdef", ttl_s=600)
         proto = await turn_client(compose_coturn.port, creds["username"], creds["credential"])
