@@ -12,7 +12,13 @@ Codes used by the API (stable; clients and tests match on them):
   too_many_sessions (503, Retry-After), store_unavailable (503, Retry-After),
   not_ready (503), session_closed (410), internal_error (500),
   encoder_unavailable (422), encoder_codec_mismatch (422), offer_codec_unsupported (400),
-  worker_unavailable (503), session_failed (410), draining (503), forward_queue_full (409).
+  worker_unavailable (503), session_failed (410), draining (503), forward_queue_full (409),
+  invalid_knob (422, with `field`), audio_bad_rate (422, with `field`), bad_form (400),
+  bad_text (400), too_many_segments (409), too_many_candidates (409), sdpfrag_too_large (413),
+  speak_in_progress (429, Retry-After), quota_exceeded (429, Retry-After), tts_busy (503,
+  Retry-After), tts_failed (502), forbidden_host / forbidden_origin (403: no API keys and a
+  foreign Host or Origin), forwarded_refused (403). A 500 internal_error carries an `id`
+  that the server log has next to the exception; never the exception's text.
 """
 
 from __future__ import annotations

@@ -295,7 +295,8 @@ class RemoteSession:
 
     def interrupt(self) -> dict:
         self.forwarder.send(self.record.worker, {b"sid": self.id, b"kind": b"interrupt"})
-        return {"interrupted_segments": [], "muted_frames": 0, "forwarded_to": self.record.worker}
+        # Which worker owns the session stays internal; the cut segments are known there only.
+        return {"interrupted_segments": [], "muted_frames": 0, "coalesced": False, "forwarded": True}
 
 
 class ForwardQueueFull(ValueError):

@@ -13,17 +13,18 @@ import json
 import logging
 import time
 from collections import deque
-from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
 from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
 
 from streaming import channel as proto
+from streaming import messages
 from streaming.channel import SessionLimits
 from streaming.clock import MediaClock
 from streaming.driving import DrivingBuffer, Segment
-from streaming.encode import EncodedVideoTrack, EncoderError, check_bitrate, choose_video_encoder, encoder_status
+from streaming.encode import EncodedVideoTrack, EncoderError, choose_video_encoder, encoder_status
+from streaming.options import SessionOptions, SessionRefused
 from streaming.peer import CODECS, CandidateError, OfferError, attach_track, check_offer, parse_candidates
 from streaming.playout import Playout
 from streaming.tracks import (AvatarAudioTrack, AvatarVideoTrack, Pacer, consume_audio, consume_blackhole,
@@ -33,62 +34,6 @@ from streaming.worker import Generation, GenerationWorker
 log = logging.getLogger("knotstream.session")
 
 __all__ = ["CODECS", "LiveSession", "OfferError", "SessionOptions", "SessionRefused", "check_offer"]
-
-
-class SessionRefused(ValueError):
-    """A driving request the session will not take now; `code` is stable, `retry_after_s`
-    says when to try again (None: not by waiting)."""
-
-    def __init__(self, code: str, message: str, retry_after_s: float | None = None):
-        super().__init__(message)
-        self.code = code
-        self.retry_after_s = retry_after_s
-
-
-@dataclass
-class SessionOptions:
-    """Per-session gateway options (model knobs are the engine's business)."""
-
-    codec: str = "vp8"
-    lead_frames: int | None = None          # generation lead; None = 1.5 chunks
-    mic_latency_frames: int | None = None   # None = lead + one step's driving span + 2
-    prebuffer_timeout_s: float = 2.0
-    max_speech_seconds: float = 300.0
-    disconnect_grace_s: float = 5.0         # "disconnected" this long -> the session closes
-    echo_mic: bool = False                  # play the mic back on the audio track (puppet demos)
-    # Interrupt regenerates the frames generated but not yet played (closed mouth within about
-    # one step) instead of only muting them; costs a few cache copies per step.
-    regenerate_on_interrupt: bool = True
-    # The server's own STUN/TURN servers: the only ones its peer connection uses.
-    ice_servers: list[dict] = field(default_factory=list)  # [{"urls": [...], "username", "credential"}]
-    # What the client is told to use (its own choice, echoed); None: the server's list.
-    client_ice_servers: list[dict] | None = None
-    # A peer connection not `connected` this long after the answer is closed (no half-open
-    # sessions holding a slot); None: no deadline.
-    ice_connect_timeout_s: float | None = 30.0
-    max_ice_candidates: int = 50        # trickled candidates per session
-    max_open_segments: int = 16         # pushed speech segments not yet ended
-    # Video encoder (streaming/encode.py): auto | software | nvenc | x264. auto = NVENC when the
-    # codec is h264 and NVENC opens, else aiortc's software encoder.
-    encoder: str = "auto"
-    # Target bps of the pre-encoded paths (nvenc, x264); None = 1 Mbps. aiortc's software encoder
-    # ignores it and follows the receiver's REMB estimate instead.
-    bitrate: int | None = None
-
-    @property
-    def ice_for_client(self) -> list[dict]:
-        return self.ice_servers if self.client_ice_servers is None else self.client_ice_servers
-
-    def __post_init__(self) -> None:
-        if self.codec not in CODECS:
-            raise ValueError(f"codec must be one of {sorted(CODECS)}, got {self.codec!r}")
-        if self.encoder not in ("auto", "software", "nvenc", "x264"):
-            raise ValueError(f"encoder must be auto, software, nvenc or x264, got {self.encoder!r}")
-        check_bitrate(self.bitrate)
-        for name in ("lead_frames", "mic_latency_frames"):
-            v = getattr(self, name)
-            if v is not None and (not isinstance(v, int) or v < 1):
-                raise ValueError(f"{name} must be a positive integer, got {v!r}")
 
 
 class LiveSession:
@@ -376,51 +321,9 @@ class LiveSession:
             self.send(reply)
 
     async def handle_message(self, raw) -> dict | None:
-        """One protocol message (streaming/channel.py) from the data channel or the WebSocket;
+        """One protocol message from the data channel or the WebSocket (streaming/messages.py);
         returns the reply (ack, pong or error), never raises."""
-        self.messages["received"] += 1
-        try:
-            msg = proto.parse(raw, self.channel_limit)
-            return await self._handle(msg)
-        except proto.ChannelError as exc:
-            self.messages["errors"] += 1
-            return exc.reply()
-        except Exception as exc:  # a bad value (ValueError/MediaError): tell the client, carry on
-            self.messages["errors"] += 1
-            code = getattr(exc, "code", "bad_value" if isinstance(exc, ValueError) else "internal_error")
-            if not isinstance(exc, ValueError) and not hasattr(exc, "code"):
-                log.exception("session %s: message failed", self.id)
-            return {"type": "error", "code": code, "message": str(exc), "ref": None}
-
-    async def _handle(self, msg: proto.Message) -> dict | None:
-        b = msg.body
-        if msg.type in ("motion", "expression"):
-            try:
-                frame = self.set_motion(b["fields"], b.get("t"))
-            except ValueError as exc:
-                raise proto.ChannelError("bad_motion", str(exc), msg.type) from None
-            return {"type": "ack", "ref": msg.type, "frame": frame}
-        if msg.type == "audio":
-            from model.media import pcm16_to_float
-            seg = await self.push_pcm(pcm16_to_float(b["pcm16"]), b.get("rate", self.sample_rate),
-                                      b.get("segment"), bool(b.get("end", False)))
-            return {"type": "ack", "ref": "audio", "segment": seg.id}
-        if msg.type == "end":
-            try:
-                seg = await self.end_segment(b["segment"])
-            except KeyError:
-                raise proto.ChannelError("unknown_segment", f"no segment {b['segment']!r}", "end") from None
-            return {"type": "ack", "ref": "end", "segment": seg.id}
-        if msg.type == "speak":
-            self.spend("requests")   # the same budget as POST /speak and /audio
-            seg = await self.speak(b["text"])
-            return {"type": "ack", "ref": "speak", "segment": seg.id}
-        if msg.type == "interrupt":
-            self.spend("interrupts")
-            return {"type": "ack", "ref": "interrupt", **self.interrupt()}
-        if msg.type == "ping":
-            return {"type": "pong", "id": b.get("id"), "t": round(time.time() * 1000, 3)}
-        return None
+        return await messages.handle(self, raw)
 
     def send(self, message: dict) -> None:
         ch = self.channel

@@ -24,6 +24,7 @@ import yaml
 from model.engine import Engine
 from server.settings import Settings
 from server.testing import AvatarClient, LiveServer
+from tests.test_server import offer_sdp
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "turn-test-secret-0123456789"
@@ -38,22 +39,6 @@ def udp_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def offer_sdp() -> str:
-    from aiortc import RTCConfiguration, RTCPeerConnection
-
-    async def make():
-        pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-        pc.addTransceiver("video", direction="recvonly")
-        pc.addTransceiver("audio", direction="recvonly")
-        pc.createDataChannel("driving")
-        await pc.setLocalDescription(await pc.createOffer())
-        sdp = pc.localDescription.sdp
-        await pc.close()
-        return sdp
-
-    return asyncio.run(make())
 
 
 # ----- the server's peer uses only the server's ICE servers ----------------------------------
