@@ -303,7 +303,7 @@ def test_redis_restart_under_running_sessions(cluster):
 
 
 def test_sigterm_drains(cluster):
-    (a,) = cluster(1, max_sessions=2, drain_timeout_s=4)
+    (a,) = cluster(1, max_sessions=2, drain_timeout_s=8)   # sessions get 8 s less a 4 s shutdown reserve
     raw, prefix = cluster.raw, cluster.prefix
 
     async def scenario():
@@ -331,6 +331,7 @@ def test_sigterm_drains(cluster):
             assert 3.0 <= time.monotonic() - t0                # it had its drain time (4 s)
             code = await asyncio.to_thread(a.proc.wait, 30)
             assert code in (0, -signal.SIGTERM)
+            assert time.monotonic() - t0 <= 8.0 + 1.0         # gone within the drain timeout
         finally:
             await client.close()
 
