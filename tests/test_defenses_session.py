@@ -100,7 +100,7 @@ async def test_client_video_is_answered_sendonly(engine):
 # ----- interrupts --------------------------------------------------------------------------------
 
 async def test_interrupts_are_rate_limited_and_coalesced_while_a_rewind_is_pending(engine):
-    settings = Settings(interrupt_rate_per_s=2.0, interrupt_burst=25)
+    settings = Settings(interrupt_rate_per_s=0.1, interrupt_burst=25)   # next token after 10 s
     with LiveServer(settings, engine) as srv:
         async with httpx.AsyncClient(base_url=srv.url, timeout=60) as c:
             r = await c.post("/v1/sessions", json={"avatar": "ada"})
@@ -119,13 +119,13 @@ async def test_interrupts_are_rate_limited_and_coalesced_while_a_rewind_is_pendi
             assert answers[-1].json()["error"]["code"] == "rate_limited" and "retry-after" in answers[-1].headers
             coalesced = [a.json()["coalesced"] for a in answers[:25]]
             assert coalesced == [False] + [True] * 24, coalesced
-            assert await until(lambda: len(live.rewinds) == 1, 10)
-            await asyncio.sleep(0.3)
-            assert len(live.rewinds) == 1        # one regeneration for 25 interrupts
             # The data channel spends the same budget.
             reply = await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(
                 live.handle_message('{"type": "interrupt"}'), srv.app.state.loop))
             assert reply["type"] == "error" and reply["code"] == "rate_limited"
+            assert await until(lambda: len(live.rewinds) == 1, 10)
+            await asyncio.sleep(0.3)
+            assert len(live.rewinds) == 1        # one regeneration for 25 interrupts
 
 
 # ----- forwarding between workers ---------------------------------------------------------------
