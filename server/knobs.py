@@ -36,10 +36,9 @@ class KnobRule:
             ok_type = (isinstance(value, (int, float)) and not isinstance(value, bool)
                        and math.isfinite(value))
             want = "a finite number"
-        if not ok_type:
-            raise invalid(field, f"{field} must be {want} in [{self.low:g}, {self.high:g}], got {value!r}")
-        if not self.low <= value <= self.high:
-            raise invalid(field, f"{field} must be in [{self.low:g}, {self.high:g}], got {value!r}")
+        if not ok_type or not self.low <= value <= self.high:
+            raise invalid(field, f"{field} ({self.meaning}) must be {want} in [{self.low:g}, {self.high:g}], "
+                                 f"got {value!r:.40}")
         return self.kind(value)
 
 
@@ -86,8 +85,3 @@ class KnobPolicy:
 
     def lead_frames(self, value) -> int | None:
         return None if value is None else self.lead.check(value, "options.lead_frames")
-
-    def describe(self) -> list[dict]:
-        """The allowlist with bounds (README, docs)."""
-        return [{"name": r.name, "type": r.kind.__name__, "min": r.low, "max": r.high, "meaning": r.meaning}
-                for r in (*self.rules.values(), self.lead)]

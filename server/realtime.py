@@ -2,8 +2,9 @@
 as server-sent events, and trickle ICE (PATCH on the session resource, as WHIP).
 
 - `WS /v1/sessions/{id}/audio/ws` — for apps that stream TTS audio as fast as they make
-  it. Binary messages are PCM16 little-endian mono at the `rate` given in the URL (any
-  common rate; resampled) appended to the current segment; text messages are the data
+  it. Binary messages are PCM16 little-endian mono at the `rate` given in the URL (one of
+  streaming/resample.py's RATES; resampled off the event loop) appended to the current
+  segment, and count against the session's message rate as text messages do; text messages are the data
   channel's JSON protocol (streaming/channel.py: audio, end, speak, interrupt, motion,
   ping), plus `{"type": "segment", "segment": "<id>", "rate": <hz>}` which starts a new
   segment for the binary messages that follow (ids are the server's otherwise). Replies

@@ -96,14 +96,12 @@ class Synthesizer:
         self.max_concurrent = max_concurrent
         self.wait_s = wait_s
         self._slots = asyncio.Semaphore(max_concurrent)
-        self.refused = 0
 
     async def __call__(self, text: str, sample_rate: int = 16000) -> np.ndarray:
         check_text(text)   # refused before it waits for a slot
         try:
             await asyncio.wait_for(self._slots.acquire(), self.wait_s)
         except asyncio.TimeoutError:
-            self.refused += 1
             raise TTSBusy(f"all {self.max_concurrent} speech syntheses of this server are busy; "
                           f"retry in a second") from None
         try:

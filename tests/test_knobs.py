@@ -59,8 +59,7 @@ def test_bounds_come_from_the_model_and_the_settings(policy):
     for v in (101, 0, 2.5, True):
         refused(lambda v=v: policy.lead_frames(v), "options.lead_frames")
     refused(lambda: policy.stream_knobs([1, 2]), "options.knobs")
-    assert [r["name"] for r in policy.describe()] == ["denoise_steps", "rewind_denoise_steps", "seam_blend",
-                                                      "knot_fusion", "lead_frames"]
+    assert list(policy.rules) == ["denoise_steps", "rewind_denoise_steps", "seam_blend", "knot_fusion"]
 
 
 @pytest.mark.parametrize("kw", [{"window_frames": 2.5}, {"knot_frames": True}, {"chunk_frames": 2.0},
