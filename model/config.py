@@ -8,6 +8,7 @@ touching code.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 
@@ -105,6 +106,14 @@ class SamplerConfig:
     num_train_timesteps: int = 1000
 
 
+def _is_number(v, integer: bool) -> bool:
+    if isinstance(v, bool):
+        return False
+    if integer:
+        return isinstance(v, int)
+    return isinstance(v, (int, float)) and math.isfinite(v)
+
+
 @dataclass
 class StreamKnobs:
     """Per-stream knobs of the chunk loop; all in latent frames unless named otherwise."""
@@ -131,6 +140,11 @@ class StreamKnobs:
     seam_blend: float = 0.0
 
     def __post_init__(self) -> None:
+        # Integers size caches and loops: 2.5 or True must never get that far. Floats are finite.
+        wrong = [f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self)
+                 if not _is_number(getattr(self, f.name), integer=f.type in ("int", int))]
+        if wrong:
+            raise ValueError(f"invalid stream knobs (integers must be int, numbers finite): {', '.join(wrong)}")
         checks = {
             "chunk_frames": self.chunk_frames >= 1,
             "window_frames": self.window_frames >= 0,

@@ -311,16 +311,34 @@ def _audio_from_array(a: np.ndarray) -> np.ndarray:
     return a
 
 
+def sniff_audio_format(data: bytes) -> str | None:
+    """The container of encoded audio from its first bytes: 'wav', 'ogg', 'flac', 'mp3' or None."""
+    head = data[:12]
+    if head[:4] == b"RIFF" and head[8:12] == b"WAVE":
+        return "wav"
+    if head[:4] == b"OggS":
+        return "ogg"
+    if head[:4] == b"fLaC":
+        return "flac"
+    # MPEG audio: an ID3 tag, or a frame sync whose layer bits are set (ADTS AAC has layer 0).
+    if head[:3] == b"ID3" or (len(head) >= 2 and head[0] == 0xFF and head[1] & 0xE0 == 0xE0 and head[1] & 0x06):
+        return "mp3"
+    return None
+
+
 def load_audio(src: str | os.PathLike | bytes | np.ndarray, *, sample_rate: int = 16000,
                src_rate: int | None = None, max_seconds: float = 600.0,
-               max_bytes: int = 200_000_000) -> np.ndarray:
+               max_bytes: int = 200_000_000, formats: tuple[str, ...] | None = None) -> np.ndarray:
     """Audio (path, encoded bytes, or an array with `src_rate`) -> (n,) float32 mono in
     [-1, 1] at `sample_rate`.
 
     Files and bytes are decoded with PyAV (wav, mp3, ogg/vorbis, opus, flac, aac, the audio
     of an mp4, ...); channels are averaged; resampling is band-limited polyphase. Arrays
     need `src_rate`; int16/int32/uint8 arrays are scaled to [-1, 1]. NaN/inf, empty,
-    over-long and non-audio input raise MediaError.
+    over-long and non-audio input raise MediaError. `formats` (of `sniff_audio_format`)
+    limits the containers: anything else is MediaError `audio_unreadable`, and the
+    demuxer is chosen from the bytes, never probed (FFmpeg's probing would try playlist
+    and other demuxers that open further files).
     """
     sample_rate = _check_rate(sample_rate, "sample_rate")
     if isinstance(src, np.ndarray):
@@ -332,9 +350,15 @@ def load_audio(src: str | os.PathLike | bytes | np.ndarray, *, sample_rate: int 
     import av
 
     data = _read_bytes(src, max_bytes, "audio")
+    demuxer = None
+    if formats is not None:
+        demuxer = sniff_audio_format(data)
+        if demuxer not in formats:
+            raise MediaError("audio_unreadable", f"audio must be a {', '.join(formats)} file (its first bytes "
+                                                 f"are none of these) or raw PCM16 sent as audio/pcm")
     chunks, rate = [], None
     try:
-        with av.open(io.BytesIO(data), mode="r") as container:
+        with av.open(io.BytesIO(data), mode="r", format=demuxer) as container:
             if not container.streams.audio:
                 raise MediaError("audio_unreadable", "no audio stream in the data (is it an audio file?)")
             stream = container.streams.audio[0]

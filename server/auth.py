@@ -84,9 +84,11 @@ class ApiKeys:
         else:
             log.warning("API keys OFF: anyone who reaches this server can create sessions (%s)", self.why)
 
-    def check(self, authorization: str | None, x_api_key: str | None) -> None:
+    def check(self, authorization: str | None, x_api_key: str | None) -> str | None:
+        """The key's digest (who creates the session: per-key quotas), None when auth is off;
+        401 for a missing or wrong key."""
         if not self.required:
-            return
+            return None
         key = x_api_key.strip() if x_api_key else bearer(authorization)
         if not key:
             raise ApiError(401, "unauthorized",
@@ -98,6 +100,16 @@ class ApiKeys:
             ok |= hmac.compare_digest(given, d)
         if not ok:
             raise ApiError(401, "unauthorized", "the API key is not valid", headers={"WWW-Authenticate": "Bearer"})
+        return given
+
+
+    @staticmethod
+    def check_metrics(authorization: str | None, metrics_key: str) -> None:
+        """/metrics with a metrics key configured: 401 unless it is the bearer token."""
+        token = bearer(authorization) or ""
+        if not hmac.compare_digest(digest(token), digest(metrics_key)):
+            raise ApiError(401, "unauthorized", "/metrics needs 'Authorization: Bearer <metrics key>'",
+                           headers={"WWW-Authenticate": "Bearer"})
 
 
 def session_token(authorization: str | None) -> str:

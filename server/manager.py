@@ -31,7 +31,8 @@ from server.errors import ApiError
 from server.metrics import Metrics
 from server.settings import Settings
 from server.store import SessionRecord, SessionStore, StoreUnavailable, WorkerInfo, worker_name
-from streaming.channel import RateLimit
+from server.knobs import KnobPolicy
+from streaming.channel import RateLimit, SessionLimits
 from streaming.session import LiveSession, SessionOptions
 from streaming.worker import GenerationWorker
 
@@ -70,9 +71,11 @@ class SessionManager:
         self.store = store
         self.metrics = metrics
         self.tts = tts
+        self.knobs = KnobPolicy(engine.config, settings.max_lead_frames)
         self.sessions: dict[str, LiveSession] = {}
         self.records: dict[str, SessionRecord] = {}   # this worker's sessions, starting ones included
-        self.limits: dict[str, RateLimit] = {}         # per-session audio/speak request rate
+        self.limits: dict[str, SessionLimits] = {}     # per-session request and interrupt rates
+        self.owners: dict[str, str | None] = {}        # session id -> API key digest that created it
         s = settings
         host = socket.gethostname() if s.host in ("0.0.0.0", "::", "") else s.host   # a wildcard bind
         self.info = WorkerInfo(id=s.worker_id or worker_name(), capacity=s.max_sessions,
@@ -80,7 +83,7 @@ class SessionManager:
         self._heartbeat_task: asyncio.Task | None = None
         self._background: set[asyncio.Task] = set()
         self.draining = False
-        self._remote_limits: dict[str, RateLimit] = {}   # audio/speak limit of sessions forwarded from here
+        self._remote_limits: dict[str, SessionLimits] = {}   # of sessions forwarded from here
         self.forwarder = self.consumer = None
         if hasattr(store, "binary"):   # Redis: driving input for other workers' sessions, and for ours
             from server.routing import DriveConsumer, Forwarder
@@ -119,15 +122,34 @@ class SessionManager:
 
     # ----- sessions -----------------------------------------------------------------------
 
+    def _new_limits(self) -> SessionLimits:
+        s = self.settings
+        return SessionLimits(RateLimit(s.audio_rate_per_s, s.audio_burst),
+                             RateLimit(s.interrupt_rate_per_s, s.interrupt_burst))
+
+    def check_quota(self, owner: str | None) -> None:
+        """429 quota_exceeded when `owner` (an API key's digest; None: no key) already holds
+        `max_sessions_per_key` sessions on this worker (starting ones included)."""
+        quota = self.settings.max_sessions_per_key
+        if quota is None:
+            return
+        held = sum(1 for sid in self.records if self.owners.get(sid, "") == owner)
+        if held >= quota:
+            raise ApiError(429, "quota_exceeded", f"this API key already holds {held} sessions here, its quota "
+                                                  f"is {quota}; end one first",
+                           headers={"Retry-After": str(self.settings.retry_after_s)})
+
     async def create(self, reference: np.ndarray, knobs: StreamKnobs, seed: int, options: SessionOptions,
-                     avatar: str | None = None) -> tuple[LiveSession, str]:
+                     avatar: str | None = None, owner: str | None = None) -> tuple[LiveSession, str]:
         if self.draining:
             raise ApiError(503, "draining", "this server is shutting down; try another or again later",
                            headers={"Retry-After": str(self.settings.retry_after_s)})
+        self.check_quota(owner)   # and the slot taken below before any await: no race past the quota
         session_id = secrets.token_hex(8)
         token = secrets.token_urlsafe(32)
         record = SessionRecord(session_id, auth.digest(token), worker=self.info.id, state="starting", avatar=avatar)
         self.records[session_id] = record    # before admit: a heartbeat meanwhile keeps the slot
+        self.owners[session_id] = owner
         try:
             admitted = await self.store.admit(record, worker=self.info.id)
             if admitted is None and not any(w.id == self.info.id for w in await self.store.workers()):
@@ -137,14 +159,14 @@ class SessionManager:
                 await self.store.heartbeat(self.info, [r for r in self.records.values() if r.id != session_id])
                 admitted = await self.store.admit(record, worker=self.info.id)
         except StoreUnavailable as exc:
-            self.records.pop(session_id, None)
+            self._forget(session_id)
             raise ApiError(503, "store_unavailable", str(exc),
                            headers={"Retry-After": str(self.settings.retry_after_s)}) from None
         except BaseException:
-            self.records.pop(session_id, None)
+            self._forget(session_id)
             raise
         if admitted is None:
-            self.records.pop(session_id, None)
+            self._forget(session_id)
             raise ApiError(503, "too_many_sessions",
                            f"this server runs at most {self.settings.max_sessions} sessions; try again later",
                            headers={"Retry-After": str(self.settings.retry_after_s)})
@@ -152,23 +174,47 @@ class SessionManager:
             fut = self.worker.call(self.engine.start, reference, knobs, seed)
             stream = await asyncio.wrap_future(fut)
         except BaseException:
-            self.records.pop(session_id, None)
+            self._forget(session_id)
             self._spawn(self._release(session_id))
             raise
         cfg = self.engine.config
         placeholder = getattr(stream, "reference_image", None)
         if placeholder is None:
             placeholder = np.zeros((cfg.height, cfg.width, 3), np.uint8)
+        options = replace(options, ice_servers=self._ice_servers(options.ice_servers, session_id))
+        limits = self._new_limits()
         session = LiveSession(session_id, self.worker, stream, cfg.fps, cfg.driving.sample_rate, placeholder,
-                              options, tts=self.tts, on_latency=self._latency, on_chunk=self.metrics.chunk)
+                              options, tts=self.tts, on_latency=self._latency, on_chunk=self.metrics.chunk,
+                              limits=limits)
         self.sessions[session_id] = session
-        self.limits[session_id] = RateLimit(self.settings.audio_rate_per_s, self.settings.audio_burst)
+        self.limits[session_id] = limits
         self.records[session_id] = record = record.with_state("new")
         session.on_close(self._closed)
         self._spawn(self._put(record))
-        asyncio.get_running_loop().call_later(self.settings.offer_timeout_s, self._offer_timeout, session)
+        loop = asyncio.get_running_loop()
+        loop.call_later(self.settings.offer_timeout_s, self._offer_timeout, session)
+        if self.settings.max_session_s is not None:
+            loop.call_later(self.settings.max_session_s, self._end_session, session,
+                            f"maximum session duration ({self.settings.max_session_s:g} s) reached")
         log.info("session %s created (%d live)", session_id, len(self.sessions))
         return session, token
+
+    def _forget(self, session_id: str) -> None:
+        self.records.pop(session_id, None)
+        self.owners.pop(session_id, None)
+
+    def _ice_servers(self, servers: list[dict], session_id: str) -> list[dict]:
+        """The server's ICE servers for one session: its configured ones plus, with a TURN
+        secret, the TURN URLs with credentials minted for this session alone."""
+        s = self.settings
+        if not (s.turn_secret and s.turn_urls):
+            return servers
+        from server.turn import mint
+        return [*servers, mint(s.turn_secret, s.turn_urls, session_id, s.turn_ttl_s)]
+
+    def _end_session(self, session: LiveSession, reason: str) -> None:
+        if session.state != "closed":
+            asyncio.ensure_future(session.close(reason))
 
     def _spawn(self, coro) -> None:
         task = asyncio.ensure_future(coro)
@@ -191,12 +237,12 @@ class SessionManager:
         self.metrics.latency.labels(kind=kind).observe(seconds)
 
     def _offer_timeout(self, session: LiveSession) -> None:
-        if session.pc is None and session.state != "closed":
-            asyncio.ensure_future(session.close("no offer received"))
+        if session.pc is None:
+            self._end_session(session, "no offer received")
 
     def _closed(self, session: LiveSession) -> None:
         if self.sessions.pop(session.id, None) is not None:
-            self.records.pop(session.id, None)
+            self._forget(session.id)
             self.limits.pop(session.id, None)
             self.metrics.session_closed(session.status())
             if session.error:
@@ -235,24 +281,27 @@ class SessionManager:
             if remote_ok and self.forwarder is not None:
                 from server.routing import RemoteSession
                 return RemoteSession(record, self.engine.config.driving.sample_rate, self.forwarder, self.tts)
-            address = await self.address_of(record.worker)
+            # Where it runs stays internal (worker ids and addresses are the cluster's business).
             raise ApiError(421, "session_on_other_worker",
-                           f"session {session_id} runs on worker {record.worker}"
-                           + (f" at {address}" if address else " (no longer registered)"))
+                           f"session {session_id} runs on another worker; this route is not forwarded: send it "
+                           f"through a load balancer that keeps a session on one worker, or over the data channel")
         return session
 
-    def check_rate(self, session_id: str) -> None:
-        """The per-session audio/speak request limit: 429 rate_limited with Retry-After."""
-        limit = self.limits.get(session_id)
-        if limit is None and session_id not in self.sessions:   # a session forwarded from here
+    def check_rate(self, session_id: str, kind: str = "requests") -> None:
+        """Spend one of the session's `requests` (audio/speak) or `interrupts`: 429 rate_limited
+        with Retry-After when none is left. The same budget the data channel and the WebSocket
+        spend (LiveSession.spend); a session of another worker has one kept here."""
+        limits = self.limits.get(session_id)
+        if limits is None and session_id not in self.sessions:   # a session forwarded from here
             if len(self._remote_limits) > 10_000:
                 self._remote_limits.clear()
-            limit = self._remote_limits.setdefault(
-                session_id, RateLimit(self.settings.audio_rate_per_s, self.settings.audio_burst))
+            limits = self._remote_limits.setdefault(session_id, self._new_limits())
+        limit = getattr(limits, kind) if limits is not None else None
         wait = limit.take() if limit is not None else 0.0
         if wait > 0:
+            what = "interrupts" if kind == "interrupts" else "audio/speak requests"
             raise ApiError(429, "rate_limited",
-                           f"more than {limit.rate:g} audio/speak requests per second on this session "
+                           f"more than {limit.rate:g} {what} per second on this session "
                            f"(burst {limit.burst:g}); retry in {wait:.2f} s",
                            headers={"Retry-After": str(limit.retry_after(wait))})
 

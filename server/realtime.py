@@ -2,8 +2,9 @@
 as server-sent events, and trickle ICE (PATCH on the session resource, as WHIP).
 
 - `WS /v1/sessions/{id}/audio/ws` — for apps that stream TTS audio as fast as they make
-  it. Binary messages are PCM16 little-endian mono at the `rate` given in the URL (any
-  common rate; resampled) appended to the current segment; text messages are the data
+  it. Binary messages are PCM16 little-endian mono at the `rate` given in the URL (one of
+  streaming/resample.py's RATES; resampled off the event loop) appended to the current
+  segment, and count against the session's message rate as text messages do; text messages are the data
   channel's JSON protocol (streaming/channel.py: audio, end, speak, interrupt, motion,
   ping), plus `{"type": "segment", "segment": "<id>", "rate": <hz>}` which starts a new
   segment for the binary messages that follow (ids are the server's otherwise). Replies
@@ -27,13 +28,15 @@ import secrets
 from fastapi import FastAPI, Header, Query, Request, Response, WebSocket, WebSocketDisconnect
 from fastapi.responses import StreamingResponse
 
+from server.bodies import read_body
 from server.errors import ApiError
-from streaming.resample import StreamResampler
+from streaming.resample import RateError, check_rate
 
 log = logging.getLogger("knotstream.realtime")
 
 EVENT_QUEUE = 256        # events buffered per subscriber before it counts as stuck
 WS_MAX_MESSAGE = 1 << 20  # bytes per WebSocket message (1 MiB: ~30 s of 16 kHz PCM16)
+SDPFRAG_MAX_BYTES = 64_000  # one trickle PATCH body (refused before it is read when declared larger)
 
 
 def _bearer(authorization: str | None, token: str | None) -> str | None:
@@ -107,13 +110,12 @@ def install(app: FastAPI, manager) -> None:
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if ctype != "application/trickle-ice-sdpfrag":
             raise ApiError(415, "unsupported_media_type", "PATCH takes application/trickle-ice-sdpfrag")
-        body = await request.body()
-        if len(body) > 64_000:
-            raise ApiError(413, "sdpfrag_too_large", "ICE fragment is more than 64000 bytes")
+        body = await read_body(request, SDPFRAG_MAX_BYTES, "sdpfrag")
         try:
             added = await session.add_ice_candidates(body.decode("utf-8", errors="replace"))
         except ValueError as exc:
-            raise ApiError(400, getattr(exc, "code", "bad_sdpfrag"), str(exc)) from None
+            code = getattr(exc, "code", "bad_sdpfrag")
+            raise ApiError(409 if code == "too_many_candidates" else 400, code, str(exc)) from None
         return Response(status_code=204, headers={"X-Candidates-Added": str(added)})
 
     @app.websocket("/v1/sessions/{session_id}/audio/ws")
@@ -140,7 +142,6 @@ class AudioSocket:
         self.session = session
         self.rate = rate
         self.segment: str | None = None   # where binary audio goes (None: a new server-named one)
-        self.resampler: StreamResampler | None = None  # of the current segment (state across pieces)
         self.feed = EventFeed(session)
 
     async def send(self, message: dict) -> None:
@@ -149,9 +150,10 @@ class AudioSocket:
     async def run(self) -> None:
         pump = asyncio.create_task(self._pump_events())
         try:
-            if not 8000 <= self.rate <= 192000:
-                await self.send({"type": "error", "code": "bad_rate", "ref": None,
-                                 "message": f"rate must be 8000..192000 Hz, got {self.rate}"})
+            try:
+                check_rate(self.rate)
+            except RateError as exc:
+                await self.send({"type": "error", "code": "bad_rate", "ref": None, "message": str(exc)})
                 await self.ws.close(code=1008)
                 return
             while True:
@@ -186,26 +188,26 @@ class AudioSocket:
     async def _binary(self, data: bytes) -> dict | None:
         from model.media import MediaError, pcm16_to_float
 
+        wait = self.session.channel_limit.take()   # binary messages count as messages of the session
+        if wait > 0:
+            return {"type": "error", "code": "rate_limited", "ref": "audio",
+                    "message": f"more than {self.session.channel_limit.rate:g} messages/s; this audio was "
+                               f"dropped, retry in {wait:.2f} s"}
         if len(data) % 2:
             return {"type": "error", "code": "bad_pcm", "ref": "audio",
                     "message": f"binary messages are PCM16: an even number of bytes, got {len(data)}"}
         if self.segment is None:
             self.segment = f"ws-{secrets.token_hex(4)}"
-        if self.resampler is None:
-            self.resampler = StreamResampler(self.rate, self.session.sample_rate)
         try:
-            self.session.push_audio(self.resampler.push(pcm16_to_float(data)), self.segment, end=False)
+            await self.session.push_pcm(pcm16_to_float(data), self.rate, self.segment, end=False)
         except (MediaError, ValueError) as exc:
             return {"type": "error", "code": getattr(exc, "code", "bad_audio"), "message": str(exc), "ref": "audio"}
         return None  # binary audio is acknowledged by playback events, not per message
 
-    def _finish_segment(self) -> None:
+    async def _finish_segment(self) -> None:
         """The resampler's tail belongs to the segment it came from (nothing is dropped)."""
-        if self.resampler is not None and self.segment is not None:
-            tail = self.resampler.flush()
-            if len(tail):
-                self.session.push_audio(tail, self.segment, end=False)
-        self.resampler = None
+        if self.segment is not None:
+            await self.session.end_segment(self.segment, end=False)
 
     async def _text(self, text: str) -> dict | None:
         try:
@@ -217,15 +219,16 @@ class AudioSocket:
             if not isinstance(seg, str) or not 1 <= len(seg) <= 128:
                 return {"type": "error", "code": "bad_segment", "ref": "segment",
                         "message": "segment must be a string id of 1..128 characters"}
-            if not isinstance(rate, int) or not 8000 <= rate <= 192000:
-                return {"type": "error", "code": "bad_rate", "ref": "segment",
-                        "message": f"rate must be an integer 8000..192000 Hz, got {rate!r}"}
-            self._finish_segment()
+            try:
+                check_rate(rate)
+            except RateError as exc:
+                return {"type": "error", "code": "bad_rate", "ref": "segment", "message": str(exc)}
+            await self._finish_segment()
             self.segment, self.rate = seg, rate
             return {"type": "ack", "ref": "segment", "segment": seg}
         ends_current = isinstance(body, dict) and body.get("type") == "end" and body.get("segment") == self.segment
         if ends_current:
-            self._finish_segment()
+            await self._finish_segment()
         reply = await self.session.handle_message(text)
         if ends_current:
             self.segment = None  # the next binary audio starts a new segment

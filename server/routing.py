@@ -16,8 +16,11 @@ request for a session of another worker must end up there. Three paths:
 
 Proxying rather than answering 307 keeps clients simple: browsers and httpx drop the
 `Authorization` header on a redirect to another origin, which would turn every redirected
-session route into a 401. A proxied request carries `X-Knotstream-Forwarded` and is never
-forwarded again (no loops). The WebSocket route is not proxied: its refusal names the owner.
+session route into a 401. A proxied request carries `X-Knotstream-Forwarded: <worker id>;
+<unix time>;<HMAC-SHA256 of the cluster secret over worker, time, method and target>` and is
+never forwarded again (no loops); a header that does not verify (no secret, forged, older
+than FORWARD_MAX_AGE_S) is 403 `forwarded_refused`. The WebSocket route is not proxied; its
+refusal does not say where the session runs.
 
 The proxy speaks HTTP/1.1 with h11 (uvicorn's own dependency), one connection per request.
 """
@@ -25,10 +28,13 @@ The proxy speaks HTTP/1.1 with h11 (uvicorn's own dependency), one connection pe
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import logging
 import re
 import secrets
 import ssl
+import time
 from dataclasses import dataclass
 from urllib.parse import parse_qs, urlsplit
 
@@ -48,6 +54,33 @@ HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authoriza
 ANSWER_TIMEOUT_S = 300.0     # longest wait for a proxied answer to start (a create on a busy worker)
 STREAM_MAXLEN = 1000          # entries per worker stream (approximate trim); consumed entries are deleted
 GROUP = "owner"
+FORWARD_MAX_AGE_S = 60.0      # a signed forwarded header older than this is refused (replays)
+
+
+def forward_signature(secret: str, worker_id: str, stamp: str, method: str, target: str) -> str:
+    msg = "\n".join((worker_id, stamp, method, target)).encode("utf-8", "surrogateescape")
+    return hmac.new(secret.encode(), msg, hashlib.sha256).hexdigest()
+
+
+def forwarded_header(secret: str, worker_id: str, method: str, target: str, now: float | None = None) -> str:
+    stamp = str(int(time.time() if now is None else now))
+    return f"{worker_id};{stamp};{forward_signature(secret, worker_id, stamp, method, target)}"
+
+
+def forwarded_ok(secret: str | None, value: str, method: str, target: str, now: float | None = None) -> bool:
+    """True when `value` was signed with `secret` for this method and target, recently."""
+    parts = value.rsplit(";", 2)
+    if secret is None or len(parts) != 3 or not parts[1].isdigit():
+        return False
+    worker_id, stamp, signature = parts
+    if abs((time.time() if now is None else now) - int(stamp)) > FORWARD_MAX_AGE_S:
+        return False
+    return hmac.compare_digest(signature, forward_signature(secret, worker_id, stamp, method, target))
+
+
+def _target_of(scope) -> str:
+    query = scope.get("query_string", b"").decode("latin-1")
+    return scope["path"] + (f"?{query}" if query else "")
 
 
 # ----- placement and per-session proxying (ASGI middleware) ---------------------------
@@ -64,7 +97,13 @@ class ClusterRouter:
             return await self.app(scope, receive, send)
         manager = getattr(scope["app"].state, "manager", None) if "app" in scope else None
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        if manager is None or FORWARDED in headers:
+        if FORWARDED in headers:
+            secret = scope["app"].state.settings.cluster_secret if "app" in scope else None
+            if not forwarded_ok(secret, headers[FORWARDED], scope["method"], _target_of(scope)):
+                return await _error(send, 403, "forwarded_refused",
+                                    "X-Knotstream-Forwarded is for requests between this cluster's workers")
+            return await self.app(scope, receive, send)
+        if manager is None:
             return await self.app(scope, receive, send)
         target = None
         try:
@@ -135,12 +174,13 @@ async def proxy(scope, receive, send, base_url: str, manager) -> None:
     url = urlsplit(base_url)
     tls = url.scheme == "https"
     host, port = url.hostname or "127.0.0.1", url.port or (443 if tls else 80)
-    target = (url.path.rstrip("/") + scope["path"]) + (f"?{scope['query_string'].decode('latin-1')}"
-                                                      if scope.get("query_string") else "")
+    target = url.path.rstrip("/") + _target_of(scope)
     headers = [(k, v) for k, v in scope["headers"] if k.decode("latin-1").lower() not in HOP_BY_HOP]
     client = scope.get("client") or ("", 0)
     headers += [(b"host", url.netloc.encode()), (b"content-length", str(len(body)).encode()),
-                (b"connection", b"close"), (FORWARDED.encode(), manager.info.id.encode()),
+                (b"connection", b"close"),
+                (FORWARDED.encode(), forwarded_header(manager.settings.cluster_secret, manager.info.id,
+                                                      scope["method"], _target_of(scope)).encode("latin-1")),
                 (b"x-forwarded-for", str(client[0]).encode())]
     conn = h11.Connection(our_role=h11.CLIENT)
     try:
@@ -228,13 +268,20 @@ class RemoteSession:
         self.forwarder = forwarder
         self.tts = tts
 
-    def push_audio(self, samples: np.ndarray, segment_id: str | None = None, end: bool = False) -> ForwardedSegment:
+    def push_audio(self, samples: np.ndarray, segment_id: str | None = None, end: bool = False,
+                   rate: int | None = None) -> ForwardedSegment:
+        """Queue speech for the owner (at `rate`, default the driving rate: the owner resamples)."""
         seg = segment_id or f"fwd-{secrets.token_hex(4)}"
         pcm = np.ascontiguousarray(samples, dtype=np.float32)
         self.forwarder.send(self.record.worker, {b"sid": self.id, b"kind": b"audio", b"seg": seg,
-                                                 b"end": b"1" if end else b"0", b"rate": str(self.sample_rate),
-                                                 b"pcm": pcm.tobytes()})
-        return ForwardedSegment(seg, 0, len(pcm))
+                                                 b"end": b"1" if end else b"0",
+                                                 b"rate": str(rate or self.sample_rate), b"pcm": pcm.tobytes()})
+        return ForwardedSegment(seg, 0, len(pcm) * self.sample_rate // (rate or self.sample_rate))
+
+    async def push_pcm(self, samples: np.ndarray, rate: int, segment_id: str | None, end: bool) -> ForwardedSegment:
+        from streaming.resample import check_rate
+
+        return self.push_audio(samples, segment_id, end, check_rate(rate))
 
     async def speak(self, text: str) -> ForwardedSegment:
         """Synthesized here (same TTS as the owner), sent as audio."""
@@ -248,7 +295,8 @@ class RemoteSession:
 
     def interrupt(self) -> dict:
         self.forwarder.send(self.record.worker, {b"sid": self.id, b"kind": b"interrupt"})
-        return {"interrupted_segments": [], "muted_frames": 0, "forwarded_to": self.record.worker}
+        # Which worker owns the session stays internal; the cut segments are known there only.
+        return {"interrupted_segments": [], "muted_frames": 0, "coalesced": False, "forwarded": True}
 
 
 class ForwardQueueFull(ValueError):
@@ -332,7 +380,7 @@ class DriveConsumer:
                 backoff = 0.2
                 for _, entries in replies or []:
                     for entry_id, fields in entries:
-                        self._apply(fields)
+                        await self._apply(fields)
                         await self.store.binary.xack(self.key, GROUP, entry_id)
                         await self.store.binary.xdel(self.key, entry_id)
             except asyncio.CancelledError:
@@ -347,7 +395,7 @@ class DriveConsumer:
                 await asyncio.sleep(backoff)
                 backoff = min(5.0, backoff * 2)
 
-    def _apply(self, fields: dict) -> None:
+    async def _apply(self, fields: dict) -> None:
         sid = fields.get(b"sid", b"").decode()
         session = self.sessions.get(sid)
         if session is None:
@@ -356,7 +404,7 @@ class DriveConsumer:
         try:
             if kind == b"audio":
                 samples = np.frombuffer(fields[b"pcm"], dtype=np.float32)
-                session.push_pcm(samples, int(fields[b"rate"]), fields[b"seg"].decode(), fields[b"end"] == b"1")
+                await session.push_pcm(samples, int(fields[b"rate"]), fields[b"seg"].decode(), fields[b"end"] == b"1")
             elif kind == b"interrupt":
                 session.interrupt()
             self.applied += 1

@@ -4,9 +4,11 @@ Flags override `KNOTSTREAM_*` environment variables, which override the defaults
 (server/settings.py).
 
 SIGTERM (or Ctrl-C) drains: readyz answers 503 draining, new sessions are refused (503 +
-Retry-After) or placed on other workers, running sessions get `drain_timeout_s` to end and
-are then closed ("server shutting down"); then uvicorn stops and the worker unregisters.
-A second signal stops at once.
+Retry-After) or placed on other workers, running sessions get `drain_timeout_s` less a
+shutdown reserve to end and are then closed ("server shutting down"); then uvicorn stops
+and the worker unregisters. The process is gone `drain_timeout_s` after the signal at the
+latest: whatever still runs then (a request computing in a thread, a hung close) is left
+behind by a hard exit, logged. A second signal stops at once.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
+import threading
 
 log = logging.getLogger("knotstream.serve")
 
@@ -47,19 +51,43 @@ def settings_from_args(args: argparse.Namespace):
     return Settings(**overrides)
 
 
+def shutdown_reserve(drain_timeout_s: float) -> float:
+    """Of the drain timeout, the part kept for stopping after the sessions' time is up (closing
+    peers, finishing requests, unregistering from the store)."""
+    return min(10.0, drain_timeout_s / 2)
+
+
+def exit_deadline(seconds: float) -> threading.Timer:
+    """A daemon timer that ends the process `seconds` from now, whatever still runs."""
+    def force_exit():
+        log.error("still running %.0f s after the stop signal (a request or close that does not end); "
+                  "exiting now", seconds)
+        logging.shutdown()
+        os._exit(1)
+
+    timer = threading.Timer(seconds, force_exit)
+    timer.daemon = True
+    timer.start()
+    return timer
+
+
 def draining_server(config, app, drain_timeout_s: float):
-    """A uvicorn Server whose first SIGTERM/SIGINT drains the app's sessions before stopping."""
+    """A uvicorn Server whose first SIGTERM/SIGINT drains the app's sessions before stopping,
+    and that is gone `drain_timeout_s` after that signal at the latest."""
     import uvicorn
 
     class DrainingServer(uvicorn.Server):
         _loop = None
         _drain = None
+        _deadline = None
 
         async def serve(self, sockets=None):
             self._loop = asyncio.get_running_loop()
             await super().serve(sockets)
 
         def handle_exit(self, sig, frame):
+            if self._deadline is None:
+                self._deadline = exit_deadline(drain_timeout_s)
             manager = getattr(app.state, "manager", None)
             if self._drain is None and manager is not None and self._loop is not None and not self.should_exit:
                 self._captured_signals.append(sig)   # uvicorn re-raises it once stopped
@@ -73,7 +101,7 @@ def draining_server(config, app, drain_timeout_s: float):
 
         async def _drain_then_exit(self, manager):
             try:
-                await manager.drain(drain_timeout_s)
+                await manager.drain(drain_timeout_s - shutdown_reserve(drain_timeout_s))
             except Exception:
                 log.exception("drain failed; stopping anyway")
             self.should_exit = True
@@ -90,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     app = create_app(settings)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info",
-                            timeout_graceful_shutdown=10)
+                            timeout_graceful_shutdown=shutdown_reserve(settings.drain_timeout_s) / 2)
     redact_access_log()  # after uvicorn.Config, which sets up its loggers
     draining_server(config, app, settings.drain_timeout_s).run()
     return 0

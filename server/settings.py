@@ -42,7 +42,8 @@ class IceServer(BaseModel):
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="KNOTSTREAM_", extra="ignore")
+    # An empty variable counts as unset (compose passes `${X:-}` for optional secrets).
+    model_config = SettingsConfigDict(env_prefix="KNOTSTREAM_", extra="ignore", env_ignore_empty=True)
 
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
@@ -80,6 +81,31 @@ class Settings(BaseSettings):
     audio_rate_per_s: float = Field(10.0, gt=0)          # /audio and /speak requests per session per second
     audio_burst: int = Field(20, ge=1)                   # ... and how many may come at once
     retry_after_s: int = Field(10, ge=1)                 # Retry-After of a 503 when every slot is taken
+    max_lead_frames: int = Field(100, ge=1)              # largest `lead_frames` a client may ask for
+    tts_concurrency: int = Field(2, ge=1)                # TTS syntheses at once in this process
+    max_open_segments: int = Field(16, ge=1)             # pushed speech segments left open per session
+    max_ice_candidates: int = Field(50, ge=1)            # trickled ICE candidates per session
+    interrupt_rate_per_s: float = Field(5.0, gt=0)       # interrupts per session per second (all paths)
+    interrupt_burst: int = Field(10, ge=1)
+    # A session whose peer connection is not `connected` this long after its answer is closed.
+    ice_connect_timeout_s: float = Field(30.0, gt=0)
+    max_session_s: float | None = Field(None, gt=0)      # None: sessions may run forever
+    max_sessions_per_key: int | None = Field(None, ge=1)  # live sessions one API key may hold (None: no quota)
+
+    # Operations endpoints. A metrics key makes /metrics need `Authorization: Bearer <key>`;
+    # `docs=false` turns off /docs, /redoc and /openapi.json (the Docker image does).
+    metrics_key: str | None = Field(None, min_length=16)
+    docs: bool = True
+
+    # TURN with time-limited credentials (coturn `use-auth-secret`): each session gets its own
+    # username `<expiry>:<session id>` and password HMAC-SHA1(secret, username), valid this long
+    # for new allocations. Needs `turn_urls`; both go to the client and to the server's own peer.
+    turn_secret: str | None = Field(None, min_length=16)
+    turn_urls: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    turn_ttl_s: int = Field(600, ge=60, le=86400)
+    # Several workers: proxied requests carry an HMAC of this secret (server/routing.py); every
+    # worker needs the same one. Required with `redis_url`.
+    cluster_secret: str | None = Field(None, min_length=16)
 
     # Auth (server/auth.py). API keys create sessions; each session's own token covers
     # the rest. With no keys, auth is off only when bound to loopback (local demo) or
@@ -87,6 +113,9 @@ class Settings(BaseSettings):
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
     auth_disabled: bool | None = None                    # None: off on loopback without keys, else on
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)  # browser origins allowed
+    # Without API keys, requests must name one of these hosts (besides the loopback names, the
+    # bind address and public_url's host): DNS-rebinding protection (server/guard.py).
+    allowed_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
 
     # Scale-out: with a Redis URL, workers share one session registry (server/store_redis.py).
     redis_url: str | None = None
@@ -100,7 +129,7 @@ class Settings(BaseSettings):
     # aioice skips 127.0.0.1 when gathering candidates; turn on in a namespace with only `lo`.
     loopback_ice: bool = False
 
-    @field_validator("api_keys", "cors_origins", mode="before")
+    @field_validator("api_keys", "cors_origins", "turn_urls", "allowed_hosts", mode="before")
     @classmethod
     def _split_commas(cls, value):
         if isinstance(value, str):

@@ -6,7 +6,8 @@ Client -> server:
   {"type": "audio", "pcm16": "<base64 little-endian int16 mono>", "rate": 16000,
    "segment": "<id>", "end": false}
   {"type": "end", "segment": "<id>"}            end of a pushed speech segment
-  {"type": "speak", "text": "..."}              offline TTS, when installed
+  {"type": "speak", "text": "..."}              offline TTS, when installed (counts as a request
+                                                of the session, as POST /speak)
   {"type": "interrupt"}                         drop queued speech, back to idle
   {"type": "ping", "id": <any>}                 -> {"type": "pong", "id": ..., "t": <server ms>}
 
@@ -76,6 +77,15 @@ class RateLimit:
     def retry_after(self, wait_s: float) -> int:
         """A Retry-After header value (whole seconds, at least 1)."""
         return max(1, math.ceil(wait_s))
+
+
+@dataclass
+class SessionLimits:
+    """A session's request budgets, spent by every path that reaches it (HTTP routes, data
+    channel, WebSocket): `requests` for audio pushes and speak, `interrupts` for barge-ins."""
+
+    requests: RateLimit
+    interrupts: RateLimit
 
 
 @dataclass

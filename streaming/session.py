@@ -13,16 +13,19 @@ import json
 import logging
 import time
 from collections import deque
-from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
 from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
 
 from streaming import channel as proto
+from streaming import messages
+from streaming.channel import SessionLimits
 from streaming.clock import MediaClock
 from streaming.driving import DrivingBuffer, Segment
-from streaming.encode import EncodedVideoTrack, EncoderError, check_bitrate, choose_video_encoder, encoder_status
+from streaming.encode import EncodedVideoTrack, EncoderError, choose_video_encoder, encoder_status
+from streaming.options import SessionOptions, SessionRefused
+from streaming.peer import CODECS, CandidateError, OfferError, attach_track, check_offer, parse_candidates
 from streaming.playout import Playout
 from streaming.tracks import (AvatarAudioTrack, AvatarVideoTrack, Pacer, consume_audio, consume_blackhole,
                               track_task)
@@ -30,75 +33,7 @@ from streaming.worker import Generation, GenerationWorker
 
 log = logging.getLogger("knotstream.session")
 
-CODECS = {"vp8": "video/VP8", "h264": "video/H264"}
-
-
-class OfferError(ValueError):
-    """The SDP offer cannot be answered; `code` is stable."""
-
-    def __init__(self, code: str, message: str):
-        super().__init__(message)
-        self.code = code
-
-
-@dataclass
-class SessionOptions:
-    """Per-session gateway options (model knobs are the engine's business)."""
-
-    codec: str = "vp8"
-    lead_frames: int | None = None          # generation lead; None = 1.5 chunks
-    mic_latency_frames: int | None = None   # None = lead + one step's driving span + 2
-    prebuffer_timeout_s: float = 2.0
-    max_speech_seconds: float = 300.0
-    disconnect_grace_s: float = 5.0         # "disconnected" this long -> the session closes
-    echo_mic: bool = False                  # play the mic back on the audio track (puppet demos)
-    # Interrupt regenerates the frames generated but not yet played (closed mouth within about
-    # one step) instead of only muting them; costs a few cache copies per step.
-    regenerate_on_interrupt: bool = True
-    ice_servers: list[dict] = field(default_factory=list)  # [{"urls": [...], "username", "credential"}]
-    # Video encoder (streaming/encode.py): auto | software | nvenc | x264. auto = NVENC when the
-    # codec is h264 and NVENC opens, else aiortc's software encoder.
-    encoder: str = "auto"
-    # Target bps of the pre-encoded paths (nvenc, x264); None = 1 Mbps. aiortc's software encoder
-    # ignores it and follows the receiver's REMB estimate instead.
-    bitrate: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.codec not in CODECS:
-            raise ValueError(f"codec must be one of {sorted(CODECS)}, got {self.codec!r}")
-        if self.encoder not in ("auto", "software", "nvenc", "x264"):
-            raise ValueError(f"encoder must be auto, software, nvenc or x264, got {self.encoder!r}")
-        check_bitrate(self.bitrate)
-        for name in ("lead_frames", "mic_latency_frames"):
-            v = getattr(self, name)
-            if v is not None and (not isinstance(v, int) or v < 1):
-                raise ValueError(f"{name} must be a positive integer, got {v!r}")
-
-
-def check_offer(sdp: str) -> None:
-    """Refuse offers aiortc cannot answer as we need: the answer cannot add m-lines, so the
-    offer must carry a video and an audio section that can receive (sendrecv or recvonly)."""
-    if not isinstance(sdp, str) or not sdp.startswith("v=0"):
-        raise OfferError("bad_offer", "offer is not an SDP session description (it must start with v=0)")
-    directions: dict[str, str] = {}  # first m-section of each kind -> its direction
-    kind, first = None, False
-    for line in sdp.splitlines():
-        line = line.strip()
-        if line.startswith("m="):
-            kind = line[2:].split(" ", 1)[0]
-            first = kind not in directions
-            if first:
-                directions[kind] = "sendrecv"  # the SDP default
-        elif first and line in ("a=sendonly", "a=inactive", "a=recvonly", "a=sendrecv"):
-            directions[kind] = line[2:]
-    for kind in ("video", "audio"):
-        if kind not in directions:
-            raise OfferError(f"offer_missing_{kind}",
-                             f"offer has no {kind} m-line; offer a {kind} transceiver (recvonly is enough) "
-                             f"so the answer can carry the avatar's {kind}")
-        if directions[kind] in ("sendonly", "inactive"):
-            raise OfferError(f"offer_{kind}_not_receiving",
-                             f"the offer's {kind} m-line is {directions[kind]}; it must be sendrecv or recvonly")
+__all__ = ["CODECS", "LiveSession", "OfferError", "SessionOptions", "SessionRefused", "check_offer"]
 
 
 class LiveSession:
@@ -108,7 +43,10 @@ class LiveSession:
                  placeholder: np.ndarray, options: SessionOptions | None = None,
                  tts: Callable[[str, int], Any] | None = None,
                  on_latency: Callable[[float, str], None] | None = None,
-                 on_chunk: Callable[[float, int], None] | None = None):
+                 on_chunk: Callable[[float, int], None] | None = None,
+                 limits: SessionLimits | None = None):
+        """`limits`: the session's request and interrupt rates, spent by every path (HTTP,
+        data channel, WebSocket); None: unlimited (unit tests)."""
         self.id = session_id
         self.worker = worker
         self.stream = stream
@@ -145,7 +83,12 @@ class LiveSession:
         self._tasks: set[asyncio.Task] = set()
         self._last_gen = -1
         self.channel_limit = proto.RateLimit()  # JSON messages per session (data channel + WebSocket)
+        self.limits = limits
         self._resamplers: dict[str, object] = {}  # segment id -> StreamResampler of pushed audio
+        self._resampling = asyncio.Lock()  # pieces of pushed audio are resampled one at a time, in order
+        self._speaking = False             # a TTS synthesis of this session is running
+        self._rewind: asyncio.Future | None = None  # the interrupt regeneration not yet done
+        self.candidates = 0                # trickled ICE candidates added
         self.rewinds: deque[dict] = deque(maxlen=64)  # recent interrupt regenerations (status, tests)
         self.gen = Generation(session_id, stream, self.driving, self.playout, self.lead_frames,
                               on_error=self._on_worker_error, on_chunk=on_chunk, rewind_chunks=rewind_chunks)
@@ -195,8 +138,7 @@ class LiveSession:
 
         try:
             await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
-            self._attach(pc, "video", self.video)
-            self._attach(pc, "audio", self.audio)
+            self._attach(pc)
             await pc.setLocalDescription(await pc.createAnswer())
         except Exception as exc:  # aiortc's parser raises many kinds of errors on garbage
             # Refused: drop this peer so a corrected offer can be sent to the same session
@@ -208,39 +150,25 @@ class LiveSession:
             if isinstance(exc, OfferError):
                 raise
             raise OfferError("bad_offer", f"cannot answer the offer: {type(exc).__name__}: {exc}") from None
+        if self.options.ice_connect_timeout_s is not None:
+            self._spawn(self._close_unless_connected(self.options.ice_connect_timeout_s), "ice-deadline")
         return pc.localDescription.sdp
 
-    async def add_ice_candidates(self, sdpfrag: str) -> int:
-        """Trickle ICE: add the client's candidates from an RFC 8840 SDP fragment (the `a=mid`
-        before a candidate says which section; the first section otherwise). Returns the count.
-        ValueError (code bad_sdpfrag / no_peer) when nothing can be added."""
-        from aiortc.sdp import candidate_from_sdp
+    async def _close_unless_connected(self, timeout_s: float) -> None:
+        await asyncio.sleep(timeout_s)
+        if self.state == "connecting":
+            await self.close(f"ICE did not connect within {timeout_s:g} s of the answer")
 
+    async def add_ice_candidates(self, sdpfrag: str) -> int:
+        """Trickle ICE: add the client's candidates from an RFC 8840 SDP fragment. Returns the
+        count. CandidateError (code bad_sdpfrag / no_peer / too_many_candidates) when refused."""
         if self.pc is None or self.state == "closed":
-            err = ValueError("the session has no peer connection yet: send the offer first")
-            err.code = "no_peer"
-            raise err
-        mids = [t.mid for t in self.pc.getTransceivers() if t.mid is not None]
-        mid, added = (mids[0] if mids else "0"), 0
-        for line in sdpfrag.splitlines():
-            line = line.strip()
-            if line.startswith("a=mid:"):
-                mid = line[len("a=mid:"):]
-            elif line.startswith("a=candidate:"):
-                try:
-                    cand = candidate_from_sdp(line[len("a=candidate:"):])
-                except Exception as exc:
-                    err = ValueError(f"cannot parse ICE candidate {line[:80]!r}: {exc}")
-                    err.code = "bad_sdpfrag"
-                    raise err from None
-                cand.sdpMid = mid
-                await self.pc.addIceCandidate(cand)
-                added += 1
-        if not added and "a=end-of-candidates" not in sdpfrag:
-            err = ValueError("the fragment has no a=candidate lines")
-            err.code = "bad_sdpfrag"
-            raise err
-        return added
+            raise CandidateError("no_peer", "the session has no peer connection yet: send the offer first")
+        cands = parse_candidates(self.pc, sdpfrag, self.options.max_ice_candidates - self.candidates)
+        self.candidates += len(cands)
+        for cand in cands:
+            await self.pc.addIceCandidate(cand)
+        return len(cands)
 
     encoded_video: EncodedVideoTrack | None = None  # the sent track on the pre-encoded paths (_attach)
 
@@ -250,35 +178,14 @@ class LiveSession:
         size = (cfg.width, cfg.height) if cfg is not None else None
         return choose_video_encoder(self.options.codec, self.options.encoder, size)
 
-    def _attach(self, pc: RTCPeerConnection, kind: str, track) -> None:
-        """Put our track on the offer's transceiver of that kind (an answer cannot add m-lines)."""
-        tr = next((t for t in pc.getTransceivers() if t.kind == kind and t.sender.track is None), None)
-        if tr is None:
-            raise OfferError(f"offer_missing_{kind}", f"offer has no usable {kind} m-line")
-        if kind == "video":
-            try:
-                enc = self.video_encoder()
-            except EncoderError as exc:
-                raise OfferError(exc.code, str(exc)) from None
-            # setRemoteDescription already negotiated the codecs in the offer's order, and
-            # aiortc ignores setCodecPreferences after it: reorder the negotiated list itself
-            # (the answer and the sender use its first codec). Packets of the pre-encoded
-            # paths are H264 and can go out as nothing else.
-            want = CODECS[self.options.codec]
-            codecs = [c for c in tr._codecs if c.mimeType.lower() == want.lower()]
-            if not codecs and enc.pre_encoded:
-                raise OfferError("offer_codec_unsupported",
-                                 f"the offer has no {want} for the {enc.kind} encoder; offer {want} or choose "
-                                 f"encoder 'software'")
-            if codecs:
-                pts = {c.payloadType for c in codecs}
-                rtx = [c for c in tr._codecs if c.mimeType.lower().endswith("/rtx") and c.parameters.get("apt") in pts]
-                rest = [] if enc.pre_encoded else [c for c in tr._codecs if c not in codecs and c not in rtx]
-                tr._codecs = codecs + rtx + rest
-            if enc.pre_encoded:
-                track = self.encoded_video = EncodedVideoTrack(track, enc, self.clock.fps, self.options.bitrate)
-        tr.sender.replaceTrack(track)
-        tr.direction = "sendrecv"  # aiortc intersects it with the offer's direction
+    def _attach(self, pc: RTCPeerConnection) -> None:
+        try:
+            enc = self.video_encoder()
+        except EncoderError as exc:
+            raise OfferError(exc.code, str(exc)) from None
+        self.encoded_video = attach_track(pc, "video", self.video, self.options.codec, enc, self.clock.fps,
+                                          self.options.bitrate)
+        attach_track(pc, "audio", self.audio)
 
     async def _close_if_still_disconnected(self) -> None:
         await asyncio.sleep(self.options.disconnect_grace_s)
@@ -288,57 +195,96 @@ class LiveSession:
     # ----- driving --------------------------------------------------------------------
 
     def push_audio(self, samples: np.ndarray, segment_id: str | None = None, end: bool = False) -> Segment:
+        """Speech at the driving rate into segment `segment_id` (a new one when unknown).
+        SessionRefused `too_many_segments` when it would open one more than the session keeps open."""
+        opens_one = not end and (segment_id is None or not any(
+            s.id == segment_id and not s.ended and not s.interrupted for s in self.driving.segments()))
+        if opens_one and self.open_segments() >= self.options.max_open_segments:
+            raise SessionRefused("too_many_segments",
+                                 f"{self.options.max_open_segments} speech segments are open on this session; "
+                                 f"end one (end=true, or an `end` message) before starting another")
         seg = self.driving.push_speech(samples, segment_id, end)
         self.worker.wake()
         return seg
 
-    def push_pcm(self, samples: np.ndarray, rate: int, segment_id: str | None, end: bool) -> Segment:
-        """Pushed audio at any rate, resampled with state kept per segment across pieces (no
-        clicks at piece borders); the filter's tail is added when the segment ends."""
-        from streaming.resample import StreamResampler
+    def open_segments(self) -> int:
+        return sum(1 for s in self.driving.segments() if not s.ended and not s.interrupted)
 
+    async def push_pcm(self, samples: np.ndarray, rate: int, segment_id: str | None, end: bool) -> Segment:
+        """Pushed audio at a rate of `streaming.resample.RATES`, resampled off the event loop
+        with state kept per segment across pieces (no clicks at piece borders); the filter's
+        tail is added when the segment ends. ValueError (code audio_bad_rate) for other rates."""
+        from streaming.resample import StreamResampler, check_rate
+
+        check_rate(rate)
         if rate == self.sample_rate:
             return self.push_audio(samples, segment_id, end)
-        key = segment_id
-        rs = self._resamplers.pop(key, None) if key is not None else None
-        if rs is None or rs.in_rate != rate:
-            rs = StreamResampler(rate, self.sample_rate)
-        out = rs.push(samples)
-        if end or key is None:
-            out = np.concatenate([out, rs.flush()])
-        elif len(self._resamplers) < 16:  # open segments at other rates: bounded
-            self._resamplers[key] = rs
-        return self.push_audio(out, segment_id, end)
+        async with self._resampling:   # one piece at a time: a segment's pieces stay in order
+            key = segment_id
+            rs = self._resamplers.pop(key, None) if key is not None else None
+            if rs is None or rs.in_rate != rate:
+                rs = StreamResampler(rate, self.sample_rate)
+            out = await asyncio.to_thread(rs.push, samples, end or key is None)
+            if not (end or key is None) and len(self._resamplers) < self.options.max_open_segments:
+                self._resamplers[key] = rs
+            return self.push_audio(out, segment_id, end)
 
-    def end_segment(self, segment_id: str) -> Segment:
-        rs = self._resamplers.pop(segment_id, None)
-        if rs is not None:
-            tail = rs.flush()
+    async def end_segment(self, segment_id: str, end: bool = True) -> Segment | None:
+        """Add the resampler's tail to the segment and end it (`end=False`: keep it open; None
+        when there is no such segment then). KeyError for an unknown segment to end."""
+        async with self._resampling:
+            rs = self._resamplers.pop(segment_id, None)
+            tail = rs.flush() if rs is not None else ()
             if len(tail):
                 self.push_audio(tail, segment_id, end=False)
-        return self.driving.end_segment(segment_id)
+            return self.driving.end_segment(segment_id) if end else None
 
     def set_motion(self, fields: dict, client_ms: float | None = None) -> int:
         return self.driving.set_motion(fields, client_ms)
 
+    def spend(self, kind: str) -> None:
+        """Spend one of the session's `requests` (audio pushes, speak) or `interrupts`;
+        SessionRefused `rate_limited` (with the wait) when none is left."""
+        limit = getattr(self.limits, kind, None) if self.limits is not None else None
+        wait = limit.take() if limit is not None else 0.0
+        if wait > 0:
+            what = "interrupts" if kind == "interrupts" else "audio/speak requests"
+            raise SessionRefused("rate_limited", f"more than {limit.rate:g} {what} per second on this session "
+                                                 f"(burst {limit.burst:g}); retry in {wait:.2f} s", wait)
+
     async def speak(self, text: str) -> Segment:
+        """Synthesize `text` and queue it as one segment. One synthesis per session at a time
+        (SessionRefused `speak_in_progress`); the TTS has its own process-wide cap."""
         if self.tts is None:
             from streaming.tts import TTSUnavailable
             raise TTSUnavailable("text-to-speech is not configured")
-        samples = await self.tts(text, self.sample_rate)
+        if self._speaking:
+            raise SessionRefused("speak_in_progress", "this session is already synthesizing speech; "
+                                                      "send the next text when its ack arrives", 1.0)
+        self._speaking = True
+        try:
+            samples = await self.tts(text, self.sample_rate)
+        finally:
+            self._speaking = False
+        if self.state == "closed":
+            raise SessionRefused("session_closed", "the session closed while its speech was synthesized")
         return self.push_audio(samples, end=True)
 
     def interrupt(self) -> dict:
         """Barge-in: drop speech not yet generated and silence frames generated but not played
         at once; then (worker thread, between steps) discard those frames and regenerate
-        from the last frame shown with the speech gone (`GenerationWorker.rewind_unplayed`)."""
+        from the last frame shown with the speech gone (`GenerationWorker.rewind_unplayed`).
+        While a regeneration is still pending, another interrupt only drops speech and mutes:
+        the pending one regenerates from the first unplayed frame with the speech gone, which
+        covers both (`coalesced`). Callers spend the session's interrupt budget first."""
         cut = self.driving.interrupt()
         muted = self.playout.mute_queued()
-        if self.options.regenerate_on_interrupt:
+        coalesced = self._rewind is not None and not self._rewind.done()
+        if self.options.regenerate_on_interrupt and not coalesced:
             # Stop the step in progress (its frames would be discarded anyway), then rewind.
             if hasattr(self.stream, "request_abort"):
                 self.stream.request_abort()
-            fut = self.worker.rewind_unplayed(self.id)
+            self._rewind = fut = self.worker.rewind_unplayed(self.id)
             fut.add_done_callback(self._on_rewound)
         played = self.driving.sample_of(self._last_gen + 1) if self._last_gen >= 0 else 0
         for seg in cut:
@@ -347,7 +293,7 @@ class LiveSession:
                 pos = max(0, min(played, seg.end) - seg.start)
                 self._emit({"type": "playback_finished", "segment": seg.id, "interrupted": True,
                             "position_ms": round(1000 * pos / self.sample_rate)})
-        return {"interrupted_segments": [s.id for s in cut], "muted_frames": muted}
+        return {"interrupted_segments": [s.id for s in cut], "muted_frames": muted, "coalesced": coalesced}
 
     def _on_rewound(self, fut) -> None:
         """Worker thread: the regeneration was set up (or fell back); note it, never raise."""
@@ -375,49 +321,9 @@ class LiveSession:
             self.send(reply)
 
     async def handle_message(self, raw) -> dict | None:
-        """One protocol message (streaming/channel.py) from the data channel or the WebSocket;
+        """One protocol message from the data channel or the WebSocket (streaming/messages.py);
         returns the reply (ack, pong or error), never raises."""
-        self.messages["received"] += 1
-        try:
-            msg = proto.parse(raw, self.channel_limit)
-            return await self._handle(msg)
-        except proto.ChannelError as exc:
-            self.messages["errors"] += 1
-            return exc.reply()
-        except Exception as exc:  # a bad value (ValueError/MediaError): tell the client, carry on
-            self.messages["errors"] += 1
-            code = getattr(exc, "code", "bad_value" if isinstance(exc, ValueError) else "internal_error")
-            if not isinstance(exc, ValueError) and not hasattr(exc, "code"):
-                log.exception("session %s: message failed", self.id)
-            return {"type": "error", "code": code, "message": str(exc), "ref": None}
-
-    async def _handle(self, msg: proto.Message) -> dict | None:
-        b = msg.body
-        if msg.type in ("motion", "expression"):
-            try:
-                frame = self.set_motion(b["fields"], b.get("t"))
-            except ValueError as exc:
-                raise proto.ChannelError("bad_motion", str(exc), msg.type) from None
-            return {"type": "ack", "ref": msg.type, "frame": frame}
-        if msg.type == "audio":
-            from model.media import pcm16_to_float
-            seg = self.push_pcm(pcm16_to_float(b["pcm16"]), b.get("rate", self.sample_rate), b.get("segment"),
-                                bool(b.get("end", False)))
-            return {"type": "ack", "ref": "audio", "segment": seg.id}
-        if msg.type == "end":
-            try:
-                seg = self.end_segment(b["segment"])
-            except KeyError:
-                raise proto.ChannelError("unknown_segment", f"no segment {b['segment']!r}", "end") from None
-            return {"type": "ack", "ref": "end", "segment": seg.id}
-        if msg.type == "speak":
-            seg = await self.speak(b["text"])
-            return {"type": "ack", "ref": "speak", "segment": seg.id}
-        if msg.type == "interrupt":
-            return {"type": "ack", "ref": "interrupt", **self.interrupt()}
-        if msg.type == "ping":
-            return {"type": "pong", "id": b.get("id"), "t": round(time.time() * 1000, 3)}
-        return None
+        return await messages.handle(self, raw)
 
     def send(self, message: dict) -> None:
         ch = self.channel

@@ -218,16 +218,24 @@ class GenerationWorker:
 
     def _step(self, batch: list[Generation]) -> None:
         streams, audios, motions, spans = [], [], [], []
-        for g in batch:
+        for g in list(batch):
             st = g.stream
-            fi, n = st.frame_index, st.next_frames
-            mutes = g.playout.mutes  # before the driving is read: an interrupt after it mutes this chunk
-            d = g.driving.take(fi, st.driving_frames, st.audio_samples_needed, n)
-            own = g.driving.sample_of(fi + n) - g.driving.sample_of(fi)
+            try:  # a session whose input cannot be read fails alone; the thread goes on
+                fi, n = st.frame_index, st.next_frames
+                mutes = g.playout.mutes  # before the driving is read: an interrupt after it mutes this chunk
+                d = g.driving.take(fi, st.driving_frames, st.audio_samples_needed, n)
+                own = g.driving.sample_of(fi + n) - g.driving.sample_of(fi)
+            except Exception as exc:
+                log.exception("reading the driving input of session %s failed", g.id)
+                batch.remove(g)
+                self._fail(g, exc)
+                continue
             streams.append(st)
             audios.append(d.audio)
             motions.append(d.motion)
             spans.append((fi, n, d.playback[:own].copy(), mutes))
+        if not batch:
+            return
         delivered: dict[int, bool] = {}
 
         def deliver(i: int, frames) -> None:

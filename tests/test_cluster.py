@@ -22,6 +22,7 @@ pytestmark = pytest.mark.redis
 
 KNOTSTREAM = str(Path(sys.executable).parent / "knotstream")
 TTL = 1.5
+CLUSTER_SECRET = "test-cluster-secret-0123"   # signs requests the workers forward to each other
 
 
 class Worker:
@@ -36,6 +37,7 @@ class Worker:
                     "KNOTSTREAM_REDIS_PREFIX": prefix, "KNOTSTREAM_WORKER_ID": wid,
                     "KNOTSTREAM_MAX_SESSIONS": str(capacity), "KNOTSTREAM_STORE_TTL_S": str(TTL),
                     "KNOTSTREAM_HEARTBEAT_S": "0.25", "KNOTSTREAM_AUTH_DISABLED": "true",
+                    "KNOTSTREAM_CLUSTER_SECRET": CLUSTER_SECRET,
                     "KNOTSTREAM_OFFER_TIMEOUT_S": "300", "KNOTSTREAM_RETRY_AFTER_S": "3",
                     **{f"KNOTSTREAM_{k.upper()}": str(v) for k, v in env.items()}}
         self.log = log_dir / f"worker-{wid}.log"
@@ -140,10 +142,17 @@ def test_sessions_spread_over_workers_and_any_node_reaches_them(cluster):
         assert st.json()["id"] == on_b["id"] and st.json()["driving"]["speech_samples"] == 0
         assert len(st.headers.get_list("date")) == 1 and len(st.headers.get_list("server")) == 1
         assert ca.get(on_b["location"], headers={"Authorization": "Bearer nope"}).status_code == 404
-        # The audio WebSocket is not proxied: on the other node it names the owner.
+        # A client cannot pose as a worker: a forwarded header that does not verify is refused.
+        for forged in ("a", f"a;{int(time.time())};{'0' * 64}"):
+            r = ca.get(on_b["location"], headers={**bearer(on_b), "X-Knotstream-Forwarded": forged})
+            assert r.status_code == 403 and r.json()["error"]["code"] == "forwarded_refused", r.text
+        # The audio WebSocket is not proxied: on the other node it says so, without naming
+        # the owner's address or id (internal to the cluster).
         ws_error = asyncio.run(ws_first_message(f"ws://127.0.0.1:{a.port}{on_b['location']}/audio/ws"
                                                 f"?token={on_b['token']}"))
-        assert ws_error["code"] == "session_on_other_worker" and b.url in ws_error["message"]
+        assert ws_error["code"] == "session_on_other_worker", ws_error
+        assert str(b.port) not in ws_error["message"] and "127.0.0.1" not in ws_error["message"]
+        assert " b " not in f" {ws_error['message']} ", ws_error["message"]
         # uvicorn logs the WebSocket's path with its query: the token shows up redacted.
         wait_for(lambda: "[redacted]" in a.log.read_text(), 10, "a's log line of the WebSocket")
         assert on_b["token"] not in a.log.read_text()
@@ -163,7 +172,7 @@ def test_sessions_spread_over_workers_and_any_node_reaches_them(cluster):
         # The node that forwarded holds nothing of it; interrupt goes the same way.
         assert ca.get("/readyz").json()["sessions"] == 2
         r = ca.post(f"{on_b['location']}/interrupt", headers=bearer(on_b))
-        assert r.status_code == 200 and r.json()["forwarded_to"] == "b"
+        assert r.status_code == 200 and r.json()["forwarded"] is True and "b" not in r.json().values()
         wait_for(lambda: stats()["interrupts"] == 1, 30, "the forwarded interrupt on the owner")
 
         # Events through node a (proxied stream), then DELETE through node a closes it on b.
@@ -294,7 +303,7 @@ def test_redis_restart_under_running_sessions(cluster):
 
 
 def test_sigterm_drains(cluster):
-    (a,) = cluster(1, max_sessions=2, drain_timeout_s=4)
+    (a,) = cluster(1, max_sessions=2, drain_timeout_s=8)   # sessions get 8 s less a 4 s shutdown reserve
     raw, prefix = cluster.raw, cluster.prefix
 
     async def scenario():
@@ -322,6 +331,7 @@ def test_sigterm_drains(cluster):
             assert 3.0 <= time.monotonic() - t0                # it had its drain time (4 s)
             code = await asyncio.to_thread(a.proc.wait, 30)
             assert code in (0, -signal.SIGTERM)
+            assert time.monotonic() - t0 <= 8.0 + 1.0         # gone within the drain timeout
         finally:
             await client.close()
 

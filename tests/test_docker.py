@@ -264,7 +264,18 @@ def test_compose_services():
     assert "KNOTSTREAM_MODEL" in ks["environment"]
     # The server refuses a 0.0.0.0 bind without API keys: compose must demand them, not default them.
     assert ks["environment"]["KNOTSTREAM_API_KEYS"].startswith("${KNOTSTREAM_API_KEYS:?")
-    assert ks["environment"]["KNOTSTREAM_REDIS_URL"].startswith("redis://redis:")
+    # Redis needs its password; workers sign what they forward; no API docs in production.
+    assert ks["environment"]["KNOTSTREAM_REDIS_URL"].startswith("redis://:${REDIS_PASSWORD:?")
+    assert ks["environment"]["KNOTSTREAM_REDIS_URL"].endswith("@redis:6379/0")
+    assert "--requirepass" in " ".join(s["redis"]["command"])
+    assert "REDISCLI_AUTH" in " ".join(s["redis"]["healthcheck"]["test"])
+    assert ks["environment"]["KNOTSTREAM_CLUSTER_SECRET"].startswith("${KNOTSTREAM_CLUSTER_SECRET:?")
+    assert ks["environment"]["KNOTSTREAM_DOCS"] == "false"
+    # TURN: per-session credentials only (tests/test_relay.py runs coturn with these flags).
+    turn = s["coturn"]["command"][0]
+    assert "--use-auth-secret" in turn and "--no-tcp-relay" in turn
+    assert "--user" not in turn and "--lt-cred-mech" not in turn
+    assert ks["environment"]["KNOTSTREAM_TURN_SECRET"] == "${TURN_SECRET:-}"
     assert ks["depends_on"]["redis"]["condition"] == "service_healthy"
     assert "healthcheck" in s["redis"] and "ports" not in s["redis"], "redis stays on the compose network"
     assert s["coturn"]["profiles"] == ["turn"]

@@ -105,7 +105,7 @@ def test_audio_push_rate_limit_per_session(http, server):
     # Another session has its own budget.
     r = http.post(f"/v1/sessions/{b}/audio", content=pcm(0.05), headers={**auth_b, "Content-Type": "audio/pcm"})
     assert r.status_code == 202, r.text
-    assert server.manager.limits[a].refused == 2
+    assert server.manager.limits[a].requests.refused == 2
 
 
 def test_sessions_per_worker(http, server):

@@ -186,9 +186,9 @@ def test_options_are_validated(http):
                  422, "invalid_request")
     assert_error(http.post("/v1/sessions", json={"avatar": "ada", "options": {"seed": -1}}), 422, "invalid_request")
     assert_error(http.post("/v1/sessions", json={"avatar": "ada", "options": {"knobs": {"warp": 2}}}),
-                 400, "bad_knobs")
+                 422, "invalid_knob")
     assert_error(http.post("/v1/sessions", json={"avatar": "ada", "options": {"knobs": {"knot_frames": 9}}}),
-                 400, "bad_knobs")
+                 422, "invalid_knob")
 
 
 def test_validation_errors_use_the_json_error_format(http):

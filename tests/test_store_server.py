@@ -43,7 +43,8 @@ def raw(redis_server):
 
 def settings(url, **kw):
     return Settings(max_sessions=2, redis_url=url, redis_prefix=PREFIX, store_ttl_s=1.5, heartbeat_s=0.25,
-                    retry_after_s=7, worker_id="test-worker", public_url="http://worker-a.internal:8000", **kw)
+                    retry_after_s=7, worker_id="test-worker", public_url="http://worker-a.internal:8000",
+                    cluster_secret="test-cluster-secret-0123", **kw)
 
 
 def create(c, avatar="ada"):

@@ -28,18 +28,29 @@ export async function listAvatars() {
 
 export const avatarUrl = (name) => `/v1/avatars/${encodeURIComponent(name)}.png`;
 
-/** Create a session with its SDP offer; `portrait` (a File) wins over `avatar` (a name). */
-export async function createSession({ avatar, portrait, offerSdp, options = {} }) {
+/**
+ * Create a session (the offer follows with `sendOffer`, once the page knows the session's ICE
+ * servers: TURN credentials are minted per session). `portrait` (a File) wins over `avatar`.
+ */
+export async function createSession({ avatar, portrait, options = {} }) {
   const form = new FormData();
   if (portrait) form.append("image", portrait);
   else form.append("avatar", avatar);
   form.append("options", JSON.stringify(options));
-  form.append("offer", JSON.stringify({ type: "offer", sdp: offerSdp }));
   // Servers reachable beyond loopback need an API key to create sessions (README: auth).
   const key = apiKey();
   const headers = key ? { "X-API-Key": key } : {};
   const r = await check(await fetch("/v1/sessions", { method: "POST", body: form, headers }));
   return r.json();
+}
+
+/** Send the SDP offer of a session made without one; returns the answer {type, sdp}. */
+export async function sendOffer(session, offerSdp) {
+  const r = await check(await fetch(`${session.location}/offer`, {
+    method: "POST", body: JSON.stringify({ type: "offer", sdp: offerSdp }),
+    headers: { ...auth(session), "Content-Type": "application/json" },
+  }));
+  return (await r.json()).answer;
 }
 
 const KEY_STORE = "knotstream.apiKey";

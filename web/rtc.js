@@ -1,8 +1,9 @@
-// WebRTC side: the client offers (audio sendrecv with a mic or recvonly without, video
-// recvonly, a `driving` data channel), gathers ICE completely (non-trickle: the server
-// answers once), then posts the offer with the session request.
+// WebRTC side: the session is created first (its answer carries the ICE servers to use,
+// with TURN credentials minted for this session), then the client offers (audio sendrecv
+// with a mic or recvonly without, video recvonly, a `driving` data channel), gathers ICE
+// completely (non-trickle: the server answers once) and posts the offer.
 
-import { createSession } from "./api.js";
+import { createSession, endSession, sendOffer } from "./api.js";
 
 const GATHER_TIMEOUT_MS = 5000;
 
@@ -29,7 +30,8 @@ export async function openMic() {
  * MediaStream; `onMessage(obj)` every parsed data-channel message.
  */
 export async function connect({ avatar, portrait, mic, options, onTrack, onMessage, onState }) {
-  const pc = new RTCPeerConnection({ iceServers: [] });
+  const session = await createSession({ avatar, portrait, options });
+  const pc = new RTCPeerConnection({ iceServers: session.ice_servers ?? [] });
   pc.addEventListener("connectionstatechange", () => onState?.(pc.connectionState));
   pc.addEventListener("track", (ev) => onTrack?.(ev.streams[0] ?? new MediaStream([ev.track])));
   let micTrack = null;
@@ -53,11 +55,11 @@ export async function connect({ avatar, portrait, mic, options, onTrack, onMessa
   try {
     await pc.setLocalDescription(await pc.createOffer());
     await gatheringComplete(pc);
-    const session = await createSession({ avatar, portrait, options, offerSdp: pc.localDescription.sdp });
-    await pc.setRemoteDescription(session.answer);
+    await pc.setRemoteDescription(await sendOffer(session, pc.localDescription.sdp));
     return { pc, channel, session, micTrack, opened };
   } catch (err) {
     pc.close();
+    await endSession(session);
     throw err;
   }
 }
