@@ -177,8 +177,8 @@ class KnotstreamVideoService(AIService):
         avatar = self._avatar
         async for item in avatar.frames():
             if isinstance(item, VideoOut):
-                out = OutputImageRawFrame(image=item.image.tobytes(), size=(avatar.width, avatar.height),
-                                          format="RGB")
+                h, w = item.image.shape[:2]
+                out = OutputImageRawFrame(image=item.image.tobytes(), size=(w, h), format="RGB")
                 out.pts = self._pts(item.time_s)
                 await self.push_frame(out)
             elif isinstance(item, AudioOut):

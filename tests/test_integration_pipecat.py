@@ -213,9 +213,12 @@ async def test_remote_mode_against_a_live_server(server):
     assert [e[3] for e in finished] == [False, True], events
     assert abs(finished[0][2] - 1.5) < 0.05, finished
     assert 0 < finished[1][2] < 3.0
-    # The server's speech comes back over WebRTC (Opus, 48 kHz): as long as what went in.
-    loud = [(t, a) for t, a in audio_of(rec.frames) if np.abs(a).max() > 300]
-    assert loud, "no speech came back"
-    heard_first = sum(len(a) for t, a in loud if t < marker.interrupted_at) / 48000
-    assert 1.5 - 0.1 < heard_first - finished[1][2] < 1.5 + 0.3 or heard_first > 1.4
-    assert all(t - marker.interrupted_at < 1.0 for t, _ in loud if t > marker.interrupted_at)
+    # The server's speech comes back over WebRTC (Opus, 48 kHz): as much as the server says
+    # played, and nothing of the cut segment long after the interruption.
+    loud = [(t, a) for t, a in audio_of(rec.frames) + [(t, np.frombuffer(f.audio, np.int16)) for t, f in rec.frames
+                                                          if type(f).__name__ == "OutputAudioRawFrame"]
+            if np.abs(a).max() > 300]
+    heard = sum(len(a) for _, a in loud) / 48000
+    assert abs(heard - (finished[0][2] + finished[1][2])) < 0.2, (heard, finished)
+    late = [t - marker.interrupted_at for t, _ in loud if t > marker.interrupted_at + 0.5]
+    assert not late, f"speech went on {max(late):.2f} s after the interruption"
