@@ -122,10 +122,11 @@ class SpeechTape:
 
     def take(self, frame: int) -> tuple[np.ndarray | None, list[PlaybackEvent]]:
         """Audio of generated frame `frame` ((n,) int16, None when no speech touches it) and the
-        events it completes. Frames must be taken in increasing order."""
+        events it completes. Frames must be taken in increasing order. The audio is one frame
+        long, or shorter where the speech ends inside the frame."""
         lo, hi = self.bounds(frame)
         lo = max(lo, self._cursor)
-        out, late, events, touched = np.zeros(max(0, hi - lo), np.int16), [], [], False
+        out, late, events, touched, last = np.zeros(max(0, hi - lo), np.int16), [], [], False, lo
         for seg in list(self._segments.values()):
             for span in seg.spans:
                 a, b = span.start + span.taken, min(hi, span.end)
@@ -140,13 +141,17 @@ class SpeechTape:
                     chunk, a = chunk[k:], a + k
                 if len(chunk):
                     out[a - lo: b - lo] = chunk
-                touched = True
+                touched, last = True, max(last, b)
                 if not seg.started:
                     seg.started = True
                     events.append(PlaybackEvent("started", seg.id))
             seg.spans = [s for s in seg.spans if s.taken < s.length]
             if seg.ended and seg.played >= seg.total:
                 events.append(self._finish(seg, interrupted=False))
+        # Nothing follows the last sample in this frame: end the audio there, so a segment's
+        # audio is exactly its samples (the next speech starts on a later frame anyway).
+        if not any(sp.start < hi for seg in self._segments.values() for sp in seg.spans):
+            out = out[: last - lo]
         if late:
             out = np.concatenate(late + [out])
         self._cursor = max(self._cursor, hi)
