@@ -47,11 +47,11 @@ from integrations.tape import PlaybackEvent
 AvatarFactory = Callable[[], Awaitable[object]]
 
 
-def avatar_transport_params(avatar_or_host, **overrides) -> dict:
-    """The output-transport settings an avatar needs (pass as TransportParams(**...))."""
+def avatar_transport_params(width: int, height: int, fps: int, **overrides) -> dict:
+    """The output-transport settings an avatar of that size and frame rate needs (pass as
+    TransportParams(**...)); frames of another size are scaled by the transport."""
     params = dict(audio_out_enabled=True, video_out_enabled=True, video_out_is_live=True,
-                  video_out_width=avatar_or_host.width, video_out_height=avatar_or_host.height,
-                  video_out_framerate=avatar_or_host.fps)
+                  video_out_width=width, video_out_height=height, video_out_framerate=fps)
     params.update(overrides)
     return params
 

@@ -178,3 +178,54 @@ async def test_avatar_worker_speaks_the_data_stream_protocol(host, portrait):
     finally:
         worker.cancel()
         await asyncio.gather(worker, return_exceptions=True)
+
+
+async def test_plugin_sends_an_avatar_through_the_dispatch_service(host, portrait):
+    """The agent-side plugin against the avatar service app (in the same loop, through ASGI),
+    whose room connection is the one step replaced: it hands the avatar's MemoryRoom back."""
+    import httpx
+    from livekit import api
+    from livekit.agents import AgentSession
+
+    from integrations.livekit_dispatch import create_app
+    from integrations.livekit_plugin import KnotstreamAvatarSession
+
+    agent_room, avatar_room = MemoryRoom("agent"), MemoryRoom("knotstream-avatar")
+    link(agent_room, avatar_room)
+    joined: list[tuple[str, str]] = []
+
+    async def connect(url: str, token: str):
+        joined.append((url, token))
+        return avatar_room
+
+    key, secret = "k" * 24, "s" * 40
+    app = create_app(host, api_keys=[key], connect=connect)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://dispatch") as http:
+        r = await http.post("/v1/livekit/avatars", json={})
+        assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized"
+        r = await http.post("/v1/livekit/avatars", json={"livekit_url": "x"}, headers={"X-API-Key": key})
+        assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_request"
+
+        plugin = KnotstreamAvatarSession(service_url="http://dispatch", api_key=key, http_client=http,
+                                         audio_rate=RATE)
+        session = AgentSession()
+        await plugin.start(session, agent_room, livekit_url="wss://livekit.invalid", livekit_api_key="devkey",
+                           livekit_api_secret=secret)
+        claims = api.TokenVerifier("devkey", secret).verify(joined[0][1])
+        assert joined[0][0] == "wss://livekit.invalid"
+        assert claims.identity == "knotstream-avatar" and claims.kind == "agent"
+        assert claims.attributes == {"lk.publish_on_behalf": "agent"}
+        assert claims.video.room_join and claims.video.room == agent_room.name
+
+        out = session.output.audio
+        assert isinstance(out, DataStreamAudioOutput)
+        await say(out, speech(1.0, +1, 7), speedup=5)
+        ev = await asyncio.wait_for(out.wait_for_playout(), 30)
+        assert not ev.interrupted and ev.playback_position == pytest.approx(1.0, abs=1e-6)
+        state = (await http.get(f"/v1/livekit/avatars/{plugin.avatar_id}", headers={"X-API-Key": key})).json()
+        assert state["state"] == "serving", state
+
+        avatar_id = plugin.avatar_id
+        await plugin.aclose()
+        state = (await http.get(f"/v1/livekit/avatars/{avatar_id}", headers={"X-API-Key": key})).json()
+        assert state["state"] == "ended", state
