@@ -243,17 +243,17 @@ class LocalAvatar:
             if self.closed:
                 break
             image, gen = s.playout.video(slot)
-            out: list[Output] = [*self._drain_events(), VideoOut(image, slot, slot / self.fps)]
-            if gen is not None and self._tape is not None:
-                self._last_gen = gen
-                audio, events = self._tape.take(gen)
-                if audio is not None:
-                    out.append(AudioOut(audio, self.audio_rate, slot))
-                out.extend(events)
-            elif gen is not None:
-                self._last_gen = gen
-            for item in out:
+            for item in [*self._drain_events(), VideoOut(image, slot, slot / self.fps)]:
                 yield item
+            # The audio is taken only now that the consumer asks for it: an interrupt while it
+            # handled the picture has cut it already, and no cut speech is handed out.
+            if gen is not None:
+                self._last_gen = gen
+                audio, events = self._tape.take(gen) if self._tape is not None else (None, [])
+                if audio is not None:
+                    yield AudioOut(audio, self.audio_rate, slot)
+                for item in events:
+                    yield item
             slot += 1
         for item in self._drain_events():
             yield item

@@ -20,7 +20,8 @@ integrations/livekit_plugin.py.
 
 The generator's contract (`livekit.agents.voice.avatar.VideoGenerator`): `push_audio` takes
 audio frames and `AudioSegmentEnd`; `clear_buffer()` returns at once (the runner reports the
-interrupted playback itself, so no `AudioSegmentEnd` follows for a cut segment); iteration
+interrupted playback itself once the frame it is forwarding is counted, so no
+`AudioSegmentEnd` follows for a cut segment); iteration
 yields a video frame per output frame at the model's fps, the pushed audio re-timed to
 those frames (only while speech plays), and `AudioSegmentEnd` right after a segment's last
 audio frame, so the runner's playback_finished comes after the last frame with the
@@ -56,10 +57,12 @@ def avatar_options(avatar) -> AvatarOptions:
 class KnotstreamVideoGenerator(VideoGenerator):
     """A knotstream avatar (integrations.avatar.LocalAvatar) as a LiveKit VideoGenerator."""
 
-    def __init__(self, avatar):
+    def __init__(self, avatar, settle_timeout_s: float = 0.5):
         self._avatar = avatar
         self._ids = itertools.count(1)
         self._segment: str | None = None
+        self._settle_timeout_s = settle_timeout_s
+        self._pulled = asyncio.Event()   # the runner asked for the next item
 
     @property
     def avatar(self):
@@ -78,9 +81,21 @@ class KnotstreamVideoGenerator(VideoGenerator):
             pcm = pcm.reshape(-1, frame.num_channels).mean(axis=1).astype(np.int16)
         self._avatar.push(pcm, frame.sample_rate, self._segment)
 
-    def clear_buffer(self) -> None:
+    def clear_buffer(self):
+        """Cut the speech now; the returned coroutine (the runner awaits it before reporting
+        the interrupted playback) ends once the runner has finished with the frame it was
+        forwarding. The runner adds a frame's duration to the playback position only after
+        its push returns, so reporting earlier would count that frame into the next segment."""
         self._avatar.interrupt()
         self._segment = None
+        self._pulled.clear()
+        return self._settle()
+
+    async def _settle(self) -> None:
+        try:
+            await asyncio.wait_for(self._pulled.wait(), self._settle_timeout_s)
+        except asyncio.TimeoutError:
+            pass  # the runner is stalled: report what it has counted
 
     def __aiter__(self) -> AsyncIterator[rtc.VideoFrame | rtc.AudioFrame | AudioSegmentEnd]:
         return self._stream()
@@ -94,6 +109,9 @@ class KnotstreamVideoGenerator(VideoGenerator):
                 yield rtc.AudioFrame(item.pcm.tobytes(), item.rate, 1, len(item.pcm))
             elif isinstance(item, PlaybackEvent) and item.type == "finished" and not item.interrupted:
                 yield AudioSegmentEnd()
+            else:
+                continue
+            self._pulled.set()
 
     async def aclose(self) -> None:
         await self._avatar.aclose()
