@@ -27,6 +27,7 @@ from pipecat.pipeline.worker import PipelineParams, PipelineWorker  # noqa: E402
 from pipecat.services.tts_service import TTSService, TTSSettings  # noqa: E402
 from pipecat.transports.base_transport import TransportParams  # noqa: E402
 from pipecat.transports.smallwebrtc.transport import SmallWebRTCTransport  # noqa: E402
+from pipecat.workers.runner import WorkerRunner  # noqa: E402
 
 from integrations.pipecat_service import KnotstreamVideoService, avatar_transport_params  # noqa: E402
 
@@ -46,8 +47,9 @@ window.bot = {};
 document.getElementById('connect').onclick = async () => {
   const pc = new RTCPeerConnection();
   window.bot.pc = pc;
-  pc.addTransceiver('video', {direction: 'recvonly'});
+  // SmallWebRTC sends its audio on the first transceiver and its video on the second.
   pc.addTransceiver('audio', {direction: 'recvonly'});
+  pc.addTransceiver('video', {direction: 'recvonly'});
   pc.ontrack = e => { const v = document.getElementById('video');
     v.srcObject = v.srcObject || new MediaStream(); v.srcObject.addTrack(e.track); };
   await pc.setLocalDescription(await pc.createOffer());
@@ -120,7 +122,9 @@ def create_app(make_avatar, width: int, height: int, fps: int):
             bots.pop(connection.pc_id, None)
             await worker.cancel()
 
-        task = asyncio.create_task(worker.run())
+        runner = WorkerRunner(handle_sigint=False)
+        await runner.add_workers(worker)
+        task = asyncio.create_task(runner.run())
         tasks.add(task)
         task.add_done_callback(tasks.discard)
 
