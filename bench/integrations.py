@@ -15,6 +15,9 @@ the first audio frame out above the noise floor).
   TTS 5x faster than real time (what a user waits for once the TTS starts talking);
 - `steady` (in process): every TTS frame in -> its video frame out, with the TTS at real
   time (the pipeline's standing latency: generation lead + one step).
+- `generated_share` (in process): the share of output frames the engine had ready in time.
+  Below 1 the engine is slower than real time on this machine: frames are shown again,
+  the timeline waits, and every latency above grows by the wait.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ def pct(values, q) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
 
 
-async def run(utterances: int, seconds: float, mode: str) -> dict:
+async def run(utterances: int, seconds: float, mode: str, gap: float) -> dict:
     from pipecat.frames.frames import (OutputAudioRawFrame, OutputImageRawFrame, TTSAudioRawFrame, TTSStartedFrame,
                                        TTSStoppedFrame)
     from pipecat.pipeline.pipeline import Pipeline
@@ -66,7 +69,7 @@ async def run(utterances: int, seconds: float, mode: str) -> dict:
         for i in range(0, len(pcm), CHUNK):
             frames += [TTSAudioRawFrame(audio=pcm[i:i + CHUNK].tobytes(), sample_rate=RATE, num_channels=1,
                                         context_id=f"u{u}"), SleepFrame(sleep=CHUNK / RATE / speed)]
-        frames += [TTSStoppedFrame(context_id=f"u{u}"), SleepFrame(sleep=seconds * (1 - 1 / speed) + 1.5)]
+        frames += [TTSStoppedFrame(context_id=f"u{u}"), SleepFrame(sleep=seconds * (1 - 1 / speed) + gap)]
         plan.append(speed)
 
     server = None
@@ -94,7 +97,11 @@ async def run(utterances: int, seconds: float, mode: str) -> dict:
             server.__exit__(None)
         else:
             host.close()
-    return measure(marker.seen, recorder.seen, plan, mode)
+    result = measure(marker.seen, recorder.seen, plan, mode)
+    if mode == "local":  # how much of the time the engine kept up (held frames: it did not)
+        st = service.avatar.status()
+        result["generated_share"] = round(st["released_frames"] / max(1, st["released_frames"] + st["held_frames"]), 3)
+    return result
 
 
 def measure(seen_in, seen_out, plan, mode) -> dict:
@@ -151,8 +158,9 @@ def main(argv=None) -> int:
     p.add_argument("--utterances", type=int, default=20)
     p.add_argument("--seconds", type=float, default=2.0, help="length of each utterance")
     p.add_argument("--mode", choices=("local", "remote"), default="local")
+    p.add_argument("--gap", type=float, default=3.0, help="seconds between one utterance's end and the next")
     args = p.parse_args(argv)
-    print(asyncio.run(run(args.utterances, args.seconds, args.mode)))
+    print(asyncio.run(run(args.utterances, args.seconds, args.mode, args.gap)))
     return 0
 
 
