@@ -126,21 +126,17 @@ class SpeechTape:
         long, or shorter where the speech ends inside the frame."""
         lo, hi = self.bounds(frame)
         lo = max(lo, self._cursor)
-        out, late, events, touched, last = np.zeros(max(0, hi - lo), np.int16), [], [], False, lo
+        out, events, touched, last = np.zeros(max(0, hi - lo), np.int16), [], False, lo
         for seg in list(self._segments.values()):
             for span in seg.spans:
                 a, b = span.start + span.taken, min(hi, span.end)
                 if b <= a:
                     continue
-                chunk = span.array()[a - span.start: b - span.start]
+                # Spans start at or after the frames already taken (place() clamps them), and
+                # each take consumes a span up to the frame's end: a >= lo always holds.
+                out[a - lo: b - lo] = span.array()[a - span.start: b - span.start]
                 seg.played += b - a
                 span.taken = b - span.start
-                if a < lo:  # placed behind frames already played: play it now rather than never
-                    k = min(lo, b) - a
-                    late.append(chunk[:k])
-                    chunk, a = chunk[k:], a + k
-                if len(chunk):
-                    out[a - lo: b - lo] = chunk
                 touched, last = True, max(last, b)
                 if not seg.started:
                     seg.started = True
@@ -152,8 +148,6 @@ class SpeechTape:
         # audio is exactly its samples (the next speech starts on a later frame anyway).
         if not any(sp.start < hi for seg in self._segments.values() for sp in seg.spans):
             out = out[: last - lo]
-        if late:
-            out = np.concatenate(late + [out])
         self._cursor = max(self._cursor, hi)
         return (out if touched else None), events
 
