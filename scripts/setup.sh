@@ -11,7 +11,8 @@ if [ ! -x .venv/bin/python ]; then
 fi
 # torch==2.13.0 is pinned in pyproject.toml: pip takes the CPU wheel that lies on disk.
 extras=""
-[ "${1:-}" = "test" ] && extras="[test]"
+# The voice-agent framework extras too: their integration tests run in the default suite.
+[ "${1:-}" = "test" ] && extras="[test,pipecat,livekit]"
 echo "[setup] pip install -e .$extras"
 .venv/bin/pip install -q --disable-pip-version-check -e ".$extras"
 if [ "${1:-}" = "test" ] || [ "${1:-}" = "personal" ]; then
