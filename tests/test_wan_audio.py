@@ -5,8 +5,13 @@ import numpy as np
 import pytest
 import torch
 
-from model.wan.audio import (AudioLayout, Wav2VecDriving, flashhead_audio_windows, livetalk_audio_groups,
-                             require_transformers)
+from model.wan.audio import (
+    AudioLayout,
+    Wav2VecDriving,
+    flashhead_audio_windows,
+    livetalk_audio_groups,
+    require_transformers,
+)
 
 transformers = pytest.importorskip("transformers")
 
@@ -124,12 +129,26 @@ def test_streaming_window_covering_the_clip_equals_offline(model, family, fps):
     enc = Wav2VecDriving(model, layout)
     n = 21
     audio = speechlike(layout.samples_for(n) / 16000, seed=1)
-    offline = enc.encode(audio)
+    offline = enc.encode(audio, positions=enc.stream_positions(0, n))
     stream = enc.stream(context_frames=100, lookahead_frames=100)
     first, end = stream.span(8, 4)
     assert (first, end) == (0, 112)
     got = stream.features(audio[: layout.samples_for(min(end, n))], first, 8, 4)
     assert (got - offline[:, 8:12]).abs().max() < TOL
+
+
+def test_stream_alignment_is_the_recipes_own_at_a_clips_middle(model):
+    """FlashHead's offline spread is 2 CNN frames per video frame at any clip length: the
+    stream alignment is exactly it. LiveTalk's falls 1.25-2.25 CNN frames short over a
+    clip: the stream sits half of that behind frame j * 3.125, the same in every window."""
+    fh = Wav2VecDriving(model, AudioLayout("flashhead", 25))
+    assert torch.equal(fh.stream_positions(40, 5), torch.arange(5, dtype=torch.float64) * 2)
+    audio = speechlike(fh.layout.samples_for(17) / 16000)
+    assert (fh.encode(audio) - fh.encode(audio, positions=fh.stream_positions(0, 17))).abs().max() < TOL
+    lt = Wav2VecDriving(model, AudioLayout("livetalk", 16))
+    pos = lt.stream_positions(10, 6)
+    assert torch.allclose(pos[1:] - pos[:-1], torch.full((5,), 3.125, dtype=torch.float64))
+    assert 0.625 < -pos[0] < 1.125 and torch.equal(lt.stream_positions(500, 6), pos)
 
 
 def test_streaming_window_is_bounded_and_checked(model):

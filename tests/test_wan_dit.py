@@ -42,7 +42,8 @@ def flashhead_reference_shapes(c: dict, wav2vec_hidden=768, wav2vec_layers=12) -
     norm = lambda name, n: {f"{name}.weight": (n,), f"{name}.bias": (n,)}  # noqa: E731
     out = {"patch_embedding.weight": (d, c["in_dim"], *p), "patch_embedding.bias": (d,)}
     out |= lin("text_embedding.0", d, c["text_dim"]) | lin("text_embedding.2", d, d)
-    out |= lin("time_embedding.0", d, c["freq_dim"]) | lin("time_embedding.2", d, d) | lin("time_projection.1", 6 * d, d)
+    out |= lin("time_embedding.0", d, c["freq_dim"]) | lin("time_embedding.2", d, d)
+    out |= lin("time_projection.1", 6 * d, d)
     for i in range(c["num_layers"]):
         for attn in ("self_attn", "cross_attn"):
             for x in "qkvo":

@@ -22,6 +22,7 @@ lookahead after) as its own clip, and docs/models.md has the measured difference
 from __future__ import annotations
 
 import json
+import math
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,15 +107,46 @@ class Wav2VecDriving:
         n = self.model.config.num_hidden_layers
         return n + 2 if self.layout.family == "livetalk" else n
 
+    @property
+    def cnn_stride(self) -> int:
+        return math.prod(self.model.config.conv_stride)
+
+    def cnn_frames(self, n_samples: int) -> int:
+        """CNN output frames of `n_samples` (receptive field 400 and stride 320 for wav2vec2-base)."""
+        field, step = 1, 1
+        for k, s in zip(self.model.config.conv_kernel, self.model.config.conv_stride):
+            field, step = field + (k - 1) * step, step * s
+        return max(0, (n_samples - field) // step + 1)
+
+    def stream_positions(self, first: int, n: int) -> Tensor:
+        """CNN positions (in the frames of audio starting at video frame `first`) of video
+        frames [first, first + n) under the stream alignment.
+
+        The offline recipe spreads a clip's CNN frames over its video frames end to end
+        (align_corners), so a frame's position depends on the clip's length (LiveTalk at
+        16 fps: up to 1.25-2.25 CNN frames short at the clip's end; FlashHead at 25 fps:
+        exactly 2 per frame). A stream has no length: frame j sits at j * spf / stride
+        minus half the recipe's mean shortfall, the offline position at a clip's middle,
+        the same for every window."""
+        spf, stride = self.layout.samples_per_frame, self.cnn_stride
+        rate = spf / stride
+        lengths = range(64, 576)
+        short = [rate * (T - 1) - (self.cnn_frames(self.layout.samples_for(T)) - 1) for T in lengths]
+        shift = sum(short) / len(short) / 2
+        return (torch.arange(first, first + n, dtype=torch.float64) - first) * rate - shift
+
     @torch.no_grad()
-    def encode(self, audio: Tensor, n_frames: int | None = None) -> Tensor:
+    def encode(self, audio: Tensor, n_frames: int | None = None, positions: Tensor | None = None) -> Tensor:
         """audio (N,) or (B, N) at the layout's sample rate -> features (B, n_frames, L, hidden).
 
-        n_frames defaults to the family's `frames_in(N)`."""
+        n_frames defaults to the family's `frames_in(N)`. positions: (n_frames,) CNN frame
+        positions to sample linearly instead of the recipe's end-to-end spread (streams:
+        `stream_positions`); clamped to the CNN frames there are."""
         audio = audio[None] if audio.dim() == 1 else audio
         if audio.dim() != 2 or audio.shape[1] < _MIN_SAMPLES:
             raise ValueError(f"audio must be (N,) or (B, N) with N >= {_MIN_SAMPLES} samples, got {tuple(audio.shape)}")
         n_frames = self.layout.frames_in(audio.shape[1]) if n_frames is None else n_frames
+        n_frames = n_frames if positions is None else len(positions)
         if n_frames < 1:
             raise ValueError(f"n_frames must be >= 1, got {n_frames}")
         p = next(self.model.parameters())
@@ -123,7 +155,9 @@ class Wav2VecDriving:
             x = (x - x.mean(dim=1, keepdim=True)) / torch.sqrt(x.var(dim=1, keepdim=True, unbiased=False) + 1e-7)
 
         def to_video_rate(module, inputs, cnn: Tensor) -> Tensor:  # (B, C, T_cnn) -> (B, C, n_frames)
-            return F.interpolate(cnn, size=n_frames, mode="linear", align_corners=True)
+            if positions is None:
+                return F.interpolate(cnn, size=n_frames, mode="linear", align_corners=True)
+            return _sample_linear(cnn, positions)
 
         with self._lock:
             hook = self.model.feature_extractor.register_forward_hook(to_video_rate)
@@ -142,14 +176,27 @@ class Wav2VecDriving:
         return StreamingWav2Vec(self, context_frames, lookahead_frames)
 
 
+def _sample_linear(x: Tensor, positions: Tensor) -> Tensor:
+    """x (B, C, T) sampled at float positions (n,) along T, linearly -> (B, C, n)."""
+    T = x.shape[-1]
+    p = positions.to(torch.float64).clamp(0, T - 1)
+    lo = p.floor().long().clamp(max=max(T - 2, 0))
+    w = (p - lo).to(device=x.device, dtype=x.dtype)
+    hi = (lo + 1).clamp(max=T - 1)
+    lo, hi = lo.to(x.device), hi.to(x.device)
+    return x[..., lo] * (1 - w) + x[..., hi] * w
+
+
 class StreamingWav2Vec:
     """Features of video frames [start, start + n) from a bounded window of audio.
 
     The caller (a recipe) asks `span(start, n)` which video frames of audio it needs
     (`context_frames` before, `lookahead_frames` after; never before frame 0), fetches
     them from the session's timeline (which owns the audio), and calls `features`. The
-    window is encoded as a clip of its own; with a window covering the whole clip the
-    features equal `Wav2VecDriving.encode` exactly.
+    window is encoded as a clip of its own, its CNN frames sampled at the stream alignment
+    (`Wav2VecDriving.stream_positions`), so a frame's alignment does not depend on the
+    window; with a window covering the whole clip the features equal
+    `encode(audio, positions=stream_positions(0, n))` exactly.
     """
 
     def __init__(self, encoder: Wav2VecDriving, context_frames: int, lookahead_frames: int):
@@ -172,7 +219,8 @@ class StreamingWav2Vec:
         if offset < 0 or offset + n > covered:
             raise ValueError(f"audio of frames [{first_frame}, {first_frame + covered}) does not cover "
                              f"frames [{start}, {start + n})")
-        return self.encoder.encode(audio, covered)[:, offset:offset + n]
+        positions = self.encoder.stream_positions(first_frame, covered)
+        return self.encoder.encode(audio, positions=positions)[:, offset:offset + n]
 
 
 # --------------------------------------------------------------------------------------

@@ -78,7 +78,8 @@ def build_dit(cfg: FamilyConfig) -> LiveTalkDiT | FlashHeadDiT:
     """The family's DiT, initialised as its __init__ does (build under torch.device('meta')
     to skip that before loading weights)."""
     if cfg.family == "livetalk":
-        return LiveTalkDiT(cfg.dit, audio_in=4 * cfg.audio_layers * cfg.audio_hidden, audio_hidden=cfg.audio_pack_hidden)
+        return LiveTalkDiT(cfg.dit, audio_in=4 * cfg.audio_layers * cfg.audio_hidden,
+                           audio_hidden=cfg.audio_pack_hidden)
     return FlashHeadDiT(cfg.dit, cfg.audio_layers, cfg.audio_hidden, cfg.audio_tokens, cfg.audio_intermediate)
 
 

@@ -38,20 +38,23 @@ LIVETALK_FILES = [
     Needed("LiveTalk-1.3B-V0.1/model.safetensors", "LiveTalk DiT (LoRA merged)",
            "huggingface.co/GAIR/LiveTalk-1.3B-V0.1"),
     Needed("Wan2.1-T2V-1.3B/Wan2.1_VAE.pth", "Wan2.1 VAE", "huggingface.co/Wan-AI/Wan2.1-T2V-1.3B"),
-    Needed("wav2vec2/config.json", "wav2vec2-base-960h (the whole folder)", "huggingface.co/facebook/wav2vec2-base-960h"),
+    Needed("wav2vec2/config.json", "wav2vec2-base-960h (the whole folder)",
+           "huggingface.co/facebook/wav2vec2-base-960h"),
     Needed(PROMPT_FILE, "the umT5 embedding of the speaking prompt, (tokens, 4096)",
            "model.wan.load.save_prompt_embedding, once, from umT5-xxl's output for LiveTalk's prompt"),
 ]
 FLASHHEAD_FILES = [
     Needed("SoulX-FlashHead-1_3B/Model_Pro/config.json", "FlashHead Pro DiT (config.json + safetensors)",
            "huggingface.co/Soul-AILab/SoulX-FlashHead-1_3B"),
-    Needed("SoulX-FlashHead-1_3B/VAE_Wan/Wan2.1_VAE.pth", "Wan2.1 VAE", "huggingface.co/Soul-AILab/SoulX-FlashHead-1_3B"),
+    Needed("SoulX-FlashHead-1_3B/VAE_Wan/Wan2.1_VAE.pth", "Wan2.1 VAE",
+           "huggingface.co/Soul-AILab/SoulX-FlashHead-1_3B"),
     Needed("wav2vec2-base-960h/config.json", "wav2vec2-base-960h (the whole folder)",
            "huggingface.co/facebook/wav2vec2-base-960h"),
 ]
 
 FLASHHEAD_UNUSED = ("text_embedding.", "audio_emb.")  # defined in its model, never called in its forward
-_FLASHHEAD_RENAMES = [(r"^(blocks\.\d+)\.cross_attn\.", r"\1.drive_attn."), (r"^(blocks\.\d+)\.norm3\.", r"\1.norm_drive.")]
+_FLASHHEAD_RENAMES = [(r"^(blocks\.\d+)\.cross_attn\.", r"\1.drive_attn."),
+                      (r"^(blocks\.\d+)\.norm3\.", r"\1.norm_drive.")]
 
 
 def flashhead_to_ours(state: dict[str, Tensor]) -> dict[str, Tensor]:
