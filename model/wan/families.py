@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from model.config import DiTConfig
-from model.wan.audio import AudioLayout, Wav2VecDriving, require_transformers
+from model.wan.audio import AudioLayout, StreamingWav2Vec, Wav2VecDriving, require_transformers
 from model.wan.dit import FlashHeadDiT, LiveTalkDiT
 from model.wan.vae import WanVAE, WanVAEConfig
 
@@ -45,6 +45,11 @@ class FamilyConfig:
     audio_pack_hidden: int = 32  # LiveTalk: AudioPack width
     audio_tokens: int = 32       # FlashHead: audio tokens per latent frame
     audio_intermediate: int = 512  # FlashHead: audio_proj width
+    # Streaming wav2vec2 window (docs/models.md): audio before a chunk, and video frames of
+    # audio after it. 8 s and 0 are FlashHead's own streaming buffer; not yet measured with
+    # the trained wav2vec2 (bench/wav2vec_context.py --weights DIR does).
+    audio_context_s: float = 8.0
+    audio_lookahead_frames: int = 0
 
     def __post_init__(self) -> None:
         AudioLayout(self.family, self.fps, self.sample_rate)  # validates the family and the rates
@@ -65,6 +70,9 @@ class FamilyConfig:
     @property
     def audio_hidden(self) -> int:
         return self.wav2vec["hidden_size"]
+
+    def audio_stream(self, encoder: Wav2VecDriving) -> StreamingWav2Vec:
+        return encoder.stream(round(self.audio_context_s * self.fps), self.audio_lookahead_frames)
 
     @property
     def latent_hw(self) -> tuple[int, int]:
