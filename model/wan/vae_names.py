@@ -12,48 +12,35 @@ import re
 
 from torch import Tensor
 
-# (Wan pattern, diffusers pattern) applied to whole dotted names, either way.
-_RULES = [
-    (r"^conv1\.", "quant_conv."),
-    (r"^conv2\.", "post_quant_conv."),
-    (r"^(encoder|decoder)\.conv1\.", r"\1.conv_in."),
-    (r"^(encoder|decoder)\.head\.0\.", r"\1.norm_out."),
-    (r"^(encoder|decoder)\.head\.2\.", r"\1.conv_out."),
-    (r"^(encoder|decoder)\.middle\.0\.", r"\1.mid_block.resnets.0."),
-    (r"^(encoder|decoder)\.middle\.1\.", r"\1.mid_block.attentions.0."),
-    (r"^(encoder|decoder)\.middle\.2\.", r"\1.mid_block.resnets.1."),
-    (r"^encoder\.downsamples\.", "encoder.down_blocks."),
-    (r"\.residual\.0\.gamma$", ".norm1.gamma"),
-    (r"\.residual\.2\.", ".conv1."),
-    (r"\.residual\.3\.gamma$", ".norm2.gamma"),
-    (r"\.residual\.6\.", ".conv2."),
-    (r"\.shortcut\.", ".conv_shortcut."),
-]
-
-# The same renames read diffusers -> Wan. The residual-block renames run first: after
-# `encoder.conv_in` -> `encoder.conv1`, a later `.conv1.` rule would catch it.
-_INVERSE = [
-    (r"\.norm1\.gamma$", ".residual.0.gamma"),
-    (r"\.conv1\.", ".residual.2."),
-    (r"\.norm2\.gamma$", ".residual.3.gamma"),
-    (r"\.conv2\.", ".residual.6."),
-    (r"\.conv_shortcut\.", ".shortcut."),
-    (r"^quant_conv\.", "conv1."),
-    (r"^post_quant_conv\.", "conv2."),
-    (r"^(encoder|decoder)\.conv_in\.", r"\1.conv1."),
-    (r"^(encoder|decoder)\.norm_out\.", r"\1.head.0."),
-    (r"^(encoder|decoder)\.conv_out\.", r"\1.head.2."),
-    (r"^(encoder|decoder)\.mid_block\.resnets\.0\.", r"\1.middle.0."),
-    (r"^(encoder|decoder)\.mid_block\.attentions\.0\.", r"\1.middle.1."),
-    (r"^(encoder|decoder)\.mid_block\.resnets\.1\.", r"\1.middle.2."),
-    (r"^encoder\.down_blocks\.", "encoder.downsamples."),
-]
+# (Wan, diffusers) name prefixes, one table read both ways.
+_PREFIXES = [("conv1.", "quant_conv."), ("conv2.", "post_quant_conv."),
+             ("encoder.downsamples.", "encoder.down_blocks.")] + [
+    (f"{net}.{wan}", f"{net}.{diffusers}") for net in ("encoder", "decoder") for wan, diffusers in (
+        ("conv1.", "conv_in."), ("head.0.", "norm_out."), ("head.2.", "conv_out."),
+        ("middle.0.", "mid_block.resnets.0."), ("middle.1.", "mid_block.attentions.0."),
+        ("middle.2.", "mid_block.resnets.1."))]
+# (Wan, diffusers) names inside a residual block, wherever it sits.
+_INNER = [(".residual.0.", ".norm1."), (".residual.2.", ".conv1."), (".residual.3.", ".norm2."),
+          (".residual.6.", ".conv2."), (".shortcut.", ".conv_shortcut.")]
 
 
-def _apply(rules: list[tuple[str, str]], name: str) -> str:
-    for pattern, repl in rules:
-        name = re.sub(pattern, repl, name)
-    return name
+def _rename(name: str, to_diffusers: bool) -> str:
+    src, dst = (0, 1) if to_diffusers else (1, 0)
+
+    def prefix(n: str) -> str:
+        for pair in _PREFIXES:
+            if n.startswith(pair[src]):
+                return pair[dst] + n[len(pair[src]):]
+        return n
+
+    def inner(n: str) -> str:
+        for pair in _INNER:
+            n = n.replace(pair[src], pair[dst])
+        return n
+
+    # Inner names first when reading diffusers' (its `conv1` inside a block is Wan's
+    # `residual.2`, while `encoder.conv_in` becomes Wan's `encoder.conv1`).
+    return inner(prefix(name)) if to_diffusers else prefix(inner(name))
 
 
 def wan_to_diffusers(name: str, num_res_blocks: int) -> str:
@@ -62,10 +49,10 @@ def wan_to_diffusers(name: str, num_res_blocks: int) -> str:
     m = re.match(r"^decoder\.upsamples\.(\d+)\.(.*)$", name)
     if m:
         level, k = divmod(int(m.group(1)), per_level)
-        inner = _apply(_RULES, "." + m.group(2))[1:]
+        inner = _rename("." + m.group(2), to_diffusers=True)[1:]
         where = "upsamplers.0" if k == per_level - 1 else f"resnets.{k}"
         return f"decoder.up_blocks.{level}.{where}.{inner}"
-    return _apply(_RULES, name)
+    return _rename(name, to_diffusers=True)
 
 
 def diffusers_to_wan(name: str, num_res_blocks: int) -> str:
@@ -74,9 +61,9 @@ def diffusers_to_wan(name: str, num_res_blocks: int) -> str:
     m = re.match(r"^decoder\.up_blocks\.(\d+)\.(resnets\.(\d+)|upsamplers\.0)\.(.*)$", name)
     if m:
         k = per_level - 1 if m.group(3) is None else int(m.group(3))
-        inner = _apply(_INVERSE, "." + m.group(4))[1:]
+        inner = _rename("." + m.group(4), to_diffusers=False)[1:]
         return f"decoder.upsamples.{int(m.group(1)) * per_level + k}.{inner}"
-    return _apply(_INVERSE, name)
+    return _rename(name, to_diffusers=False)
 
 
 def is_diffusers_state(state: dict[str, Tensor]) -> bool:
