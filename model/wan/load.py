@@ -41,7 +41,7 @@ LIVETALK_FILES = [
     Needed("wav2vec2/config.json", "wav2vec2-base-960h (the whole folder)",
            "huggingface.co/facebook/wav2vec2-base-960h"),
     Needed(PROMPT_FILE, "the umT5 embedding of the speaking prompt, (tokens, 4096)",
-           "model.wan.load.save_prompt_embedding, once, from umT5-xxl's output for LiveTalk's prompt"),
+           "`python -m model.wan.prompt DIR`, once: it runs Wan2.1-T2V-1.3B's umT5 encoder on LiveTalk's prompt"),
 ]
 FLASHHEAD_FILES = [
     Needed("SoulX-FlashHead-1_3B/Model_Pro/config.json", "FlashHead Pro DiT (config.json + safetensors)",
