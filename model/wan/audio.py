@@ -21,6 +21,7 @@ lookahead after) as its own clip, and docs/models.md has the measured difference
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import threading
@@ -128,12 +129,15 @@ class Wav2VecDriving:
         exactly 2 per frame). A stream has no length: frame j sits at j * spf / stride
         minus half the recipe's mean shortfall, the offline position at a clip's middle,
         the same for every window."""
-        spf, stride = self.layout.samples_per_frame, self.cnn_stride
-        rate = spf / stride
-        lengths = range(64, 576)
-        short = [rate * (T - 1) - (self.cnn_frames(self.layout.samples_for(T)) - 1) for T in lengths]
-        shift = sum(short) / len(short) / 2
-        return (torch.arange(first, first + n, dtype=torch.float64) - first) * rate - shift
+        rate = self.layout.samples_per_frame / self.cnn_stride
+        return (torch.arange(first, first + n, dtype=torch.float64) - first) * rate - self._stream_shift
+
+    @functools.cached_property
+    def _stream_shift(self) -> float:
+        """Half the offline recipe's mean shortfall (CNN frames) over clips of 64..575 frames."""
+        rate = self.layout.samples_per_frame / self.cnn_stride
+        short = [rate * (T - 1) - (self.cnn_frames(self.layout.samples_for(T)) - 1) for T in range(64, 576)]
+        return sum(short) / len(short) / 2
 
     @torch.no_grad()
     def encode(self, audio: Tensor, n_frames: int | None = None, positions: Tensor | None = None) -> Tensor:
