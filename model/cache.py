@@ -142,6 +142,25 @@ class WindowCache:
         return self.k.numel() * self.k.element_size() * 2
 
 
+class ContextKV:
+    """Cross-attention keys/values of a fixed context (a session's prompt embedding) at
+    every layer: computed once (`DiT.text_kv`), read by every chunk's every step.
+
+    k, v: (num_layers, B, H, M, D).
+    """
+
+    def __init__(self, k: Tensor, v: Tensor):
+        if k.shape != v.shape or k.dim() != 5:
+            raise ValueError(f"k and v must both be (layers, B, H, M, D), got {tuple(k.shape)} and {tuple(v.shape)}")
+        self.k, self.v = k, v
+
+    def view(self, layer: int) -> tuple[Tensor, Tensor]:
+        return self.k[layer], self.v[layer]
+
+    def nbytes(self) -> int:
+        return self.k.numel() * self.k.element_size() * 2
+
+
 class SlotUndo:
     """Ring position and overwritten slot contents saved before one commit."""
 

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import kernels
-from model.cache import ReferenceCache, WindowCache
+from model.cache import ContextKV, ReferenceCache, WindowCache
 from model.config import DiTConfig
 from model.rope import Rope3D, apply_rope, cos_sin
 
@@ -150,12 +150,17 @@ class CrossAttention(nn.Module):
         self.norm_q = nn.RMSNorm(d, eps=cfg.eps)
         self.norm_k = nn.RMSNorm(d, eps=cfg.eps)
 
-    def forward(self, x: Tensor, ctx: Tensor) -> Tensor:
-        """x: (N, L, dim), ctx: (N, M, ctx_dim) -> (N, L, dim)."""
+    def kv(self, ctx: Tensor) -> tuple[Tensor, Tensor]:
+        """Keys and values of a context: ctx (N, M, ctx_dim) -> k, v (N, H, M, D)."""
+        N, M, _ = ctx.shape
+        k = self.norm_k(self.k(ctx)).view(N, M, self.heads, -1).transpose(1, 2)
+        return k, self.v(ctx).view(N, M, self.heads, -1).transpose(1, 2)
+
+    def forward(self, x: Tensor, ctx: Tensor | tuple[Tensor, Tensor]) -> Tensor:
+        """x: (N, L, dim), ctx: (N, M, ctx_dim) or its precomputed `kv(ctx)` -> (N, L, dim)."""
         N, L, _ = x.shape
         q = self.norm_q(self.q(x)).view(N, L, self.heads, -1).transpose(1, 2)
-        k = self.norm_k(self.k(ctx)).view(N, ctx.shape[1], self.heads, -1).transpose(1, 2)
-        v = self.v(ctx).view(N, ctx.shape[1], self.heads, -1).transpose(1, 2)
+        k, v = ctx if isinstance(ctx, tuple) else self.kv(ctx)
         out = F.scaled_dot_product_attention(q, k, v)
         return self.o(out.transpose(1, 2).reshape(N, L, -1))
 
@@ -179,8 +184,9 @@ class Block(nn.Module):
         self.eps = cfg.eps
 
     def forward(self, x: Tensor, e: Tensor, cos: Tensor, sin: Tensor, ctx, layer: int,
-                text: Tensor | None, drive: Tensor | None) -> Tensor:
+                text: Tensor | tuple[Tensor, Tensor] | None, drive: Tensor | None) -> Tensor:
         """x: (B, F, T, dim) tokens per frame; e: (B, F, 6, dim) per-frame modulation;
+        text: embedded text context (B, Lt, dim) or this layer's cached (k, v);
         drive: (B, Fd, M, drive_dim) for the last Fd frames or None."""
         B, Fr, T, d = x.shape
         shift, scale, gate, c_shift, c_scale, c_gate = (self.modulation.float() + e.float()).unsqueeze(3).unbind(2)
@@ -244,8 +250,16 @@ class DiT(nn.Module):
     def cond_channels(self) -> int:
         return self.cfg.in_channels - self.cfg.latent_channels
 
+    def text_kv(self, text: Tensor) -> ContextKV:
+        """A fixed text context (B, Lt, text_dim), e.g. a session's prompt embedding -> every
+        layer's cross-attention keys/values, to pass as `text=` to every later forward."""
+        ctx = self.text_embedding(text)
+        pairs = [block.cross_attn.kv(ctx) for block in self.blocks]
+        return ContextKV(torch.stack([k for k, _ in pairs]), torch.stack([v for _, v in pairs]))
+
     def forward(self, x: Tensor, t: Tensor, frame_pos: Tensor, ctx, cond: Tensor | None = None,
-                drive: Tensor | None = None, text: Tensor | None = None) -> Tensor:
+                drive: Tensor | None = None, text: Tensor | ContextKV | None = None,
+                token_adds: list[Tensor | None] | None = None) -> Tensor:
         """Denoise a block of latent frames.
 
         x:         (B, C, F, h, w) noisy latents.
@@ -254,7 +268,10 @@ class DiT(nn.Module):
         ctx:       attention context (`FullSequence`, `Streaming`, `EncodeReference`).
         cond:      (B, mask + C, F, h, w) image-to-video condition, or None (= no condition).
         drive:     (B, Fd, M, drive_dim) driving tokens of the last Fd frames (Fd <= F), or None.
-        text:      (B, Lt, text_dim) text context, or None (skips text cross-attention).
+        text:      (B, Lt, text_dim) text context, its cached `text_kv(...)`, or None (skips
+                   text cross-attention).
+        token_adds: per block, None or a tensor (B, F, 1 or T, dim) added to that block's
+                   input tokens (an additive conditioning path, e.g. LiveTalk's audio).
         Returns    (B, C, F, h, w) velocity prediction.
         """
         B, C, Fr, H, W = x.shape
@@ -274,10 +291,15 @@ class DiT(nn.Module):
         else:
             angles = self.rope.grid_angles(frame_pos, hp, wp)
         cos, sin = cos_sin(angles, x.dtype, x.device)
-        text_ctx = self.text_embedding(text) if (text is not None and self.text_embedding is not None) else None
+        text_ctx = text
+        if isinstance(text, Tensor):
+            text_ctx = self.text_embedding(text) if self.text_embedding is not None else None
 
         for i, block in enumerate(self.blocks):
-            tokens = block(tokens, e, cos, sin, ctx, i, text_ctx, drive)
+            if token_adds is not None and token_adds[i] is not None:
+                tokens = tokens + token_adds[i]
+            layer_text = text_ctx.view(i) if isinstance(text_ctx, ContextKV) else text_ctx
+            tokens = block(tokens, e, cos, sin, ctx, i, layer_text, drive)
 
         out = self.head(tokens, temb)  # (B, F, T, pt*ph*pw*C)
         out = out.view(B, Fr, hp, wp, pt, ph, pw, C).permute(0, 7, 1, 4, 2, 5, 3, 6)
