@@ -165,13 +165,9 @@ class RemoteAvatar:
                                                  else self._read_audio(track)))
 
     async def _read_video(self, track) -> None:
-        from aiortc.mediastreams import MediaStreamError
+        from streaming.tracks import frames_of
 
-        while True:
-            try:
-                frame = await track.recv()
-            except MediaStreamError:
-                return
+        async for frame in frames_of(track):
             image = frame.to_ndarray(format="rgb24")
             self.height, self.width = image.shape[:2]
             self._put(VideoOut(image, self._video_index, self._video_index / self.fps))
@@ -179,14 +175,11 @@ class RemoteAvatar:
 
     async def _read_audio(self, track) -> None:
         import av
-        from aiortc.mediastreams import MediaStreamError
+
+        from streaming.tracks import frames_of
 
         to_mono = av.AudioResampler(format="s16", layout="mono", rate=48000)
-        while True:
-            try:
-                frame = await track.recv()
-            except MediaStreamError:
-                return
+        async for frame in frames_of(track):
             for out in to_mono.resample(frame):
                 pcm = out.to_ndarray().reshape(-1).astype(np.int16)
                 self._put(AudioOut(pcm, 48000, max(0, self._video_index - 1), speech=bool(self._playing)))

@@ -72,11 +72,11 @@ class SessionManager:
                  metrics: Metrics, tts=None):
         self.settings = settings
         self.engine = engine
+        self.knobs = KnobPolicy(engine.config, settings.max_lead_frames)   # what clients may set on it
         self.worker = worker
         self.store = store
         self.metrics = metrics
         self.tts = tts
-        self.knobs = KnobPolicy(engine.config, settings.max_lead_frames)
         self.sessions: dict[str, LiveSession] = {}
         self.records: dict[str, SessionRecord] = {}   # this worker's sessions, starting ones included
         self.limits: dict[str, SessionLimits] = {}     # per-session request and interrupt rates
