@@ -80,6 +80,8 @@ class RemoteAvatar:
                 if r.status_code != 201:
                     raise RuntimeError(f"knotstream refused the session ({r.status_code}): {r.text[:300]}")
                 session = r.json()
+                for notice in session.get("notices", []):   # what to expect, e.g. a photo on a cartoon model
+                    log.warning("knotstream session %s: %s (%s)", session["id"], notice["message"], notice["code"])
                 auth = {"Authorization": f"Bearer {session['token']}"}
                 status = (await http.get(f"/v1/sessions/{session['id']}", headers=auth)).json()
             await pc.setRemoteDescription(RTCSessionDescription(**session["answer"]))
