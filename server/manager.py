@@ -1,6 +1,9 @@
 """Session manager: owns every live session of this process, keyed by id.
 
-Creating a session starts an engine stream on the generation worker (reference
+`open` turns a create request the route has read and checked into a session: the
+client's knobs under the server's policy, the owner's quota, the portrait, the gateway
+options (codec, encoder probed, ICE), the notices for the client (server/notices.py) and
+the answer to its offer. Creating a session starts an engine stream on the generation worker (reference
 encoding is model work, so it never runs on the event loop) once the store has admitted
 it to this worker (a slot reserved atomically: never more than `max_sessions`), and hands
 back a bearer token (only its hash is kept). A background task registers this process as
