@@ -176,7 +176,9 @@ class LocalAvatar:
         if tape is not None:
             self._tape.place(segment, to_int16(tape.flush()), None, 0)
         try:
-            self._session.end_segment(segment)
+            # Speech reaches the session at the driving rate (resampled here), so the session
+            # holds no resampler tail for it: the segment ends at once, without awaiting.
+            self._session.driving.end_segment(segment)
         except KeyError:
             pass  # no driving sample was ever pushed for it
         self._tape.end(segment)

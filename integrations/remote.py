@@ -80,6 +80,8 @@ class RemoteAvatar:
                 if r.status_code != 201:
                     raise RuntimeError(f"knotstream refused the session ({r.status_code}): {r.text[:300]}")
                 session = r.json()
+                for notice in session.get("notices", []):   # what to expect, e.g. a photo on a cartoon model
+                    log.warning("knotstream session %s: %s (%s)", session["id"], notice["message"], notice["code"])
                 auth = {"Authorization": f"Bearer {session['token']}"}
                 status = (await http.get(f"/v1/sessions/{session['id']}", headers=auth)).json()
             await pc.setRemoteDescription(RTCSessionDescription(**session["answer"]))
@@ -165,13 +167,9 @@ class RemoteAvatar:
                                                  else self._read_audio(track)))
 
     async def _read_video(self, track) -> None:
-        from aiortc.mediastreams import MediaStreamError
+        from streaming.tracks import frames_of
 
-        while True:
-            try:
-                frame = await track.recv()
-            except MediaStreamError:
-                return
+        async for frame in frames_of(track):
             image = frame.to_ndarray(format="rgb24")
             self.height, self.width = image.shape[:2]
             self._put(VideoOut(image, self._video_index, self._video_index / self.fps))
@@ -179,14 +177,11 @@ class RemoteAvatar:
 
     async def _read_audio(self, track) -> None:
         import av
-        from aiortc.mediastreams import MediaStreamError
+
+        from streaming.tracks import frames_of
 
         to_mono = av.AudioResampler(format="s16", layout="mono", rate=48000)
-        while True:
-            try:
-                frame = await track.recv()
-            except MediaStreamError:
-                return
+        async for frame in frames_of(track):
             for out in to_mono.resample(frame):
                 pcm = out.to_ndarray().reshape(-1).astype(np.int16)
                 self._put(AudioOut(pcm, 48000, max(0, self._video_index - 1), speech=bool(self._playing)))

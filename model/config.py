@@ -20,6 +20,10 @@ from dataclasses import dataclass, field
 MOTION_FIELDS = ("yaw", "pitch", "roll", "blink", "gaze_x", "gaze_y",
                  "mouth_open", "mouth_wide", "smile", "brow")
 
+# What a model's weights were trained on: the procedural cartoon heads of model/train/world.py,
+# real video (photoreal checkpoints), or one person's clip (a personal avatar).
+TRAINING_DOMAINS = ("cartoon", "photoreal", "personal")
+
 
 @dataclass
 class VAEConfig:
@@ -183,8 +187,13 @@ class ModelConfig:
     # model start from "repeat the reference" (see research/training-feasibility.md);
     # off for Wan checkpoints, whose I2V condition is zero outside given frames.
     reference_hint: bool = True
+    # What the weights were trained on (TRAINING_DOMAINS): the server tells a client whose
+    # uploaded photo the model has never seen the like of (server/notices.py).
+    domain: str = "cartoon"
 
     def __post_init__(self) -> None:
+        if self.domain not in TRAINING_DOMAINS:
+            raise ValueError(f"{self.name}: domain must be one of {TRAINING_DOMAINS}, got {self.domain!r}")
         s = self.vae.spatial_stride * self.dit.patch_size[1]
         if self.height % s or self.width % s:
             raise ValueError(f"{self.name}: {self.height}x{self.width} is not a multiple of {s}")
@@ -224,6 +233,8 @@ class ModelConfig:
             width=d.get("width", 128),
             fps=d.get("fps", 25),
             reference_hint=d.get("reference_hint", True),
+            # A file without the field is one of the project's own procedural-world models (the bundled tiny).
+            domain=d.get("domain", "cartoon"),
         )
 
 
@@ -260,6 +271,7 @@ def _wan_1_3b() -> ModelConfig:
         width=832,
         fps=16,
         reference_hint=False,
+        domain="photoreal",
     )
 
 

@@ -22,13 +22,13 @@ from server.bodies import PCM_TYPES, CreateOptions, Offer, SpeakRequest
 from server.errors import ApiError, refusals
 from server.manager import SessionManager
 from server.metrics import Metrics
+from server.records import SessionStore
 from server.settings import Settings
-from server.store import SessionStore, open_store
-from streaming.encode import EncoderError, choose_video_encoder
-from streaming.session import OfferError, SessionOptions
+from server.store import open_store
 from streaming.tts import check_text
 
 log = logging.getLogger("knotstream.server")
+
 
 def create_app(settings: Settings | None = None, engine=None, store: SessionStore | None = None) -> FastAPI:
     """The app. `engine` may be passed in (tests share one); otherwise `settings.model` loads at
@@ -39,65 +39,13 @@ def create_app(settings: Settings | None = None, engine=None, store: SessionStor
     if settings.redis_url and not settings.cluster_secret:
         raise ValueError("several workers (redis_url) need KNOTSTREAM_CLUSTER_SECRET (16+ characters, the same on "
                          "every worker): it signs the requests they forward to each other")
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI):
-        from streaming.tts import Synthesizer, available_engine
-        from streaming.worker import GenerationWorker
-
-        if settings.loopback_ice:
-            from streaming.ice import allow_loopback
-            allow_loopback()
-        eng = engine
-        if eng is None:
-            from model.engine import Engine
-            eng = await asyncio.to_thread(Engine.from_pretrained, settings.model, settings.device,
-                                          settings.torch_dtype())
-        worker = GenerationWorker(eng, max_batch=settings.max_batch)
-        worker.start()
-        metrics = Metrics(lambda: list(app.state.manager.sessions.values()))
-        app.state.loop = asyncio.get_running_loop()
-        app.state.engine = eng
-        app.state.worker = worker
-        app.state.metrics = metrics
-        own_store = store is None
-        app.state.store = the_store = store or open_store(settings)
-        manager = SessionManager(settings, eng, worker, the_store, metrics,
-                                 tts=Synthesizer(settings.tts_concurrency) if available_engine() else None)
-        try:
-            await manager.start()
-        except Exception:
-            await asyncio.to_thread(worker.stop)
-            raise
-        app.state.manager = manager
-        api_keys.log_mode()
-        log.info("knotstream ready: model %s (%dx%d, %d fps)%s", eng.config.name, eng.config.width,
-                 eng.config.height, eng.config.fps, "" if getattr(eng, "trained", True) else " UNTRAINED")
-        try:
-            yield
-        finally:
-            await app.state.manager.shutdown()
-            await asyncio.to_thread(worker.stop)
-            if own_store:
-                await the_store.close()
-
     docs = {} if settings.docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
-    app = FastAPI(title="knotstream", version="0.1.0", lifespan=lifespan, **docs,
-                  description="Streaming real-time avatar animation: sessions API and WebRTC signalling.")
+    app = FastAPI(title="knotstream", version="0.1.0", lifespan=_lifespan(settings, api_keys, engine, store),
+                  description="Streaming real-time avatar animation: sessions API and WebRTC signalling.", **docs)
     app.state.settings = settings
     app.state.api_keys = api_keys
     errors.install(app)
-    from server.routing import ClusterRouter
-    app.add_middleware(ClusterRouter)   # several workers: placement and per-session proxying
-    if settings.cors_origins:
-        from fastapi.middleware.cors import CORSMiddleware
-        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_credentials=False,
-                           allow_methods=["GET", "POST", "PATCH", "DELETE", "OPTIONS"],
-                           allow_headers=["Authorization", "Content-Type", "X-API-Key"],
-                           expose_headers=["Location", "Retry-After"])
-    if not api_keys.required:   # no keys: only this machine's names, never a rebound one
-        from server.guard import HostGuard, allowed_hosts
-        app.add_middleware(HostGuard, hosts=allowed_hosts(settings), origins=settings.cors_origins)
+    _add_middleware(app, settings, api_keys)
 
     def manager(request: Request) -> SessionManager:
         m = getattr(request.app.state, "manager", None)
@@ -114,51 +62,32 @@ def create_app(settings: Settings | None = None, engine=None, store: SessionStor
         """Multipart form: `image` (portrait upload) or `avatar` (bundled name), `options`
         (JSON, CreateOptions), `offer` (SDP text or {"sdp", "type"} JSON; optional: send it
         later to POST /v1/sessions/{id}/offer). Or a JSON body with `avatar`, `options`, `offer`.
-        Returns 201 {id, token, answer, ...} and `Location: /v1/sessions/{id}`. Needs an API
-        key (`Authorization: Bearer <key>` or `X-API-Key`) unless auth is off."""
+        Returns 201 {id, token, answer, ice_servers, video, model, notices} and `Location:
+        /v1/sessions/{id}`; `notices` ([{code, message}], server/notices.py) says what to expect,
+        e.g. from a photo on a model trained on cartoon heads. Needs an API key
+        (`Authorization: Bearer <key>` or `X-API-Key`) unless auth is off."""
         key = api_keys.check(authorization, x_api_key)   # before the body is read
         m = manager(request)
-        image_bytes, fields = await bodies.read_create(request, settings)
-        options = bodies.parse_options(fields.get("options"))
-        knobs = m.knobs.stream_knobs(options.knobs)          # before anything is allocated for it
-        lead_frames = m.knobs.lead_frames(options.lead_frames) or settings.lead_frames
-        offer_sdp = bodies.parse_offer_field(fields.get("offer"))
-        if offer_sdp is not None:
-            bodies.checked_offer(offer_sdp)
-        m.check_quota(key)
-        reference, avatar = await bodies.reference(image_bytes, fields.get("avatar"), settings.max_image_pixels)
-        sopts = await _session_options(settings, options, lead_frames, (m.engine.config.width,
-                                                                         m.engine.config.height))
-        session, token = await m.create(reference, knobs, options.seed, sopts, avatar, owner=key)
-        answer = None
-        if offer_sdp is not None:
-            answer = await _answer(session, offer_sdp, close_on_error=True)
-        cfg = m.engine.config
-        location = f"/v1/sessions/{session.id}"
-        ice = session.options.ice_for_client
-        body = {"id": session.id, "token": token, "location": location,
-                "answer": {"type": "answer", "sdp": answer} if answer else None,
-                "ice_servers": ice,
-                "video": {"width": cfg.width, "height": cfg.height, "fps": cfg.fps, "codec": sopts.codec},
-                "model": {"name": cfg.name, "trained": bool(getattr(m.engine, "trained", True))}}
-        return JSONResponse(body, status_code=201, headers={"Location": location, **ice_link_header(ice)})
+        created = await m.open(await bodies.read_create_request(request, settings), owner=key)
+        return JSONResponse(created, status_code=201, headers={"Location": created["location"],
+                                                               **ice_link_header(created["ice_servers"])})
 
     @app.post("/v1/sessions/{session_id}/offer", summary="Send the SDP offer (offer-later)",
               openapi_extra=spec.offer_body(Offer))
     async def offer(session_id: str, request: Request, authorization: str | None = Header(None)):
         """Body: `application/sdp` (answer comes back as `application/sdp`, 201, as WHIP) or
         JSON {"sdp", "type": "offer"} (answer as JSON {"answer": {...}})."""
-        session = await manager(request).authorize(session_id, authorization)
+        m = manager(request)
+        session = await m.authorize(session_id, authorization)
         raw = await bodies.read_body(request, 200_000, "offer")
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if ctype == "application/sdp":
-            sdp = bodies.checked_offer(raw.decode("utf-8", errors="replace"))
-            answer = await _answer(session, sdp)
+            answer = await m.answer(session, bodies.checked_offer(raw.decode("utf-8", errors="replace")))
             return Response(answer, status_code=201, media_type="application/sdp",
                             headers={"Location": f"/v1/sessions/{session_id}",
                                      **ice_link_header(session.options.ice_for_client)})
-        sdp = bodies.checked_offer(bodies.offer_json(raw))
-        return {"answer": {"type": "answer", "sdp": await _answer(session, sdp)}}
+        answer = await m.answer(session, bodies.checked_offer(bodies.offer_json(raw)))
+        return {"answer": {"type": "answer", "sdp": answer}}
 
     @app.post("/v1/sessions/{session_id}/audio", status_code=202, summary="Push speech audio",
               openapi_extra=spec.AUDIO)
@@ -275,6 +204,68 @@ def create_app(settings: Settings | None = None, engine=None, store: SessionStor
     return app
 
 
+def _lifespan(settings: Settings, api_keys: ApiKeys, engine, store: SessionStore | None):
+    """Startup and shutdown: the engine (loaded here unless given), the generation worker,
+    metrics, the store and the session manager on `app.state`; shutdown closes every session,
+    stops the worker and closes a store it opened."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        from streaming.tts import Synthesizer, available_engine
+        from streaming.worker import GenerationWorker
+
+        if settings.loopback_ice:
+            from streaming.ice import allow_loopback
+            allow_loopback()
+        eng = engine
+        if eng is None:
+            from model.engine import Engine
+            eng = await asyncio.to_thread(Engine.from_pretrained, settings.model, settings.device,
+                                          settings.torch_dtype())
+        worker = GenerationWorker(eng, max_batch=settings.max_batch)
+        worker.start()
+        app.state.loop = asyncio.get_running_loop()
+        app.state.engine = eng
+        app.state.worker = worker
+        app.state.metrics = metrics = Metrics(lambda: list(app.state.manager.sessions.values()))
+        app.state.store = the_store = store or open_store(settings)
+        manager = SessionManager(settings, eng, worker, the_store, metrics,
+                                 tts=Synthesizer(settings.tts_concurrency) if available_engine() else None)
+        try:
+            await manager.start()
+        except Exception:
+            await asyncio.to_thread(worker.stop)
+            raise
+        app.state.manager = manager
+        api_keys.log_mode()
+        log.info("knotstream ready: model %s (%dx%d, %d fps, trained on %s)%s", eng.config.name, eng.config.width,
+                 eng.config.height, eng.config.fps, eng.config.domain, "" if eng.trained else " UNTRAINED")
+        try:
+            yield
+        finally:
+            await manager.shutdown()
+            await asyncio.to_thread(worker.stop)
+            if store is None:
+                await the_store.close()
+
+    return lifespan
+
+
+def _add_middleware(app: FastAPI, settings: Settings, api_keys: ApiKeys) -> None:
+    from server.routing import ClusterRouter
+
+    app.add_middleware(ClusterRouter)   # several workers: placement and per-session proxying
+    if settings.cors_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_credentials=False,
+                           allow_methods=["GET", "POST", "PATCH", "DELETE", "OPTIONS"],
+                           allow_headers=["Authorization", "Content-Type", "X-API-Key"],
+                           expose_headers=["Location", "Retry-After"])
+    if not api_keys.required:   # no keys: only this machine's names, never a rebound one
+        from server.guard import HostGuard, allowed_hosts
+        app.add_middleware(HostGuard, hosts=allowed_hosts(settings), origins=settings.cors_origins)
+
+
 # ----- request helpers ----------------------------------------------------------------
 
 def ice_link_header(servers: list[dict]) -> dict:
@@ -294,37 +285,3 @@ def ice_link_header(servers: list[dict]) -> dict:
 
 def _quoted(text: str) -> str:
     return str(text).replace("\\", "\\\\").replace('"', '\\"')
-
-async def _answer(session, sdp: str, close_on_error: bool = False) -> str:
-    try:
-        return await session.answer(sdp)
-    except OfferError as exc:
-        if close_on_error:
-            await session.close(f"offer refused: {exc.code}")
-        status = {"offer_exists": 409, "session_closed": 410}.get(exc.code, 400)
-        raise ApiError(status, exc.code, str(exc)) from None
-
-
-async def _session_options(settings: Settings, options: CreateOptions, lead_frames: int | None,
-                           size: tuple[int, int]) -> SessionOptions:
-    """The gateway options of a new session. The server's peer connection only ever uses the
-    server's own ICE servers; ICE servers a client names are handed back to that client only
-    (the manager adds the session's TURN credentials to the server's list)."""
-    encoder = options.encoder or settings.encoder
-    codec = options.codec or ("h264" if encoder in ("nvenc", "x264") else settings.codec)
-    try:  # probes an encoder once per size (off the loop); explicit choices that cannot work: 422
-        await asyncio.to_thread(choose_video_encoder, codec, encoder, size)
-    except EncoderError as exc:
-        raise ApiError(422, exc.code, str(exc)) from None
-    client_ice = ([x.model_dump(exclude_none=True) for x in options.ice_servers]
-                  if options.ice_servers is not None else None)
-    return SessionOptions(codec=codec, lead_frames=lead_frames,
-                          prebuffer_timeout_s=settings.prebuffer_timeout_s,
-                          max_speech_seconds=settings.max_speech_seconds,
-                          disconnect_grace_s=settings.disconnect_grace_s,
-                          ice_servers=settings.ice_dicts(), client_ice_servers=client_ice,
-                          ice_connect_timeout_s=settings.ice_connect_timeout_s,
-                          max_ice_candidates=settings.max_ice_candidates,
-                          max_open_segments=settings.max_open_segments,
-                          echo_mic=options.echo_mic, encoder=encoder,
-                          bitrate=options.bitrate or settings.video_bitrate)

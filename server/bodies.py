@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from fastapi import Request
@@ -16,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
 from server import avatars, errors
 from server.errors import ApiError
 from server.settings import IceServer, Settings
+from streaming.codecs import EncoderPreference, VideoCodec
 from streaming.peer import OfferError, check_offer
 
 PCM_TYPES = ("audio/pcm", "audio/l16", "application/octet-stream")
@@ -31,8 +33,8 @@ class CreateOptions(BaseModel):
     knobs: dict[str, Any] = Field(default_factory=dict, max_length=16,
                                   description="stream knob overrides from the client allowlist (server/knobs.py): "
                                               "denoise_steps, rewind_denoise_steps, seam_blend, knot_fusion")
-    codec: Literal["vp8", "h264"] | None = None
-    encoder: Literal["auto", "software", "nvenc", "x264"] | None = Field(
+    codec: VideoCodec | None = None
+    encoder: EncoderPreference | None = Field(
         None, description="video encoder (default: the server's setting): auto = NVENC for h264 where it opens, "
                           "else aiortc's software encoder; nvenc and x264 send pre-encoded H264 (codec defaults "
                           "to h264 with them)")
@@ -57,6 +59,17 @@ class Offer(BaseModel):
 class SpeakRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     text: str = Field(..., min_length=1, max_length=2000)
+
+
+@dataclass(frozen=True)
+class CreateRequest:
+    """A create request, read and checked. The portrait is still undecoded (decoding is work,
+    done once the knobs and the quota allow the session); `avatar` is the field as sent."""
+
+    options: CreateOptions
+    image: bytes | None
+    avatar: Any
+    offer: str | None    # a checked SDP offer, or None: it follows on POST /v1/sessions/{id}/offer
 
 
 # ----- bodies -------------------------------------------------------------------------
@@ -118,6 +131,13 @@ async def read_create(request: Request, settings: Settings) -> tuple[bytes | Non
         else:
             fields[key] = value
     return image, fields
+
+
+async def read_create_request(request: Request, settings: Settings) -> CreateRequest:
+    image, fields = await read_create(request, settings)
+    options = parse_options(fields.get("options"))
+    offer = parse_offer_field(fields.get("offer"))
+    return CreateRequest(options, image, fields.get("avatar"), None if offer is None else checked_offer(offer))
 
 
 async def _read_form(request: Request, max_image_bytes: int):

@@ -1,6 +1,9 @@
 """Session manager: owns every live session of this process, keyed by id.
 
-Creating a session starts an engine stream on the generation worker (reference
+`open` turns a create request the route has read and checked into a session: the
+client's knobs under the server's policy, the owner's quota, the portrait, the gateway
+options (codec, encoder probed, ICE), the notices for the client (server/notices.py) and
+the answer to its offer. Creating a session starts an engine stream on the generation worker (reference
 encoding is model work, so it never runs on the event loop) once the store has admitted
 it to this worker (a slot reserved atomically: never more than `max_sessions`), and hands
 back a bearer token (only its hash is kept). A background task registers this process as
@@ -26,14 +29,19 @@ from dataclasses import replace
 import numpy as np
 
 from model.config import StreamKnobs
-from server import auth
+from server import auth, bodies
+from server.bodies import CreateOptions, CreateRequest
 from server.errors import ApiError
-from server.metrics import Metrics
-from server.settings import Settings
-from server.store import SessionRecord, SessionStore, StoreUnavailable, WorkerInfo, worker_name
 from server.knobs import KnobPolicy
+from server.metrics import Metrics
+from server.notices import session_notices
+from server.records import SessionRecord, SessionStore, StoreUnavailable, WorkerInfo, worker_name
+from server.settings import Settings
+from server.store_redis import RedisStore
 from streaming.channel import RateLimit, SessionLimits
-from streaming.session import LiveSession, SessionOptions
+from streaming.codecs import default_codec
+from streaming.encode import EncoderError, choose_video_encoder
+from streaming.session import LiveSession, OfferError, SessionOptions
 from streaming.worker import GenerationWorker
 
 log = logging.getLogger("knotstream.manager")
@@ -67,11 +75,11 @@ class SessionManager:
                  metrics: Metrics, tts=None):
         self.settings = settings
         self.engine = engine
+        self.knobs = KnobPolicy(engine.config, settings.max_lead_frames)   # what clients may set on it
         self.worker = worker
         self.store = store
         self.metrics = metrics
         self.tts = tts
-        self.knobs = KnobPolicy(engine.config, settings.max_lead_frames)
         self.sessions: dict[str, LiveSession] = {}
         self.records: dict[str, SessionRecord] = {}   # this worker's sessions, starting ones included
         self.limits: dict[str, SessionLimits] = {}     # per-session request and interrupt rates
@@ -85,7 +93,7 @@ class SessionManager:
         self.draining = False
         self._remote_limits: dict[str, SessionLimits] = {}   # of sessions forwarded from here
         self.forwarder = self.consumer = None
-        if hasattr(store, "binary"):   # Redis: driving input for other workers' sessions, and for ours
+        if isinstance(store, RedisStore):   # several workers: driving input crosses them on Redis Streams
             from server.routing import DriveConsumer, Forwarder
             self.forwarder = Forwarder(store)
             self.consumer = DriveConsumer(store, self.info.id, self.sessions)
@@ -138,6 +146,61 @@ class SessionManager:
             raise ApiError(429, "quota_exceeded", f"this API key already holds {held} sessions here, its quota "
                                                   f"is {quota}; end one first",
                            headers={"Retry-After": str(self.settings.retry_after_s)})
+
+    async def open(self, request: CreateRequest, owner: str | None) -> dict:
+        """A session for a checked create request, and the body of its 201: the client's knobs
+        under this server's policy (before anything is allocated for it), the owner's quota,
+        the portrait, the gateway options (video encoder probed), the engine stream, and the
+        answer when the request carried an offer."""
+        knobs = self.knobs.stream_knobs(request.options.knobs)
+        lead_frames = self.knobs.lead_frames(request.options.lead_frames) or self.settings.lead_frames
+        self.check_quota(owner)
+        reference, avatar = await bodies.reference(request.image, request.avatar, self.settings.max_image_pixels)
+        options = await self._gateway_options(request.options, lead_frames)
+        session, token = await self.create(reference, knobs, request.options.seed, options, avatar, owner=owner)
+        answer = None
+        if request.offer is not None:
+            answer = await self.answer(session, request.offer, close_on_error=True)
+        cfg = self.engine.config
+        return {"id": session.id, "token": token, "location": f"/v1/sessions/{session.id}",
+                "answer": {"type": "answer", "sdp": answer} if answer else None,
+                "ice_servers": session.options.ice_for_client,
+                "video": {"width": cfg.width, "height": cfg.height, "fps": cfg.fps, "codec": options.codec},
+                "model": {"name": cfg.name, "trained": self.engine.trained, "domain": cfg.domain},
+                "notices": session_notices(cfg, uploaded=avatar is None)}
+
+    async def _gateway_options(self, options: CreateOptions, lead_frames: int | None) -> SessionOptions:
+        """The gateway options of a new session. The video encoder is probed once per frame size
+        (off the loop); an explicit choice that cannot work here is a 422. The server's peer
+        connection only ever uses the server's own ICE servers; ICE servers a client names are
+        handed back to that client only (`create` adds the session's TURN credentials)."""
+        s, cfg = self.settings, self.engine.config
+        encoder = options.encoder or s.encoder
+        codec = options.codec or default_codec(encoder, s.codec)
+        try:
+            await asyncio.to_thread(choose_video_encoder, codec, encoder, (cfg.width, cfg.height))
+        except EncoderError as exc:
+            raise ApiError(422, exc.code, str(exc)) from None
+        client_ice = ([x.model_dump(exclude_none=True) for x in options.ice_servers]
+                      if options.ice_servers is not None else None)
+        return SessionOptions(codec=codec, lead_frames=lead_frames, prebuffer_timeout_s=s.prebuffer_timeout_s,
+                              max_speech_seconds=s.max_speech_seconds, disconnect_grace_s=s.disconnect_grace_s,
+                              ice_servers=s.ice_dicts(), client_ice_servers=client_ice,
+                              ice_connect_timeout_s=s.ice_connect_timeout_s, max_ice_candidates=s.max_ice_candidates,
+                              max_open_segments=s.max_open_segments, echo_mic=options.echo_mic, encoder=encoder,
+                              bitrate=options.bitrate or s.video_bitrate)
+
+    async def answer(self, session: LiveSession, sdp: str, close_on_error: bool = False) -> str:
+        """The session's SDP answer to the client's offer. A refusal is 400 with the offer's code
+        (409 offer_exists, 410 session_closed); `close_on_error`: the session was made for this
+        offer, and is closed with it."""
+        try:
+            return await session.answer(sdp)
+        except OfferError as exc:
+            if close_on_error:
+                await session.close(f"offer refused: {exc.code}")
+            status = {"offer_exists": 409, "session_closed": 410}.get(exc.code, 400)
+            raise ApiError(status, exc.code, str(exc)) from None
 
     async def create(self, reference: np.ndarray, knobs: StreamKnobs, seed: int, options: SessionOptions,
                      avatar: str | None = None, owner: str | None = None) -> tuple[LiveSession, str]:

@@ -42,7 +42,8 @@ import numpy as np
 
 from server import auth
 from server.errors import ApiError, error_body
-from server.store import SessionRecord, StoreUnavailable
+from server.records import SessionRecord, StoreUnavailable
+from server.store_redis import RedisStore
 
 log = logging.getLogger("knotstream.routing")
 
@@ -161,27 +162,16 @@ async def proxy(scope, receive, send, base_url: str, manager) -> None:
     import h11
 
     limit = manager.settings.max_upload_bytes + 1_000_000
-    body = bytearray()
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            return
-        body += message.get("body", b"")
-        if len(body) > limit:
-            return await _error(send, 413, "request_too_large", f"request is more than {limit} bytes")
-        if not message.get("more_body"):
-            break
+    body = await _request_body(receive, limit)
+    if body is None:   # the client went away
+        return
+    if len(body) > limit:
+        return await _error(send, 413, "request_too_large", f"request is more than {limit} bytes")
     url = urlsplit(base_url)
     tls = url.scheme == "https"
     host, port = url.hostname or "127.0.0.1", url.port or (443 if tls else 80)
     target = url.path.rstrip("/") + _target_of(scope)
-    headers = [(k, v) for k, v in scope["headers"] if k.decode("latin-1").lower() not in HOP_BY_HOP]
-    client = scope.get("client") or ("", 0)
-    headers += [(b"host", url.netloc.encode()), (b"content-length", str(len(body)).encode()),
-                (b"connection", b"close"),
-                (FORWARDED.encode(), forwarded_header(manager.settings.cluster_secret, manager.info.id,
-                                                      scope["method"], _target_of(scope)).encode("latin-1")),
-                (b"x-forwarded-for", str(client[0]).encode())]
+    headers = _forwarded_headers(scope, url.netloc, len(body), manager)
     conn = h11.Connection(our_role=h11.CLIENT)
     try:
         reader, writer = await asyncio.wait_for(
@@ -192,7 +182,7 @@ async def proxy(scope, receive, send, base_url: str, manager) -> None:
     watcher = asyncio.ensure_future(_wait_disconnect(receive))
     try:
         writer.write(conn.send(h11.Request(method=scope["method"], target=target, headers=headers)))
-        writer.write(conn.send(h11.Data(data=bytes(body))) + conn.send(h11.EndOfMessage()))
+        writer.write(conn.send(h11.Data(data=body)) + conn.send(h11.EndOfMessage()))
         await writer.drain()
         while True:
             event = conn.next_event()
@@ -224,6 +214,30 @@ async def proxy(scope, receive, send, base_url: str, manager) -> None:
     finally:
         watcher.cancel()
         writer.close()
+
+
+async def _request_body(receive, limit: int) -> bytes | None:
+    """The request's body, read until it ends or passes `limit` bytes (then the caller refuses
+    it); None when the client disconnected."""
+    body = bytearray()
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        body += message.get("body", b"")
+        if len(body) > limit or not message.get("more_body"):
+            return bytes(body)
+
+
+def _forwarded_headers(scope, netloc: str, length: int, manager) -> list[tuple[bytes, bytes]]:
+    """The client's headers less the hop-by-hop ones, plus the owner's host, the signed
+    forwarding header and the client's address."""
+    headers = [(k, v) for k, v in scope["headers"] if k.decode("latin-1").lower() not in HOP_BY_HOP]
+    client = scope.get("client") or ("", 0)
+    signed = forwarded_header(manager.settings.cluster_secret, manager.info.id, scope["method"], _target_of(scope))
+    return headers + [(b"host", netloc.encode()), (b"content-length", str(length).encode()),
+                      (b"connection", b"close"), (FORWARDED.encode(), signed.encode("latin-1")),
+                      (b"x-forwarded-for", str(client[0]).encode())]
 
 
 async def _wait_disconnect(receive) -> None:
@@ -307,7 +321,7 @@ class Forwarder:
     """Appends driving entries to owners' streams, one at a time in arrival order (so a
     segment's pieces reach the owner in the order they were pushed here)."""
 
-    def __init__(self, store, maxsize: int = 256) -> None:
+    def __init__(self, store: RedisStore, maxsize: int = 256) -> None:
         self.store = store
         self.queue: asyncio.Queue = asyncio.Queue(maxsize)
         self._task: asyncio.Task | None = None
@@ -345,7 +359,7 @@ class DriveConsumer:
     into its LiveSession, acknowledges and deletes it. Survives Redis restarts (the group is
     created again) and outages (retries)."""
 
-    def __init__(self, store, worker_id: str, sessions: dict, block_ms: int = 1000) -> None:
+    def __init__(self, store: RedisStore, worker_id: str, sessions: dict, block_ms: int = 1000) -> None:
         self.store = store
         self.key = f"{store.prefix}drive:{worker_id}"
         self.worker_id = worker_id

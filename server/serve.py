@@ -19,6 +19,8 @@ import logging
 import os
 import threading
 
+from streaming.codecs import CODECS
+
 log = logging.getLogger("knotstream.serve")
 
 
@@ -28,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="preset name or local safetensors path (default tiny)")
     parser.add_argument("--device", help="torch device (default cpu)")
     parser.add_argument("--max-sessions", type=int, help="concurrent sessions (default 4)")
-    parser.add_argument("--codec", choices=["vp8", "h264"], help="video codec preference (default vp8)")
+    parser.add_argument("--codec", choices=CODECS, help="video codec preference (default vp8)")
     parser.add_argument("--ice-server", action="append", metavar="URL",
                         help="STUN/TURN URL handed to peers (repeatable; default none)")
     parser.add_argument("--loopback-ice", action="store_true", default=None,

@@ -13,6 +13,8 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from streaming.codecs import EncoderPreference, VideoCodec
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -61,10 +63,10 @@ class Settings(BaseSettings):
         return getattr(torch, name)
     # None by default: aiortc would otherwise use a public STUN server (nothing offline).
     ice_servers: list[IceServer] = Field(default_factory=list)
-    codec: Literal["vp8", "h264"] = "vp8"
+    codec: VideoCodec = "vp8"
     # Video encoder (streaming/encode.py): auto = NVENC when codec is h264 and NVENC opens, else
     # aiortc's software encoder; nvenc / x264 = pre-encoded H264 (a 422 where it cannot work).
-    encoder: Literal["auto", "software", "nvenc", "x264"] = "auto"
+    encoder: EncoderPreference = "auto"
     # Target bps of the nvenc/x264 paths (None = 1 Mbps); the software encoder adapts to REMB.
     video_bitrate: int | None = Field(None, ge=100_000, le=20_000_000)
     max_sessions: int = Field(4, ge=1)

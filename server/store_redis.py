@@ -30,7 +30,7 @@ import dataclasses
 import json
 from typing import Iterable
 
-from server.store import SessionRecord, StoreUnavailable, WorkerInfo
+from server.records import SessionRecord, StoreUnavailable, WorkerInfo
 
 # KEYS: workers set, session key. ARGV: prefix, record ttl ms, worker id ('' = any live worker),
 # session id, record JSON. Returns the worker id, or nil when no candidate has a free slot.

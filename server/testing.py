@@ -214,13 +214,9 @@ class AvatarClient:
         return self.session
 
     async def _read(self, track) -> None:
-        from aiortc.mediastreams import MediaStreamError
+        from streaming.tracks import frames_of
 
-        while True:
-            try:
-                frame = await track.recv()
-            except MediaStreamError:
-                return
+        async for frame in frames_of(track):
             now = time.monotonic()
             if track.kind == "video":
                 img = frame.to_ndarray(format="rgb24") if self.keep_images else None

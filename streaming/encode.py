@@ -45,11 +45,11 @@ from aiortc import MediaStreamTrack
 from aiortc.mediastreams import MediaStreamError
 
 from streaming.clock import VIDEO_CLOCK_RATE
+from streaming.codecs import CODECS, ENCODER_PREFERENCES, PRE_ENCODED, PRE_ENCODED_CODEC
 
 log = logging.getLogger("knotstream.encode")
 
-PREFERENCES = ("auto", "software", "nvenc", "x264")
-FFMPEG_ENCODERS = {"nvenc": "h264_nvenc", "x264": "libx264"}  # pre-encoded kinds -> PyAV encoder
+NVENC = PRE_ENCODED["nvenc"]
 DEFAULT_BITRATE = 1_000_000
 MIN_BITRATE, MAX_BITRATE = 100_000, 20_000_000
 KEYFRAME_INTERVAL_S = 2.0
@@ -74,11 +74,11 @@ class VideoEncoder:
 
     @property
     def pre_encoded(self) -> bool:
-        return self.kind in FFMPEG_ENCODERS
+        return self.kind in PRE_ENCODED
 
     @property
     def ffmpeg_name(self) -> str | None:
-        return FFMPEG_ENCODERS.get(self.kind)
+        return PRE_ENCODED.get(self.kind)
 
 
 def check_bitrate(bitrate: int | None) -> None:
@@ -93,10 +93,10 @@ def choose_video_encoder(codec: str, preference: str = "auto",
     x264) at frame `size` (width, height). Cached; may open an encoder once (call it off
     the event loop the first time). Raises EncoderError for an explicit choice that cannot
     be served, ValueError for unknown names."""
-    if codec not in ("vp8", "h264"):
-        raise ValueError(f"codec must be vp8 or h264, got {codec!r}")
-    if preference not in PREFERENCES:
-        raise ValueError(f"encoder must be one of {list(PREFERENCES)}, got {preference!r}")
+    if codec not in CODECS:
+        raise ValueError(f"codec must be one of {list(CODECS)}, got {codec!r}")
+    if preference not in ENCODER_PREFERENCES:
+        raise ValueError(f"encoder must be one of {list(ENCODER_PREFERENCES)}, got {preference!r}")
     return _choose(codec, preference, tuple(size) if size else PROBE_SIZE)
 
 
@@ -104,24 +104,23 @@ def choose_video_encoder(codec: str, preference: str = "auto",
 def _choose(codec: str, preference: str, size: tuple[int, int]) -> VideoEncoder:
     if preference == "software":
         choice = VideoEncoder("software", codec, f"software {codec} requested (aiortc's encoder)")
-    elif preference in FFMPEG_ENCODERS:
-        name = FFMPEG_ENCODERS[preference]
-        if codec != "h264":
-            hint = "NVENC has no VP8 encoder" if preference == "nvenc" else "libx264 encodes H264 only"
+    elif preference in PRE_ENCODED:
+        name = PRE_ENCODED[preference]
+        if codec != PRE_ENCODED_CODEC:
             raise EncoderError("encoder_codec_mismatch",
-                               f"encoder {preference!r} needs codec 'h264', got {codec!r} ({hint}); "
-                               f"use codec 'h264' or encoder 'software'")
+                               f"encoder {preference!r} ({name}) encodes {PRE_ENCODED_CODEC} only, got codec "
+                               f"{codec!r}; use codec {PRE_ENCODED_CODEC!r} or encoder 'software'")
         failure = probe(name, *size)
         if failure is not None:
             raise EncoderError("encoder_unavailable", f"encoder {preference!r} ({name}) cannot be used on this "
                                                       f"host: {failure}")
         choice = VideoEncoder(preference, codec, f"{name} requested and opens at {size[0]}x{size[1]}")
-    elif codec != "h264":
-        choice = VideoEncoder("software", codec, "auto: codec vp8 (NVENC has no VP8 encoder)")
+    elif codec != PRE_ENCODED_CODEC:
+        choice = VideoEncoder("software", codec, f"auto: codec {codec} (NVENC encodes {PRE_ENCODED_CODEC} only)")
     else:
-        failure = probe("h264_nvenc", *size)
+        failure = probe(NVENC, *size)
         if failure is None:
-            choice = VideoEncoder("nvenc", codec, f"auto: h264_nvenc opens at {size[0]}x{size[1]}")
+            choice = VideoEncoder("nvenc", codec, f"auto: {NVENC} opens at {size[0]}x{size[1]}")
         else:
             choice = VideoEncoder("software", codec, f"auto: nvenc unavailable ({failure})")
     log.info("video encoder for codec %s, preference %s, %dx%d: %s (%s)", codec, preference, *size,
@@ -180,7 +179,7 @@ def open_encoder(name: str, width: int, height: int, fps: int, bitrate: int) -> 
     ctx.gop_size = max(1, round(KEYFRAME_INTERVAL_S * fps))
     ctx.max_b_frames = 0
     rate = {"maxrate": str(bitrate), "bufsize": str(bitrate // 2)}
-    if name == "h264_nvenc":
+    if name == NVENC:
         # p2: a fast preset; ull + zerolatency + delay 0: one packet out per frame in.
         ctx.options = {"preset": "p2", "tune": "ull", "zerolatency": "1", "delay": "0", "rc": "cbr",
                        "profile": "baseline", **rate}

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from streaming.codecs import CODECS, ENCODER_PREFERENCES
 from streaming.encode import check_bitrate
-from streaming.peer import CODECS
 
 
 class SessionRefused(ValueError):
@@ -25,14 +25,10 @@ class SessionOptions:
 
     codec: str = "vp8"
     lead_frames: int | None = None          # generation lead; None = 1.5 chunks
-    mic_latency_frames: int | None = None   # None = lead + one step's driving span + 2
     prebuffer_timeout_s: float = 2.0
     max_speech_seconds: float = 300.0
     disconnect_grace_s: float = 5.0         # "disconnected" this long -> the session closes
     echo_mic: bool = False                  # play the mic back on the audio track (puppet demos)
-    # Interrupt regenerates the frames generated but not yet played (closed mouth within about
-    # one step) instead of only muting them; costs a few cache copies per step.
-    regenerate_on_interrupt: bool = True
     # The server's own STUN/TURN servers: the only ones its peer connection uses.
     ice_servers: list[dict] = field(default_factory=list)  # [{"urls": [...], "username", "credential"}]
     # What the client is told to use (its own choice, echoed); None: the server's list.
@@ -42,8 +38,7 @@ class SessionOptions:
     ice_connect_timeout_s: float | None = 30.0
     max_ice_candidates: int = 50        # trickled candidates per session
     max_open_segments: int = 16         # pushed speech segments not yet ended
-    # Video encoder (streaming/encode.py): auto | software | nvenc | x264. auto = NVENC when the
-    # codec is h264 and NVENC opens, else aiortc's software encoder.
+    # Video encoder, one of streaming.codecs.ENCODER_PREFERENCES (chosen by streaming/encode.py).
     encoder: str = "auto"
     # Target bps of the pre-encoded paths (nvenc, x264); None = 1 Mbps. aiortc's software encoder
     # ignores it and follows the receiver's REMB estimate instead.
@@ -55,11 +50,10 @@ class SessionOptions:
 
     def __post_init__(self) -> None:
         if self.codec not in CODECS:
-            raise ValueError(f"codec must be one of {sorted(CODECS)}, got {self.codec!r}")
-        if self.encoder not in ("auto", "software", "nvenc", "x264"):
-            raise ValueError(f"encoder must be auto, software, nvenc or x264, got {self.encoder!r}")
+            raise ValueError(f"codec must be one of {list(CODECS)}, got {self.codec!r}")
+        if self.encoder not in ENCODER_PREFERENCES:
+            raise ValueError(f"encoder must be one of {list(ENCODER_PREFERENCES)}, got {self.encoder!r}")
         check_bitrate(self.bitrate)
-        for name in ("lead_frames", "mic_latency_frames"):
-            v = getattr(self, name)
-            if v is not None and (not isinstance(v, int) or v < 1):
-                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        lead = self.lead_frames
+        if lead is not None and (isinstance(lead, bool) or not isinstance(lead, int) or lead < 1):
+            raise ValueError(f"lead_frames must be a positive integer, got {lead!r}")

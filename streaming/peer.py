@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from aiortc import RTCPeerConnection
 
+from streaming.codecs import mime_type
 from streaming.encode import EncodedVideoTrack
 
-CODECS = {"vp8": "video/VP8", "h264": "video/H264"}
 DIRECTIONS = {"video": "sendonly", "audio": "sendrecv"}   # ours; aiortc intersects with the offer's
 
 
@@ -72,7 +72,7 @@ def attach_track(pc: RTCPeerConnection, kind: str, track, codec: str | None = No
         # aiortc ignores setCodecPreferences after it: reorder the negotiated list itself
         # (the answer and the sender use its first codec). Packets of the pre-encoded
         # paths are H264 and can go out as nothing else.
-        want = CODECS[codec]
+        want = mime_type(codec)
         codecs = [c for c in tr._codecs if c.mimeType.lower() == want.lower()]
         if not codecs and encoder.pre_encoded:
             raise OfferError("offer_codec_unsupported",

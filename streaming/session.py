@@ -25,7 +25,7 @@ from streaming.clock import MediaClock
 from streaming.driving import DrivingBuffer, Segment
 from streaming.encode import EncodedVideoTrack, EncoderError, choose_video_encoder, encoder_status
 from streaming.options import SessionOptions, SessionRefused
-from streaming.peer import CODECS, CandidateError, OfferError, attach_track, check_offer, parse_candidates
+from streaming.peer import CandidateError, OfferError, attach_track, check_offer, parse_candidates
 from streaming.playout import Playout
 from streaming.tracks import (AvatarAudioTrack, AvatarVideoTrack, Pacer, consume_audio, consume_blackhole,
                               track_task)
@@ -33,7 +33,7 @@ from streaming.worker import Generation, GenerationWorker
 
 log = logging.getLogger("knotstream.session")
 
-__all__ = ["CODECS", "LiveSession", "OfferError", "SessionOptions", "SessionRefused", "check_offer"]
+__all__ = ["LiveSession", "OfferError", "SessionOptions", "SessionRefused", "check_offer"]
 
 
 class LiveSession:
@@ -58,11 +58,12 @@ class LiveSession:
         self.clock = MediaClock(fps)
         step = stream.next_frames if stream.frame_index else 4 * stream.knobs.chunk_frames
         self.lead_frames = self.options.lead_frames or (3 * step) // 2
-        self.mic_latency_frames = self.options.mic_latency_frames or (
-            self.lead_frames + stream.driving_frames + 2)
+        # Mic audio is placed this many frames after the frame on screen: beyond the lead already
+        # generated and the driving span a step reads ahead, so it is never late for its frames.
+        self.mic_latency_frames = self.lead_frames + stream.driving_frames + 2
         max_frames = self.lead_frames + 2 * step
         # History to regenerate everything the playout can hold, plus the chunk being shown.
-        rewind_chunks = -(-max_frames // step) + 2 if self.options.regenerate_on_interrupt else 0
+        rewind_chunks = -(-max_frames // step) + 2
         self.driving = DrivingBuffer(fps, sample_rate, max_speech_seconds=self.options.max_speech_seconds,
                                      echo_mic=self.options.echo_mic, history_frames=(rewind_chunks + 1) * step)
         self.playout = Playout(self.clock, sample_rate, placeholder, max_frames=max_frames, on_slot=self._on_slot)
@@ -280,7 +281,7 @@ class LiveSession:
         cut = self.driving.interrupt()
         muted = self.playout.mute_queued()
         coalesced = self._rewind is not None and not self._rewind.done()
-        if self.options.regenerate_on_interrupt and not coalesced:
+        if not coalesced:
             # Stop the step in progress (its frames would be discarded anyway), then rewind.
             if hasattr(self.stream, "request_abort"):
                 self.stream.request_abort()

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Awaitable, Callable
+from typing import AsyncIterator, Awaitable, Callable
 
 import av
 import numpy as np
@@ -83,23 +83,41 @@ class Pacer:
                 self.on_start()
 
 
-class AvatarVideoTrack(MediaStreamTrack):
-    kind = "video"
+class PacedTrack(MediaStreamTrack):
+    """What both avatar tracks share: one pacer (its clock and playout), the start of every
+    `recv`, and the stamping of each frame, recorded as (pts, send time) in `sent` when it
+    is a list (tests measure pacing and A/V sync from it)."""
 
-    def __init__(self, pacer: Pacer, max_late_slots: int = 3):
+    def __init__(self, pacer: Pacer):
         super().__init__()
         self.pacer = pacer
         self.clock = pacer.clock
         self.playout = pacer.playout
-        self.max_late_slots = max_late_slots
-        self.slot = 0
-        self.dropped = 0
-        self.sent: list[tuple[int, float]] | None = None  # (pts, send time) when recording
+        self.sent: list[tuple[int, float]] | None = None
 
-    async def recv(self) -> av.VideoFrame:
+    async def _ready(self) -> None:
         if self.readyState != "live":
             raise MediaStreamError
         await self.pacer.start()
+
+    def _stamped(self, frame, pts: int, time_base):
+        frame.pts, frame.time_base = pts, time_base
+        if self.sent is not None:
+            self.sent.append((pts, self.clock.now()))
+        return frame
+
+
+class AvatarVideoTrack(PacedTrack):
+    kind = "video"
+
+    def __init__(self, pacer: Pacer, max_late_slots: int = 3):
+        super().__init__(pacer)
+        self.max_late_slots = max_late_slots
+        self.slot = 0
+        self.dropped = 0
+
+    async def recv(self) -> av.VideoFrame:
+        await self._ready()
         behind = self.clock.slot_at() - self.slot
         if behind > self.max_late_slots:
             # The encoder fell behind: skip to the present rather than send a burst.
@@ -108,57 +126,50 @@ class AvatarVideoTrack(MediaStreamTrack):
             self.slot += behind
         await self.clock.sleep_until(self.clock.video_time(self.slot))
         image, _ = self.playout.video(self.slot)
-        frame = av.VideoFrame.from_ndarray(image, format="rgb24")
-        frame.pts = self.clock.video_pts(self.slot)
-        frame.time_base = self.clock.video_time_base
-        if self.sent is not None:
-            self.sent.append((frame.pts, self.clock.now()))
+        frame = self._stamped(av.VideoFrame.from_ndarray(image, format="rgb24"), self.clock.video_pts(self.slot),
+                              self.clock.video_time_base)
         self.slot += 1
         return frame
 
 
-class AvatarAudioTrack(MediaStreamTrack):
+class AvatarAudioTrack(PacedTrack):
     kind = "audio"
 
     def __init__(self, pacer: Pacer, sample_rate: int):
-        super().__init__()
         if AUDIO_RATE % sample_rate or sample_rate % 50:
             raise ValueError(f"driving sample rate must divide {AUDIO_RATE} and be a multiple of 50 Hz, "
                              f"got {sample_rate}")
-        self.pacer = pacer
-        self.clock = pacer.clock
-        self.playout = pacer.playout
+        super().__init__(pacer)
         self.block = sample_rate // 50  # driving samples per 20 ms; x (48000 / rate) = 960 out
         self.upsample = Upsampler(AUDIO_RATE // sample_rate)
         self.index = 0
-        self.sent: list[tuple[int, float]] | None = None
 
     async def recv(self) -> av.AudioFrame:
-        if self.readyState != "live":
-            raise MediaStreamError
-        await self.pacer.start()
+        await self._ready()
         await self.clock.sleep_until(self.clock.audio_time(self.index))
         pcm = self.upsample(self.playout.audio(self.index * self.block, self.block))
         s16 = (np.clip(pcm, -1.0, 1.0) * 32767.0).round().astype(np.int16)
         frame = av.AudioFrame.from_ndarray(s16.reshape(1, -1), format="s16", layout="mono")
         frame.sample_rate = AUDIO_RATE
-        frame.pts = self.clock.audio_pts(self.index)
-        frame.time_base = self.clock.audio_time_base
-        if self.sent is not None:
-            self.sent.append((frame.pts, self.clock.now()))
+        frame = self._stamped(frame, self.clock.audio_pts(self.index), self.clock.audio_time_base)
         self.index += 1
         return frame
+
+
+async def frames_of(track: MediaStreamTrack) -> AsyncIterator:
+    """The frames a (remote) track delivers, until it ends."""
+    while True:
+        try:
+            yield await track.recv()
+        except MediaStreamError:
+            return
 
 
 async def consume_audio(track: MediaStreamTrack, on_samples: Callable[[np.ndarray], None],
                         sample_rate: int = 16000) -> None:
     """Read `track` until it ends; every frame -> float32 mono at `sample_rate` -> on_samples."""
     resampler = av.AudioResampler(format="s16", layout="mono", rate=sample_rate)
-    while True:
-        try:
-            frame = await track.recv()
-        except MediaStreamError:
-            return
+    async for frame in frames_of(track):
         for out in resampler.resample(frame):
             pcm = out.to_ndarray().reshape(-1).astype(np.float32) / 32768.0
             try:
@@ -169,11 +180,8 @@ async def consume_audio(track: MediaStreamTrack, on_samples: Callable[[np.ndarra
 
 async def consume_blackhole(track: MediaStreamTrack) -> None:
     """Read and discard `track` until it ends (an unread remote track leaks memory)."""
-    while True:
-        try:
-            await track.recv()
-        except MediaStreamError:
-            return
+    async for _ in frames_of(track):
+        pass
 
 
 def track_task(coro: Awaitable, name: str) -> asyncio.Task:

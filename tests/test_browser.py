@@ -177,3 +177,25 @@ def test_demo_shows_the_servers_error_message_for_a_bad_portrait(page, tmp_path)
     assert "HTTP 4" in text and "(" in text, text  # the JSON `message` with its code and status
     assert page.evaluate("() => window.knot.conn") is None
     assert not page.is_disabled("#connect")
+
+
+def test_demo_shows_the_cartoon_model_notice_for_an_uploaded_photo_and_none_for_an_avatar(page, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    photo = tmp_path / "me.png"
+    image = np.full((96, 96, 3), 180, np.uint8)
+    image[20:70, 30:66] = (200, 150, 120)
+    Image.fromarray(image).save(photo)
+    page.set_input_files("#portrait", str(photo))
+    _connect(page)
+    notice = page.wait_for_selector('#notices:not([hidden]) .notice[data-code="cartoon_model"]')
+    text = notice.text_content()
+    assert "knotstream avatar create" in text and "docs/personal-avatars.md" in text, text
+    page.click("#disconnect")
+    page.wait_for_function("() => document.getElementById('stat-state').textContent === 'closed'")
+
+    page.set_input_files("#portrait", [])   # back to the bundled avatar: no notice
+    _connect(page)
+    assert page.is_hidden("#notices") and page.query_selector("#notices .notice") is None
+    page.click("#disconnect")

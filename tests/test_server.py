@@ -181,6 +181,43 @@ def test_uploads(http, server):
                  415, "unsupported_media_type")
 
 
+def test_an_uploaded_photo_on_the_cartoon_model_gets_a_notice_a_bundled_avatar_none(http):
+    r = http.post("/v1/sessions", files={"image": ("me.png", png_bytes(), "image/png")})
+    assert r.status_code == 201, r.text
+    upload = r.json()
+    assert upload["model"]["domain"] == "cartoon"   # the bundled tiny weights' metadata
+    [notice] = upload["notices"]
+    assert notice["code"] == "cartoon_model" and notice["model_domain"] == "cartoon"
+    assert "knotstream avatar create" in notice["message"] and "docs/personal-avatars.md" in notice["message"]
+    bundled, auth = create(http)
+    assert bundled["notices"] == [] and bundled["model"]["domain"] == "cartoon"
+    for body, headers in ((upload, {"Authorization": f"Bearer {upload['token']}"}), (bundled, auth)):
+        assert http.delete(body["location"], headers=headers).status_code == 204
+
+
+def test_notices_follow_the_model_files_domain_not_the_image():
+    from dataclasses import replace
+
+    from model.config import ModelConfig, from_name
+    from model.engine import ASSETS
+    from model.weights import read_metadata
+    from server.notices import session_notices
+
+    tiny = from_name("tiny")
+    assert read_metadata(ASSETS / "tiny.safetensors")["config"].domain == "cartoon"
+    legacy = tiny.to_dict()
+    del legacy["domain"]   # a model file written without the field
+    assert ModelConfig.from_dict(legacy).domain == "cartoon"
+    assert ModelConfig.from_dict(replace(tiny, domain="personal").to_dict()).domain == "personal"
+    assert from_name("wan-1.3b").domain == "photoreal"
+    with pytest.raises(ValueError, match="domain"):
+        replace(tiny, domain="anime")
+    assert [n["code"] for n in session_notices(tiny, uploaded=True)] == ["cartoon_model"]
+    assert session_notices(tiny, uploaded=False) == []
+    for domain in ("photoreal", "personal"):
+        assert session_notices(replace(tiny, domain=domain), uploaded=True) == []
+
+
 def test_options_are_validated(http):
     assert_error(http.post("/v1/sessions", json={"avatar": "ada", "options": {"colour": "red"}}),
                  422, "invalid_request")

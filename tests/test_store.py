@@ -7,7 +7,8 @@ import time
 
 import pytest
 
-from server.store import MemoryStore, SessionRecord, StoreUnavailable, WorkerInfo
+from server.records import SessionRecord, StoreUnavailable, WorkerInfo
+from server.store import MemoryStore
 from server.testing import RedisServer, free_port
 
 TTL = 0.6  # seconds; short so expiry tests are quick

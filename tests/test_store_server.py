@@ -14,7 +14,7 @@ import redis as redis_sync
 from model.engine import Engine
 from server import auth
 from server.settings import Settings
-from server.store import SessionRecord, WorkerInfo
+from server.records import SessionRecord, WorkerInfo
 from server.store_redis import RedisStore
 from server.testing import LiveServer, RedisServer
 

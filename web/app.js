@@ -30,6 +30,20 @@ function showError(err) {
 
 function clearError() { $("error").hidden = true; $("error").textContent = ""; }
 
+/** The session's notices (server/notices.py): what to expect from what was sent. */
+function showNotices(notices) {
+  const box = $("notices");
+  box.replaceChildren(...notices.map((n) => {
+    const p = document.createElement("p");
+    p.className = "notice";
+    p.dataset.code = n.code;
+    p.textContent = n.message;
+    return p;
+  }));
+  box.hidden = notices.length === 0;
+  for (const n of notices) log(`notice (${n.code}): ${n.message}`);
+}
+
 function setConnected(on) {
   $("connect").disabled = on;
   $("disconnect").disabled = !on;
@@ -90,6 +104,7 @@ state.ping = function ping(timeoutMs = 5000) {
 
 async function doConnect() {
   clearError();
+  showNotices([]);
   $("connect").disabled = true;
   $("stat-state").textContent = "connecting";
   try {
@@ -112,6 +127,7 @@ async function doConnect() {
     $("stat-model").textContent = `${session.model.name} ${session.video.width}x${session.video.height} ` +
       `${session.video.fps} fps ${session.video.codec}${session.model.trained ? "" : " (untrained)"}`;
     log(`session ${session.id}`);
+    showNotices(session.notices ?? []);
     await state.conn.opened;
     setConnected(true);
     state.statsTimer = setInterval(updateStats, 1000);
