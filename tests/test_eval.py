@@ -178,6 +178,22 @@ def small_speech_bank(folder):
     return bank
 
 
+def tone_bank():
+    """11 one-second tone 'sentences' (0 and 10 held out): no TTS needed."""
+    from model.train.data import SpeechBank
+
+    t = np.arange(16000) / 16000
+    return SpeechBank(np.tile((0.2 * np.sin(2 * np.pi * 200 * t)).astype(np.float32), 11),
+                      np.arange(12) * 16000, [str(i) for i in range(11)])
+
+
+class Bar:
+    """A progress bar that shows nothing."""
+
+    def update(self, n):
+        pass
+
+
 def test_eval_quick_end_to_end(tmp_path, capsys):
     from model.train import evaluate
     from server.cli import main
@@ -186,46 +202,109 @@ def test_eval_quick_end_to_end(tmp_path, capsys):
     out = tmp_path / "eval"
     assert main(["eval", "--quick", "--data", str(tmp_path), "--out", str(out)]) == 0
     report = (out / "report.md").read_text()
-    assert "Command: `knotstream eval --model tiny" in report
+    assert "Command: `knotstream eval --model tiny --data" in report and "--clips 2 --seconds 1 " in report
     header = "| system | " + " | ".join(evaluate.METRICS) + " |"
     assert report.count(header) == 2  # baselines table and ablation table
-    rows = [line for line in report.splitlines() if line.startswith("| ") and not line.startswith("| system")]
+    assert report.count("| system - model | " + " | ".join(evaluate.METRICS) + " |") == 1
+    tables = report.split("## Clips")[0]  # systems and paired differences
+    rows = [line for line in tables.splitlines() if line.startswith("| ") and not line.startswith("| system")]
     names = [r.split(" | ")[0][2:] for r in rows]
-    for name in ("model", evaluate.REFERENCE, evaluate.ZEROED, "knots off (knot_frames=0)",
-                 "running ahead off (ahead_frames=0)", "window 2 (window_frames=2)", "window 12 (window_frames=12)",
-                 "seam blend off (seam_blend=0)"):  # the bundled model blends seams
+    expected = ("model", evaluate.REFERENCE, evaluate.ZEROED, "knots off (knot_frames=0)",
+                "running ahead off (ahead_frames=0)", "window 2 (window_frames=2)", "window 12 (window_frames=12)",
+                "seam blend off (seam_blend=0)")  # the bundled model blends seams
+    for name in expected:
         assert name in names, f"row {name!r} missing from the report"
-    for r in rows:  # every metric filled with a number (drift rows have 3)
+    for name in expected[1:]:  # once as a system, once as a paired difference
+        assert names.count(name) == 2, name
+    system_rows = [r for r in rows if r.split(" | ")[0][2:] in expected]
+    for r in system_rows:  # every metric: a number with its interval (two clips)
         cells = r.strip("| ").split(" | ")[1:]
-        assert len(cells) in (len(evaluate.METRICS), 3) and all(np.isfinite(float(c)) for c in cells), r
-    assert "Identity drift" in report
+        assert len(cells) == len(evaluate.METRICS), r
+        for c in cells:
+            mean, half = c.rstrip("*").split(" ± ")
+            assert np.isfinite(float(mean)) and float(half) >= 0, r
+    clip_rows = [r for r in report.splitlines() if r.startswith(("| 0 |", "| 1 |"))]
+    assert [r.split(" | ")[1:3] for r in clip_rows] == [["0", "1000000"], ["1", "1000001"]]  # seeds recorded
+    assert "Identity drift over one 1.2 s run (seed 2)" in report
     verdicts = [line for line in report.splitlines() if line.startswith(("- PASS", "- FAIL"))]
-    assert len(verdicts) == len(evaluate.METRICS) - 1 + 3  # beats baselines per metric, lip sync, seams, drift
+    # beats 2 baselines on 4 metrics, lip sync, jitter with/without blend, drift, 4 mechanism pairs x 2
+    assert len(verdicts) == 8 + 1 + 2 + 1 + 8, verdicts
     import cv2
 
     strip = cv2.imread(str(out / "strip.png"))
     assert strip is not None and strip.shape == (4 * 128, 8 * 128, 3)
 
 
-def test_eval_rejects_clips_shorter_than_two_chunks(tmp_path):
+def test_eval_rejects_bad_arguments(tmp_path):
     from server.cli import main
 
     small_speech_bank(tmp_path)
-    assert main(["eval", "--seconds", "0.2", "--long-seconds", "0", "--data", str(tmp_path),
-                 "--out", str(tmp_path / "eval")]) == 2
+    common = ["--long-seconds", "0", "--data", str(tmp_path), "--out", str(tmp_path / "eval")]
+    assert main(["eval", "--seconds", "0.2", *common]) == 2   # shorter than two chunks
+    assert main(["eval", "--clips", "0", *common]) == 2
+    assert main(["eval", "--clips", "101", *common]) == 2     # more clips than held-out identities
+    assert main(["eval", "--seed", "-1", *common]) == 2
 
 
-def test_bars_decide_on_the_numbers():
+def test_clip_seeds_fix_the_material_and_shorter_clips_are_prefixes():
+    """One seed = one identity, sentence order, motion and reference; a 1 s clip is the
+    start of the 3 s clip of the same seed; consecutive seeds are different people."""
     from model.train import evaluate as E
 
-    good = {"PSNR": 30.0, "SSIM": 0.9, "mouth PSNR": 25.0, "mouth SSIM": 0.8, "lip-sync r": 0.9, "jitter": 1.0}
-    bad = {"PSNR": 20.0, "SSIM": 0.7, "mouth PSNR": 15.0, "mouth SSIM": 0.5, "lip-sync r": 0.1, "jitter": 1.0}
-    drift = {"model": M.Drift(30.0, 29.8, -0.2)}
-    verdicts = E.bars({"model": [good], E.REFERENCE: [bad], E.ZEROED: [bad]}, 1.0, drift)
-    assert all(v.startswith("- PASS") for v in verdicts) and len(verdicts) == 8
-    jittery = dict(good, jitter=1.5)
-    verdicts = E.bars({"model": [jittery], E.REFERENCE: [good], E.ZEROED: [bad]}, 1.0, None)
-    assert [v[2:6] for v in verdicts] == ["FAIL"] * 5 + ["PASS", "FAIL"]
+    bank = tone_bank()
+    short, long_ = (E.held_out_clip(bank, n, 25, 64, seed=7) for n in (25, 75))
+    assert short.identity_seed == long_.identity_seed == 1_000_007 and short.seed == 7
+    np.testing.assert_array_equal(short.motion, long_.motion[:25])
+    np.testing.assert_array_equal(short.given, long_.given[:25])
+    np.testing.assert_array_equal(short.reference, long_.reference)
+    np.testing.assert_array_equal(short.audio, long_.audio[:len(short.audio)])
+    assert long_.sentences[:len(short.sentences)] == short.sentences and all(i % 10 == 0 for i in long_.sentences)
+    other = E.held_out_clip(bank, 25, 25, 64, seed=8)
+    assert other.identity_seed == 1_000_008 and not np.array_equal(other.motion, short.motion)
+    again = E.held_out_clip(bank, 25, 25, 64, seed=7)
+    np.testing.assert_array_equal(again.motion, short.motion)
+    np.testing.assert_array_equal(again.audio, short.audio)
+
+
+def test_pairing_same_system_twice_differs_by_exactly_zero():
+    """Two systems with the same knobs on the same clip stream identical frames (the noise
+    seed is the clip's), so their paired difference is exactly 0 on every metric; the same
+    clip with another noise seed does differ (the noise does reach the frames)."""
+    import dataclasses
+
+    from model.engine import Engine
+    from model.train import eval_report as R
+    from model.train import evaluate as E
+
+    engine = Engine.from_pretrained("tiny")
+    base = engine.config.stream
+    clip = E.held_out_clip(tone_bank(), 25, engine.config.fps, engine.config.height, seed=3)
+    runs = {E.MODEL: E.System(base), "model again": E.System(base)}
+    r = E.evaluate_clip(engine, clip, runs, engine.config.height, Bar())
+    assert r.scores[E.MODEL] == r.scores["model again"]
+    assert r.scores[E.MODEL]["PSNR"] != r.scores[E.REFERENCE]["PSNR"]
+    d = R.difference([r, r], "model again", E.MODEL, "PSNR")
+    assert (d.mean, d.low, d.high) == (0.0, 0.0, 0.0)
+    reseeded = E.evaluate_clip(engine, dataclasses.replace(clip, seed=4), {E.MODEL: E.System(base)},
+                               engine.config.height, Bar())
+    assert reseeded.scores[E.MODEL]["PSNR"] != r.scores[E.MODEL]["PSNR"]
+
+
+def test_systems_toggle_what_the_preset_ships():
+    from model.config import StreamKnobs
+    from model.train import evaluate as E
+
+    on = E.systems(StreamKnobs(seam_blend=0.7))
+    assert list(on)[:2] == [E.MODEL, E.ZEROED] and on[E.ZEROED].zero_audio
+    assert on["knots off (knot_frames=0)"].knobs.knot_frames == 0
+    assert on["running ahead off (ahead_frames=0)"].knobs.ahead_frames == 0
+    assert on["seam blend off (seam_blend=0)"].knobs.seam_blend == 0
+    assert "window 6 (window_frames=6)" not in on and on["window 12 (window_frames=12)"].knobs.window_frames == 12
+    off = E.systems(StreamKnobs(knot_frames=0, ahead_frames=0, window_frames=12))
+    assert off["knots on (knot_frames=1)"].knobs.knot_frames == 1
+    assert off["running ahead on (ahead_frames=4)"].knobs.ahead_frames == 4
+    assert off["seam blend on (seam_blend=0.7)"].knobs.seam_blend == 0.7
+    assert "window 6 (window_frames=6)" in off and "window 12 (window_frames=12)" not in off
 
 
 def test_strip_rows_and_mouth_tiles():
@@ -267,9 +346,10 @@ class FakeEngine:
     def __init__(self):
         from model.config import from_name
 
-        self.config, self.log = from_name("tiny"), []
+        self.config, self.log, self.seeds = from_name("tiny"), [], []
 
     def start(self, reference, knobs, seed):
+        self.seeds.append((seed, knobs))
         return FakeStream(self.log, knobs.chunk_frames)
 
 
@@ -278,12 +358,8 @@ def test_stream_driving_alignment_and_long_run_scoring():
     driving_frames long); the last chunk is cut at the clip's end; the long run's chunk-wise
     per-frame PSNR equals PSNR on the whole clip."""
     from model.train import evaluate as E
-    from model.train.data import SpeechBank
 
-    t = np.arange(16000) / 16000
-    bank = SpeechBank(np.tile((0.2 * np.sin(2 * np.pi * 200 * t)).astype(np.float32), 11),
-                      np.arange(12) * 16000, [str(i) for i in range(11)])
-    clip = E.held_out_clip(bank, 30, 25, 128, np.random.default_rng(0))
+    clip = E.held_out_clip(tone_bank(), 30, 25, 128, seed=0)
     from model.config import MOTION_FIELDS
 
     F = len(MOTION_FIELDS)
@@ -294,7 +370,7 @@ def test_stream_driving_alignment_and_long_run_scoring():
         np.testing.assert_array_equal(clip.given[:, i], clip.motion[:, i] if given else 0.0)
     assert clip.motion[:, MOTION_FIELDS.index("mouth_open")].max() > 0.3  # the truth does speak
     engine = FakeEngine()
-    chunks = list(E.iter_stream(engine, clip, engine.config.stream, seed=0))
+    chunks = list(E.iter_stream(engine, clip, E.System(engine.config.stream)))
     assert [f0 for f0, _ in chunks] == [0, 5, 13, 21, 29]
     gen = np.concatenate([f for _, f in chunks])
     assert len(gen) == 30 and (gen[:, 0, 0, 0] == np.arange(30)).all()
@@ -304,14 +380,11 @@ def test_stream_driving_alignment_and_long_run_scoring():
         np.testing.assert_array_equal(motion, clip.given[f0:f0 + k])
     assert engine.log[-1][2] is not None and len(engine.log[-1][2]) == 1  # only frame 29 is inside the clip
     zeroed = FakeEngine()
-    list(E.iter_stream(zeroed, clip, zeroed.config.stream, seed=0, zero_audio=True))
+    list(E.iter_stream(zeroed, clip, E.System(zeroed.config.stream, zero_audio=True)))
     assert all(not a.any() for _, a, _ in zeroed.log)
+    assert {seed for seed, _ in engine.seeds} == {clip.seed}  # the clip's seed is the noise seed
 
-    class Bar:
-        def update(self, n):
-            pass
-
-    model_psnr, ref_psnr = E.long_run(FakeEngine(), clip, engine.config.stream, 0, 128, Bar())
+    model_psnr, ref_psnr = E.long_run(FakeEngine(), clip, E.System(engine.config.stream), 128, Bar())
     truth = clip.truth(128)
     np.testing.assert_allclose(model_psnr, M.psnr_frames(gen, truth), rtol=1e-12)
     np.testing.assert_allclose(ref_psnr, M.psnr_frames(np.repeat(clip.reference[None], 30, 0), truth), rtol=1e-12)
