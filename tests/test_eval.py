@@ -200,13 +200,18 @@ def test_eval_quick_end_to_end(tmp_path, capsys):
 
     small_speech_bank(tmp_path)
     out = tmp_path / "eval"
-    assert main(["eval", "--quick", "--data", str(tmp_path), "--out", str(out)]) == 0
+    assert main(["eval", "--quick", "--prefix-seconds", "0.4", "--data", str(tmp_path), "--out", str(out)]) == 0
     report = (out / "report.md").read_text()
-    assert "Command: `knotstream eval --model tiny --data" in report and "--clips 2 --seconds 1 " in report
+    assert "Command: `knotstream eval --model tiny --data" in report and "--clips 2 --seconds 0.6 " in report
+    assert report.rstrip("`\n").count("--prefix-seconds 0.4") == 1
     header = "| system | " + " | ".join(evaluate.METRICS) + " |"
-    assert report.count(header) == 2  # baselines table and ablation table
-    assert report.count("| system - model | " + " | ".join(evaluate.METRICS) + " |") == 1
-    tables = report.split("## Clips")[0]  # systems and paired differences
+    tables, after = report.split("## Clips")  # systems and paired differences; clips, lengths, drift, bars
+    assert tables.count(header) == 2  # baselines table and ablation table
+    assert tables.count("| system - model | " + " | ".join(evaluate.METRICS) + " |") == 1
+    length = after.split("## Clip length")[1].split("## Identity drift")[0]
+    assert [r.split(" | ")[0] for r in length.splitlines() if r.startswith("| ") and " s |" in r] == ["| 0.4 s", "| 0.6 s"]
+    assert length.count("### First 0.4 s") == 1 and length.count("| system - model |") == 1
+    assert len([x for x in length.splitlines() if x.startswith(("- PASS", "- FAIL"))]) == 8 + 1 + 2 + 8  # no drift
     rows = [line for line in tables.splitlines() if line.startswith("| ") and not line.startswith("| system")]
     names = [r.split(" | ")[0][2:] for r in rows]
     expected = ("model", evaluate.REFERENCE, evaluate.ZEROED, "knots off (knot_frames=0)",
@@ -225,10 +230,19 @@ def test_eval_quick_end_to_end(tmp_path, capsys):
             assert np.isfinite(float(mean)) and float(half) >= 0, r
     clip_rows = [r for r in report.splitlines() if r.startswith(("| 0 |", "| 1 |"))]
     assert [r.split(" | ")[1:3] for r in clip_rows] == [["0", "1000000"], ["1", "1000001"]]  # seeds recorded
-    assert "Identity drift over one 1.2 s run (seed 2)" in report
-    verdicts = [line for line in report.splitlines() if line.startswith(("- PASS", "- FAIL"))]
+    assert "Identity drift over one 0.8 s run (seed 2)" in report
+    main_bars = report.split("## Bars (issue 21)")[1]
+    verdicts = [line for line in main_bars.splitlines() if line.startswith(("- PASS", "- FAIL"))]
     # beats 2 baselines on 4 metrics, lip sync, jitter with/without blend, drift, 4 mechanism pairs x 2
     assert len(verdicts) == 8 + 1 + 2 + 1 + 8, verdicts
+    import json
+
+    scores = json.loads((out / "scores.json").read_text())
+    assert [c["seed"] for c in scores["clips"]] == [0, 1] and scores["command"] in report
+    first = scores["clips"][0]
+    assert set(first["scores"]) == set(expected) and set(first["prefixes"]) == {"10"}
+    assert f"| 0 | 0 | 1000000 | {' '.join(map(str, first['sentences']))} | {first['scores']['model']['PSNR']:.2f} |" \
+        in report  # the report's clip table and the JSON agree
     import cv2
 
     strip = cv2.imread(str(out / "strip.png"))
@@ -244,6 +258,10 @@ def test_eval_rejects_bad_arguments(tmp_path):
     assert main(["eval", "--clips", "0", *common]) == 2
     assert main(["eval", "--clips", "101", *common]) == 2     # more clips than held-out identities
     assert main(["eval", "--seed", "-1", *common]) == 2
+    assert main(["eval", "--seconds", "2", "--prefix-seconds", "2", *common]) == 2   # a prefix as long as the clip
+    assert main(["eval", "--seconds", "2", "--prefix-seconds", "0.2", *common]) == 2  # a prefix under two chunks
+    with pytest.raises(SystemExit):
+        main(["eval", "--prefix-seconds", "ten", *common])  # argparse: usage message, exit code 2
 
 
 def test_clip_seeds_fix_the_material_and_shorter_clips_are_prefixes():
@@ -255,7 +273,7 @@ def test_clip_seeds_fix_the_material_and_shorter_clips_are_prefixes():
     short, long_ = (E.held_out_clip(bank, n, 25, 64, seed=7) for n in (25, 75))
     assert short.identity_seed == long_.identity_seed == 1_000_007 and short.seed == 7
     np.testing.assert_array_equal(short.motion, long_.motion[:25])
-    np.testing.assert_array_equal(short.given, long_.given[:25])
+    np.testing.assert_array_equal(short.given, long_.given[:50])  # the tail: a second past the end
     np.testing.assert_array_equal(short.reference, long_.reference)
     np.testing.assert_array_equal(short.audio, long_.audio[:len(short.audio)])
     assert long_.sentences[:len(short.sentences)] == short.sentences and all(i % 10 == 0 for i in long_.sentences)
@@ -266,19 +284,25 @@ def test_clip_seeds_fix_the_material_and_shorter_clips_are_prefixes():
     np.testing.assert_array_equal(again.audio, short.audio)
 
 
-def test_pairing_same_system_twice_differs_by_exactly_zero():
+@pytest.fixture(scope="module")
+def tiny_engine():
+    from model.engine import Engine
+
+    return Engine.from_pretrained("tiny")
+
+
+def test_pairing_same_system_twice_differs_by_exactly_zero(tiny_engine):
     """Two systems with the same knobs on the same clip stream identical frames (the noise
     seed is the clip's), so their paired difference is exactly 0 on every metric; the same
     clip with another noise seed does differ (the noise does reach the frames)."""
     import dataclasses
 
-    from model.engine import Engine
     from model.train import eval_report as R
     from model.train import evaluate as E
 
-    engine = Engine.from_pretrained("tiny")
+    engine = tiny_engine
     base = engine.config.stream
-    clip = E.held_out_clip(tone_bank(), 25, engine.config.fps, engine.config.height, seed=3)
+    clip = E.held_out_clip(tone_bank(), 13, engine.config.fps, engine.config.height, seed=3)  # two chunks
     runs = {E.MODEL: E.System(base), "model again": E.System(base)}
     r = E.evaluate_clip(engine, clip, runs, engine.config.height, Bar())
     assert r.scores[E.MODEL] == r.scores["model again"]
@@ -288,6 +312,41 @@ def test_pairing_same_system_twice_differs_by_exactly_zero():
     reseeded = E.evaluate_clip(engine, dataclasses.replace(clip, seed=4), {E.MODEL: E.System(base)},
                                engine.config.height, Bar())
     assert reseeded.scores[E.MODEL]["PSNR"] != r.scores[E.MODEL]["PSNR"]
+
+
+def test_a_prefix_of_a_long_clip_scores_as_the_short_clip(tiny_engine):
+    """The bundled engine streaming a 25-frame clip, scored over its first 13 frames, gives
+    exactly the scores of the 13-frame clip of the same seed (every metric, the reference
+    baseline and the truth's jitter): the clip-length study needs no second run."""
+    from model.train import evaluate as E
+
+    cfg = tiny_engine.config
+    bank = tone_bank()
+    runs = {E.MODEL: E.System(cfg.stream)}
+    long_, short = (E.held_out_clip(bank, n, cfg.fps, cfg.height, seed=5) for n in (25, 13))
+    whole = E.evaluate_clip(tiny_engine, long_, runs, cfg.height, Bar(), prefixes=(13,))
+    alone = E.evaluate_clip(tiny_engine, short, runs, cfg.height, Bar())
+    assert whole.prefixes[13].scores == alone.scores and whole.prefixes[13].truth_jitter == alone.truth_jitter
+    assert whole.scores[E.MODEL] != alone.scores[E.MODEL]  # the whole clip is scored on more frames
+
+
+def test_a_short_clip_drives_the_engine_as_the_start_of_a_long_one():
+    """Every step of a short clip gets the same audio and motion as the same step of a
+    longer clip of the same seed, lookahead past the short clip's end included."""
+    from model.train import evaluate as E
+
+    bank = tone_bank()
+    logs = []
+    for n in (30, 60):
+        engine = FakeEngine()
+        list(E.iter_stream(engine, E.held_out_clip(bank, n, 25, 64, seed=2), E.System(engine.config.stream)))
+        logs.append(engine.log)
+    short, long_ = logs
+    assert len(long_) > len(short)
+    for (f0, audio, motion), (g0, audio2, motion2) in zip(short, long_):
+        assert f0 == g0
+        np.testing.assert_array_equal(audio, audio2)
+        np.testing.assert_array_equal(motion, motion2)
 
 
 def test_systems_toggle_what_the_preset_ships():
@@ -367,7 +426,8 @@ def test_stream_driving_alignment_and_long_run_scoring():
         i = MOTION_FIELDS.index(name)
         given = name not in ("mouth_open", "mouth_wide")
         assert (clip.given[:, F + i] == float(given)).all(), name
-        np.testing.assert_array_equal(clip.given[:, i], clip.motion[:, i] if given else 0.0)
+        np.testing.assert_array_equal(clip.given[:30, i], clip.motion[:, i] if given else 0.0)
+    assert clip.given.shape == (30 + 25, 2 * F)  # a second of driving past the end: the engine's lookahead
     assert clip.motion[:, MOTION_FIELDS.index("mouth_open")].max() > 0.3  # the truth does speak
     engine = FakeEngine()
     chunks = list(E.iter_stream(engine, clip, E.System(engine.config.stream)))
@@ -378,7 +438,8 @@ def test_stream_driving_alignment_and_long_run_scoring():
         k = len(audio) // 640
         np.testing.assert_array_equal(audio, clip.audio[f0 * 640:(f0 + k) * 640])
         np.testing.assert_array_equal(motion, clip.given[f0:f0 + k])
-    assert engine.log[-1][2] is not None and len(engine.log[-1][2]) == 1  # only frame 29 is inside the clip
+    # Past the clip's end the driving goes on (the clip's second of tail), as in a longer clip.
+    assert len(engine.log[-1][2]) == len(engine.log[-1][1]) // 640 and (engine.log[-1][2][:, F:] != 0).any()
     zeroed = FakeEngine()
     list(E.iter_stream(zeroed, clip, E.System(zeroed.config.stream, zero_audio=True)))
     assert all(not a.any() for _, a, _ in zeroed.log)

@@ -53,13 +53,13 @@ def _header(first: str) -> list[str]:
     return [f"| {first} | " + " | ".join(METRICS) + " |", "|---" * (len(METRICS) + 1) + "|"]
 
 
+def _summary_row(label: str, results, name: str) -> str:
+    return f"| {label} | " + " | ".join(interval(results, name, m).format(_digits(m)) for m in METRICS) + " |"
+
+
 def summary_table(results, names: list[str]) -> list[str]:
     """One row per system: mean ± half-width of the t-interval, per metric."""
-    lines = _header("system")
-    for name in names:
-        cells = [interval(results, name, m).format(_digits(m)) for m in METRICS]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return lines
+    return _header("system") + [_summary_row(name, results, name) for name in names]
 
 
 def difference_table(results, names: list[str]) -> list[str]:
@@ -85,6 +85,20 @@ def clip_table(results) -> list[str]:
         lines.append(f"| {i} | {r.clip.seed} | {r.clip.identity_seed} | {' '.join(map(str, r.clip.sentences))} | "
                      f"{s['PSNR']:.2f} | {s['SSIM']:.3f} | {s['mouth PSNR']:.2f} | {s['lip-sync r']:.3f} | "
                      f"{s['jitter / truth']:.3f} | {r.truth_jitter:.3f} |")
+    return lines
+
+
+def length_section(results, names: list[str], base, fps: int) -> list[str]:
+    """The clip-length study: the model per length, then every paired difference and the
+    bars (drift aside) per shorter length (the same streams scored over their first n
+    frames, `--prefix-seconds`; the whole length is the report's main tables)."""
+    views = {n: [r.prefixes[n] for r in results] for n in sorted(results[0].prefixes)}
+    whole = {len(results[0].clip.motion): list(results)}
+    lines = ["## Clip length: the same streams scored over their first seconds", "", *_header("model, first"),
+             *(_summary_row(f"{n / fps:g} s", view, MODEL) for n, view in {**views, **whole}.items())]
+    for n, view in views.items():
+        lines += ["", f"### First {n / fps:g} s", "", *difference_table(view, [x for x in names if x != MODEL]),
+                  "", *bars(view, names, base, None)]
     return lines
 
 
@@ -158,7 +172,7 @@ def bars(results: Sequence[ClipResult], names: Sequence[str], base, drift: dict 
 
 
 def render(command: str, title: str, setup: str, results: Sequence[ClipResult], names: list[str], base,
-           drift: dict | None) -> str:
+           drift: dict | None, fps: int) -> str:
     """report.md. names: the engine-driven systems (the model first); setup: a paragraph on
     the clips, knobs and wall time."""
     ablations = [n for n in names if n not in (MODEL, ZEROED)]
@@ -181,6 +195,8 @@ def render(command: str, title: str, setup: str, results: Sequence[ClipResult], 
              "measured inside the ground truth's mouth box, which follows the head: on short clips a still "
              "reference can correlate by chance as its box slides over lips and skin.", "",
              "## Clips", "", *clip_table(results)]
+    if results[0].prefixes:
+        lines += ["", *length_section(results, [MODEL, REFERENCE, ZEROED] + ablations, base, fps)]
     if drift is not None:
         lines += ["", f"## Identity drift over one {drift['seconds']:g} s run (seed {drift['seed']})", "",
                   f"| system | PSNR first {drift['window']:g} s | PSNR last {drift['window']:g} s | change (dB) |",

@@ -27,8 +27,10 @@ issue 21 are decided on those intervals (`model/train/eval_report.py`). One long
 the model (--long-seconds) measures identity drift: PSNR to ground truth over the first
 vs the last --drift-seconds.
 
-Writes `report.md` (tables, per-clip seeds, the exact command) and `strip.png`
-(generated vs ground-truth frames and mouth crops of the first clip) to --out.
+Writes `report.md` (tables, per-clip seeds, the exact command), `scores.json` (every
+clip's metrics per system, written after each clip, so another run on the same seeds can
+be compared clip by clip) and `strip.png` (generated vs ground-truth frames and mouth
+crops of the first clip) to --out.
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ MATERIAL_SECONDS = 60
 # --quick: two clips (the fewest that give an interval), each long enough for several
 # chunk borders, a long run just long enough for two drift windows. Every system,
 # metric and bar is still produced.
-QUICK = dict(clips=2, seconds=1.0, long_seconds=1.2, drift_seconds=0.4)
+QUICK = dict(clips=2, seconds=0.6, long_seconds=0.8, drift_seconds=0.4)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -66,9 +68,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--drift-seconds", type=float, default=60.0,
                    help="window averaged at the start and the end of the long run (at most half of it)")
     p.add_argument("--out", default="runs/eval", help="folder for report.md and strip.png")
+    p.add_argument("--prefix-seconds", type=_seconds_list, default=(), metavar="S,S,...",
+                   help="also score the first S seconds of every clip (the same streams: a clip-length study)")
     p.add_argument("--seed", type=int, default=0, help="seed of the first clip (clip i: seed + i; drift run: seed + clips)")
     p.add_argument("--quick", action="store_true",
                    help=f"CI mode: {QUICK['clips']} clips of {QUICK['seconds']:g} s, a {QUICK['long_seconds']:g} s long run")
+
+
+def _seconds_list(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds separated by commas, got {text!r}") from None
 
 
 # ------------------------------------------------------------------------------------------
@@ -87,7 +98,7 @@ class EvalClip:
     motion: np.ndarray        # (T, len(MOTION_FIELDS)) ground-truth motion
     audio: np.ndarray         # (T * sr / fps + sr,) float32; sample 0 = frame 0, a second of tail for lookahead
     reference: np.ndarray     # (H, W, 3) uint8 portrait (mouth closed, eyes open)
-    given: np.ndarray         # (T, 2 * len(MOTION_FIELDS)) driving vectors, mouth not given
+    given: np.ndarray         # (T + fps, 2 * len(MOTION_FIELDS)) driving vectors, mouth not given; a second of tail
 
     def truth(self, size: int, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Ground-truth frames [start, stop) -> (n, size, size, 3) uint8."""
@@ -106,9 +117,10 @@ def held_out_clip(bank, n_frames: int, fps: int, size: int, seed: int, sample_ra
     with 0.4-1.5 s pauses, under idle motion.
 
     Speech and motion are drawn for a whole number of MATERIAL_SECONDS blocks and cut, from
-    independent random streams of the seed: a shorter clip of a seed is exactly the start
-    of a longer one (same person, sentences and motion), so clip lengths can be compared
-    on the same material."""
+    independent random streams of the seed, keeping a second past the end (the engine's
+    lookahead reads it): a shorter clip of a seed is exactly the start of a longer one,
+    driving included, so its frames are the longer clip's first frames and clip lengths
+    can be compared on the same material (`--prefix-seconds`)."""
     from model.config import MOTION_FIELDS
     from model.train import speech as sp
     from model.train import world
@@ -121,7 +133,7 @@ def held_out_clip(bank, n_frames: int, fps: int, size: int, seed: int, sample_ra
         raise ValueError(f"the speech bank has no held-out sentence (index % 10 == 0) among {len(bank.texts)}")
     speech_rng, motion_rng, ref_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(3))
     block = MATERIAL_SECONDS * fps
-    n_drawn = -(-n_frames // block) * block
+    n_drawn = -(-(n_frames + fps) // block) * block
     n_samples = int(round(n_frames * sample_rate / fps))
     audio = np.zeros(int(round(n_drawn * sample_rate / fps)) + sample_rate, np.float32)
     spoken = []
@@ -135,11 +147,11 @@ def held_out_clip(bank, n_frames: int, fps: int, size: int, seed: int, sample_ra
         pos += len(s) + int(speech_rng.uniform(0.4, 1.5) * sample_rate)
     identity_seed = HELD_OUT_IDENTITY_SEED + seed % HELD_OUT_IDENTITIES  # the held-out range of data.draw_clip
     ident = world.identity_from_seed(identity_seed)
-    motion = sp.speaking_motion(audio, fps, motion_rng, sample_rate, n_frames=n_drawn)[:n_frames]
+    motion = sp.speaking_motion(audio, fps, motion_rng, sample_rate, n_frames=n_drawn)[:n_frames + fps]
     ref = sp.idle_motion(1, fps, ref_rng)[0]  # reference portrait as in training: idle pose, mouth shut, eyes open
     for name in ("mouth_open", "mouth_wide", "blink"):
         ref[MOTION_FIELDS.index(name)] = 0.0
-    return EvalClip(seed, identity_seed, spoken, ident, motion, audio[:n_samples + sample_rate],
+    return EvalClip(seed, identity_seed, spoken, ident, motion[:n_frames], audio[:n_samples + sample_rate],
                     world.render_frame(ident, ref, size), model_motion(motion))
 
 
@@ -194,8 +206,8 @@ def iter_stream(engine, clip: EvalClip, system: System, n_frames: int | None = N
         while stream.frame_index < n:
             f0, k = stream.frame_index, stream.driving_frames
             audio = clip.audio[round(f0 * sr / fps): round((f0 + k) * sr / fps)]
-            motion = clip.given[f0:f0 + k]  # past the clip's end: not given
-            frames = stream.step(np.zeros_like(audio) if system.zero_audio else audio, motion if len(motion) else None)
+            motion = clip.given[f0:f0 + k]
+            frames = stream.step(np.zeros_like(audio) if system.zero_audio else audio, motion)
             yield f0, frames[: n - f0]
     finally:
         stream.close()
@@ -228,16 +240,22 @@ class ClipResult:
     truth_jitter: float                  # the ground truth's jitter with the model's chunk borders
     engine_seconds: float                # time spent streaming (all engine-driven systems)
     strip: np.ndarray | None = None      # strip_image of the model's video, when asked for
+    # The same streams scored over their first n frames only: n -> result (--prefix-seconds).
+    prefixes: dict[int, "ClipResult"] = dataclasses.field(default_factory=dict)
 
 
 def evaluate_clip(engine, clip: EvalClip, runs: dict[str, System], size: int, progress,
-                  keep_strip: bool = False) -> ClipResult:
+                  keep_strip: bool = False, prefixes: tuple[int, ...] = ()) -> ClipResult:
     """Stream `clip` through every system of `runs` and score each against the ground truth;
-    the reference baseline is scored with the model's chunk borders."""
+    the reference baseline is scored with the model's chunk borders. `prefixes`: frame
+    counts over which the same streams are also scored (a causal stream's first n frames
+    are those of an n-frame clip of the same seed)."""
     from model.train import metrics as M
 
     truth, boxes = clip.truth(size), clip.mouth_boxes(size)
-    scores, engine_seconds, strip, starts = {}, 0.0, None, None
+    lengths = (len(truth), *prefixes)
+    scores = {n: {} for n in lengths}
+    engine_seconds, strip, starts = 0.0, None, None
     for name, system in runs.items():
         t, chunks = time.perf_counter(), []
         for f0, frames in iter_stream(engine, clip, system):
@@ -245,12 +263,16 @@ def evaluate_clip(engine, clip: EvalClip, runs: dict[str, System], size: int, pr
             progress.update(len(frames))
         engine_seconds += time.perf_counter() - t
         gen, starts_ = np.concatenate([f for _, f in chunks]), [f0 for f0, _ in chunks]
-        scores[name] = score(gen, truth, boxes, starts_)
+        for n in lengths:
+            scores[n][name] = score(gen[:n], truth[:n], boxes[:n], starts_)
         if name == MODEL:
             starts = starts_
             strip = strip_image(gen, truth, boxes) if keep_strip else None
-    scores[REFERENCE] = score(np.broadcast_to(clip.reference, truth.shape), truth, boxes, starts)
-    return ClipResult(clip, scores, M.boundary_jitter(truth, starts), engine_seconds, strip)
+    for n in lengths:
+        scores[n][REFERENCE] = score(np.broadcast_to(clip.reference, truth[:n].shape), truth[:n], boxes[:n], starts)
+    jitter = {n: M.boundary_jitter(truth[:n], starts) for n in lengths}
+    return ClipResult(clip, scores[len(truth)], jitter[len(truth)], engine_seconds, strip,
+                      {n: ClipResult(clip, scores[n], jitter[n], 0.0) for n in prefixes})
 
 
 def long_run(engine, clip: EvalClip, system: System, size: int, progress) -> tuple[np.ndarray, np.ndarray]:
@@ -301,7 +323,23 @@ def command_line(args: argparse.Namespace) -> str:
     parts = ["knotstream eval", f"--model {args.model}", f"--data {args.data}", f"--clips {args.clips}",
              f"--seconds {args.seconds:g}", f"--long-seconds {args.long_seconds:g}",
              f"--drift-seconds {args.drift_seconds:g}", f"--out {args.out}", f"--seed {args.seed}"]
+    if args.prefix_seconds:
+        parts.append("--prefix-seconds " + ",".join(f"{x:g}" for x in args.prefix_seconds))
     return " ".join(parts)
+
+
+def write_scores(path: Path, command: str, results: list[ClipResult]) -> None:
+    """Every clip's seeds and metrics per system (and per prefix length, in frames) as JSON."""
+    import json
+
+    def clip_entry(r: ClipResult) -> dict:
+        return {"seed": r.clip.seed, "identity_seed": r.clip.identity_seed, "sentences": r.clip.sentences,
+                "frames": len(r.clip.motion), "truth_jitter": r.truth_jitter, "scores": r.scores,
+                "prefixes": {str(n): {"truth_jitter": p.truth_jitter, "scores": p.scores} for n, p in r.prefixes.items()}}
+
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"command": command, "clips": [clip_entry(r) for r in results]}, indent=1))
+    tmp.replace(path)
 
 
 def check_arguments(args: argparse.Namespace) -> None:
@@ -312,6 +350,8 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise ValueError(f"--clips must be in [1, {HELD_OUT_IDENTITIES}] (one held-out identity each), got {args.clips}")
     if args.seconds <= 0 or args.long_seconds < 0 or args.drift_seconds <= 0 or args.seed < 0:
         raise ValueError("--seconds and --drift-seconds must be > 0, --long-seconds and --seed >= 0")
+    if any(not 0 < x < args.seconds for x in args.prefix_seconds):
+        raise ValueError(f"--prefix-seconds must lie between 0 and --seconds {args.seconds:g}")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -328,8 +368,9 @@ def run(args: argparse.Namespace) -> int:
     cfg = engine.config
     fps, size, sr = cfg.fps, cfg.height, cfg.driving.sample_rate
     n_frames, n_long = int(round(args.seconds * fps)), int(round(args.long_seconds * fps))
-    if n_frames < 4 * cfg.stream.chunk_frames + 2:
-        raise ValueError(f"--seconds {args.seconds:g} is shorter than two chunks; chunk borders cannot be scored")
+    prefixes = tuple(sorted({int(round(x * fps)) for x in args.prefix_seconds}))
+    if min((n_frames, *prefixes)) < 4 * cfg.stream.chunk_frames + 2:
+        raise ValueError("--seconds and --prefix-seconds must be at least two chunks long; chunk borders cannot be scored")
     runs = systems(cfg.stream)
     bank = speech_bank(args.data)
     out = Path(args.out)
@@ -340,7 +381,8 @@ def run(args: argparse.Namespace) -> int:
     with tqdm(total=args.clips * n_frames * len(runs) + n_long, unit="frame", desc="eval", file=sys.stderr) as bar:
         for c in range(args.clips):
             clip = held_out_clip(bank, n_frames, fps, size, args.seed + c, sr)
-            results.append(evaluate_clip(engine, clip, runs, size, bar, keep_strip=c == 0))
+            results.append(evaluate_clip(engine, clip, runs, size, bar, keep_strip=c == 0, prefixes=prefixes))
+            write_scores(out / "scores.json", command_line(args), results)
         drift = None
         if n_long:
             window = int(round(min(args.drift_seconds, args.long_seconds / 2) * fps))
@@ -358,7 +400,7 @@ def run(args: argparse.Namespace) -> int:
              f"Wall time {wall:.0f} s; the engine ran at {speed:.1f} frames/s ({speed / fps:.2f}x real time) "
              "on this machine during the run (under whatever else loaded it).")
     title = args.model + ("" if engine.trained else " (untrained: seeded random weights)")
-    report = eval_report.render(command_line(args), title, setup, results, list(runs), cfg.stream, drift)
+    report = eval_report.render(command_line(args), title, setup, results, list(runs), cfg.stream, drift, fps)
     (out / "report.md").write_text(report)
     print(report)
     return 0
