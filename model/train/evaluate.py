@@ -71,6 +71,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefix-seconds", type=_seconds_list, default=(), metavar="S,S,...",
                    help="also score the first S seconds of every clip (the same streams: a clip-length study)")
     p.add_argument("--seed", type=int, default=0, help="seed of the first clip (clip i: seed + i; drift run: seed + clips)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads (0 = torch's default); 1 is far faster on a CPU other jobs load")
     p.add_argument("--quick", action="store_true",
                    help=f"CI mode: {QUICK['clips']} clips of {QUICK['seconds']:g} s, a {QUICK['long_seconds']:g} s long run")
 
@@ -325,6 +327,8 @@ def command_line(args: argparse.Namespace) -> str:
              f"--drift-seconds {args.drift_seconds:g}", f"--out {args.out}", f"--seed {args.seed}"]
     if args.prefix_seconds:
         parts.append("--prefix-seconds " + ",".join(f"{x:g}" for x in args.prefix_seconds))
+    if args.threads:
+        parts.append(f"--threads {args.threads}")
     return " ".join(parts)
 
 
@@ -348,14 +352,15 @@ def check_arguments(args: argparse.Namespace) -> None:
             setattr(args, k, v)
     if not 1 <= args.clips <= HELD_OUT_IDENTITIES:
         raise ValueError(f"--clips must be in [1, {HELD_OUT_IDENTITIES}] (one held-out identity each), got {args.clips}")
-    if args.seconds <= 0 or args.long_seconds < 0 or args.drift_seconds <= 0 or args.seed < 0:
-        raise ValueError("--seconds and --drift-seconds must be > 0, --long-seconds and --seed >= 0")
+    if args.seconds <= 0 or args.long_seconds < 0 or args.drift_seconds <= 0 or args.seed < 0 or args.threads < 0:
+        raise ValueError("--seconds and --drift-seconds must be > 0, --long-seconds, --seed and --threads >= 0")
     if any(not 0 < x < args.seconds for x in args.prefix_seconds):
         raise ValueError(f"--prefix-seconds must lie between 0 and --seconds {args.seconds:g}")
 
 
 def run(args: argparse.Namespace) -> int:
     import cv2
+    import torch
     from tqdm import tqdm
 
     from model.engine import Engine
@@ -364,6 +369,8 @@ def run(args: argparse.Namespace) -> int:
     from model.train.data import speech_bank
 
     check_arguments(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     engine = Engine.from_pretrained(args.model)
     cfg = engine.config
     fps, size, sr = cfg.fps, cfg.height, cfg.driving.sample_rate
@@ -398,7 +405,8 @@ def run(args: argparse.Namespace) -> int:
              f"seeds {args.seed}-{args.seed + args.clips - 1}; model knobs: {eval_report.knobs_text(cfg.stream)}. "
              "The model is given the speech audio and the pose/blink/gaze/smile/brow motion; never the mouth. "
              f"Wall time {wall:.0f} s; the engine ran at {speed:.1f} frames/s ({speed / fps:.2f}x real time) "
-             "on this machine during the run (under whatever else loaded it).")
+             f"with {torch.get_num_threads()} torch thread(s) on this machine during the run (under whatever else "
+             "loaded it).")
     title = args.model + ("" if engine.trained else " (untrained: seeded random weights)")
     report = eval_report.render(command_line(args), title, setup, results, list(runs), cfg.stream, drift, fps)
     (out / "report.md").write_text(report)
