@@ -182,7 +182,9 @@ def render(command: str, title: str, setup: str, results: Sequence[ClipResult], 
              f"Every cell: mean over {len(results)} clips ± half-width of its {pct} Student t-interval over "
              "clips (the clip is the unit: its frames are correlated). Differences are paired: each system "
              "minus the model on the same clip with the same noise seed, then the t-interval of those "
-             f"differences. The ground truth's own jitter with the same chunk borders: {truth.format()}.", "",
+             "differences (systems with the model's chunk geometry draw identical noise; toggling the knot "
+             "changes how many latent frames each chunk draws, so that row gets other noise from the same "
+             f"seed). The ground truth's own jitter with the same chunk borders: {truth.format()}.", "",
              "## Model and baselines", "", *summary_table(results, [MODEL, REFERENCE, ZEROED]), "",
              "## Ablations", "", *summary_table(results, ablations), "",
              "## Paired differences against the model (* = interval excludes 0)", "",
