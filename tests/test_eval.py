@@ -1,162 +1,13 @@
-"""Evaluation: metrics on hand-checked cases and float64 references, and `knotstream eval
---quick` end to end through the CLI on the current tiny model."""
+"""`knotstream eval`: held-out clips and their seeds, the engine driven as a live session,
+pairing (same clip, same noise), clip-length prefixes, and `--quick` end to end through the
+CLI on the bundled tiny model. Metrics: tests/test_metrics.py; intervals and bars:
+tests/test_eval_stats.py."""
 
 import numpy as np
 import pytest
 
 from model.train import metrics as M
-
-
-def clip(seed=0, n=4, size=32, smooth=False):
-    """(n, size, size, 3) uint8 noise; `smooth` blurs it so small shifts change it little."""
-    x = np.random.default_rng(seed).uniform(0, 255, (n, size, size, 3))
-    if smooth:
-        import cv2
-
-        x = np.stack([cv2.GaussianBlur(f, (0, 0), 3) for f in x])
-        x = (x - x.min()) / (x.max() - x.min()) * 255
-    return x.round().astype(np.uint8)
-
-
-# ------------------------------------------------------------------------------------------
-# PSNR / SSIM
-# ------------------------------------------------------------------------------------------
-
-
-def test_psnr_identical_is_capped_and_offset_is_exact():
-    a = clip()
-    assert M.psnr(a, a) == M.PSNR_CAP and np.isfinite(M.psnr_frames(a, a)).all()
-    b = np.full((2, 8, 8, 3), 100, np.uint8)
-    assert M.psnr(b, b + 10) == pytest.approx(20 * np.log10(255 / 10), abs=1e-12)
-
-
-def test_psnr_per_frame_matches_float64_reference():
-    a, b = clip(1), clip(2)
-    ref = [10 * np.log10(255.0 ** 2 / ((x.astype(np.float64) - y) ** 2).mean()) for x, y in zip(a, b)]
-    np.testing.assert_allclose(M.psnr_frames(a, b), ref, rtol=1e-12)
-
-
-def test_psnr_in_box_counts_only_the_box():
-    a = np.full((3, 16, 16, 3), 50, np.uint8)
-    b = a.copy()
-    b[:, :, 8:] += 20                    # differs only in the right half
-    left, right = (0, 0, 8, 16), (8, 0, 16, 16)
-    assert M.psnr(a, b, [left] * 3) == M.PSNR_CAP
-    assert M.psnr(a, b, right) == pytest.approx(20 * np.log10(255 / 20), abs=1e-12)
-    assert M.psnr(a, b, (4, 4, 4, 9)) == M.PSNR_CAP  # empty box: nothing differs
-    with pytest.raises(ValueError, match="one box per frame"):
-        M.psnr(a, b, [left] * 2)
-
-
-def test_psnr_rejects_mismatched_clips():
-    with pytest.raises(ValueError, match="same shape"):
-        M.psnr(clip(size=32), clip(size=16))
-
-
-def test_ssim_of_flat_images_is_the_luminance_term():
-    # Flat images: variances and covariance vanish, the contrast term is c2/c2 = 1, and
-    # SSIM = (2 mx my + c1) / (mx^2 + my^2 + c1) everywhere (hand-checked formula).
-    a, b = np.full((1, 24, 24, 3), 100, np.uint8), np.full((1, 24, 24, 3), 110, np.uint8)
-    expected = (2 * 100 * 110 + M.SSIM_C1) / (100 ** 2 + 110 ** 2 + M.SSIM_C1)
-    assert M.ssim(a, b) == pytest.approx(expected, rel=1e-9)
-    assert M.ssim(a, a) == pytest.approx(1.0, abs=1e-12)
-
-
-def test_ssim_map_matches_direct_gaussian_window_sums():
-    x, y = M.luma(clip(3)[0]), M.luma(clip(4)[0])
-    r = M.SSIM_WINDOW // 2
-    g = np.exp(-((np.arange(-r, r + 1)) ** 2) / (2 * M.SSIM_SIGMA ** 2))
-    w = np.outer(g, g) / np.outer(g, g).sum()   # (11, 11) normalised Gaussian window
-    smap = M.ssim_map(x, y)
-    for cy, cx in ((16, 16), (8, 20), (5, 5)):  # windows that fit inside the 32x32 image
-        px, py = x[cy - r:cy + r + 1, cx - r:cx + r + 1], y[cy - r:cy + r + 1, cx - r:cx + r + 1]
-        mx, my = (w * px).sum(), (w * py).sum()
-        vx, vy = (w * (px - mx) ** 2).sum(), (w * (py - my) ** 2).sum()
-        cxy = (w * (px - mx) * (py - my)).sum()
-        ref = ((2 * mx * my + M.SSIM_C1) * (2 * cxy + M.SSIM_C2)) / ((mx ** 2 + my ** 2 + M.SSIM_C1) * (vx + vy + M.SSIM_C2))
-        assert smap[cy, cx] == pytest.approx(ref, rel=1e-7)
-
-
-def test_noise_and_shifts_lower_psnr_and_ssim():
-    a = clip(5, smooth=True)
-    noisy = np.clip(a.astype(int) + np.random.default_rng(1).integers(-20, 21, a.shape), 0, 255).astype(np.uint8)
-    assert 20 < M.psnr(a, noisy) < 40 and M.ssim(a, noisy) < 0.95
-    shift = lambda k: np.roll(a, k, axis=2)  # noqa: E731
-    p = [M.psnr(a, shift(k)) for k in (1, 3, 6)]
-    s = [M.ssim(a, shift(k)) for k in (1, 3, 6)]
-    assert M.PSNR_CAP > p[0] > p[1] > p[2] and 1 > s[0] > s[1] > s[2]
-    box = (4, 4, 12, 12)
-    assert M.ssim(a, a, box) == pytest.approx(1.0) and M.ssim(a, noisy, box) < 0.95
-
-
-# ------------------------------------------------------------------------------------------
-# Lip sync
-# ------------------------------------------------------------------------------------------
-
-
-def test_correlation_conventions():
-    x = np.sin(np.arange(50) / 3)
-    assert M.correlation(x, 2 * x + 1) == pytest.approx(1.0)
-    assert M.correlation(x, -x) == pytest.approx(-1.0)
-    y = np.random.default_rng(0).normal(size=50)
-    assert M.correlation(x, y) == pytest.approx(np.corrcoef(x, y)[0, 1], abs=1e-12)
-    assert M.correlation(x, np.ones(50)) == 0.0          # constant: no information, not NaN
-    assert M.correlation(np.full(50, 0.1), np.full(50, 0.1)) == 0.0
-    assert M.correlation([1.0], [2.0]) == 0.0
-    with pytest.raises(ValueError, match="same length"):
-        M.correlation(x, x[:-1])
-
-
-def test_lip_sync_of_rendered_mouths():
-    from model.config import MOTION_FIELDS
-    from model.train import world
-
-    ident = world.identity_from_seed(1_000_003)
-    motion = np.tile(world.neutral_motion(), (40, 1))
-    motion[:, MOTION_FIELDS.index("mouth_open")] = 0.5 + 0.5 * np.sin(np.arange(40) / 2.5)
-    truth = world.render_clip(ident, motion, 128)
-    boxes = [world.mouth_box(ident, m, 128) for m in motion]
-    closed = motion.copy()
-    closed[:, MOTION_FIELDS.index("mouth_open")] = 0.0
-    reversed_ = motion.copy()
-    reversed_[:, MOTION_FIELDS.index("mouth_open")] = 1.0 - motion[:, MOTION_FIELDS.index("mouth_open")]
-    assert M.lip_sync(truth, truth, boxes) == pytest.approx(1.0)
-    assert M.lip_sync(world.render_clip(ident, closed, 128), truth, boxes) == 0.0
-    assert M.lip_sync(world.render_clip(ident, reversed_, 128), truth, boxes) < -0.8
-
-
-# ------------------------------------------------------------------------------------------
-# Chunk seams and drift
-# ------------------------------------------------------------------------------------------
-
-
-def test_chunk_starts():
-    assert M.chunk_starts([5, 8, 8, 4]) == [0, 5, 13, 21]
-    assert M.chunk_starts([]) == []
-
-
-def test_jitter_smooth_static_and_seam():
-    ramp = np.stack([np.full((8, 8, 3), 10 * t, np.uint8) for t in range(20)])  # +10 per frame
-    starts = [0, 4, 8, 12, 16]
-    assert M.boundary_jitter(ramp, starts) == pytest.approx(1.0)
-    assert M.boundary_jitter(np.repeat(ramp[:1], 20, 0), starts) == pytest.approx(1.0)  # static clip
-    seam = ramp.copy()
-    seam[8:] += 40   # the step 7 -> 8 (a border) is 50 instead of 10
-    # borders 4, 8, 12, 16: energies 100, 2500, 100, 100; inside: 15 steps of 100.
-    expected = ((2500 + 300) / 4 + M.JITTER_EPS) / (100 + M.JITTER_EPS)
-    assert M.boundary_jitter(seam, starts) == pytest.approx(expected)
-    # The same jump inside a chunk raises the inside energy instead: seams look smoother than it.
-    assert M.boundary_jitter(seam, [5, 10]) == pytest.approx((100 + M.JITTER_EPS) / (4100 / 17 + M.JITTER_EPS))
-    with pytest.raises(ValueError, match="border"):
-        M.boundary_jitter(ramp, [0])
-
-
-def test_identity_drift():
-    p = np.concatenate([np.full(10, 30.0), np.full(30, 29.0), np.full(10, 28.0)])
-    d = M.identity_drift(p, 10)
-    assert (d.first, d.last, d.change) == (30.0, 28.0, -2.0)
-    with pytest.raises(ValueError, match="window"):
-        M.identity_drift(p, 26)
+from tests.test_metrics import clip
 
 
 # ------------------------------------------------------------------------------------------
@@ -178,54 +29,193 @@ def small_speech_bank(folder):
     return bank
 
 
+def tone_bank():
+    """11 one-second tone 'sentences' (0 and 10 held out): no TTS needed."""
+    from model.train.data import SpeechBank
+
+    t = np.arange(16000) / 16000
+    return SpeechBank(np.tile((0.2 * np.sin(2 * np.pi * 200 * t)).astype(np.float32), 11),
+                      np.arange(12) * 16000, [str(i) for i in range(11)])
+
+
+class Bar:
+    """A progress bar that shows nothing."""
+
+    def update(self, n):
+        pass
+
+
 def test_eval_quick_end_to_end(tmp_path, capsys):
     from model.train import evaluate
     from server.cli import main
 
     small_speech_bank(tmp_path)
     out = tmp_path / "eval"
-    assert main(["eval", "--quick", "--data", str(tmp_path), "--out", str(out)]) == 0
+    assert main(["eval", "--quick", "--prefix-seconds", "0.4", "--data", str(tmp_path), "--out", str(out)]) == 0
     report = (out / "report.md").read_text()
-    assert "Command: `knotstream eval --model tiny" in report
+    assert "Command: `knotstream eval --model tiny --data" in report and "--clips 2 --seconds 0.6 " in report
+    assert report.rstrip("`\n").count("--prefix-seconds 0.4") == 1
     header = "| system | " + " | ".join(evaluate.METRICS) + " |"
-    assert report.count(header) == 2  # baselines table and ablation table
-    rows = [line for line in report.splitlines() if line.startswith("| ") and not line.startswith("| system")]
+    tables, after = report.split("## Clips")  # systems and paired differences; clips, lengths, drift, bars
+    assert tables.count(header) == 2  # baselines table and ablation table
+    assert tables.count("| system - model | " + " | ".join(evaluate.METRICS) + " |") == 1
+    length = after.split("## Clip length")[1].split("## Identity drift")[0]
+    assert [r.split(" | ")[0] for r in length.splitlines() if r.startswith("| ") and " s |" in r] == ["| 0.4 s", "| 0.6 s"]
+    assert length.count("### First 0.4 s") == 1 and length.count("| system - model |") == 1
+    assert len([x for x in length.splitlines() if x.startswith(("- PASS", "- FAIL"))]) == 8 + 1 + 2 + 8  # no drift
+    rows = [line for line in tables.splitlines() if line.startswith("| ") and not line.startswith("| system")]
     names = [r.split(" | ")[0][2:] for r in rows]
-    for name in ("model", evaluate.REFERENCE, evaluate.ZEROED, "knots off (knot_frames=0)",
-                 "running ahead off (ahead_frames=0)", "window 2 (window_frames=2)", "window 12 (window_frames=12)",
-                 "seam blend off (seam_blend=0)"):  # the bundled model blends seams
+    expected = ("model", evaluate.REFERENCE, evaluate.ZEROED, "knots off (knot_frames=0)",
+                "running ahead off (ahead_frames=0)", "window 2 (window_frames=2)", "window 12 (window_frames=12)",
+                "seam blend off (seam_blend=0)")  # the bundled model blends seams
+    for name in expected:
         assert name in names, f"row {name!r} missing from the report"
-    for r in rows:  # every metric filled with a number (drift rows have 3)
+    for name in expected[1:]:  # once as a system, once as a paired difference
+        assert names.count(name) == 2, name
+    system_rows = [r for r in rows if r.split(" | ")[0][2:] in expected]
+    for r in system_rows:  # every metric: a number with its interval (two clips)
         cells = r.strip("| ").split(" | ")[1:]
-        assert len(cells) in (len(evaluate.METRICS), 3) and all(np.isfinite(float(c)) for c in cells), r
-    assert "Identity drift" in report
-    verdicts = [line for line in report.splitlines() if line.startswith(("- PASS", "- FAIL"))]
-    assert len(verdicts) == len(evaluate.METRICS) - 1 + 3  # beats baselines per metric, lip sync, seams, drift
+        assert len(cells) == len(evaluate.METRICS), r
+        for c in cells:
+            mean, half = c.rstrip("*").split(" ± ")
+            assert np.isfinite(float(mean)) and float(half) >= 0, r
+    clip_rows = [r for r in report.splitlines() if r.startswith(("| 0 |", "| 1 |"))]
+    assert [r.split(" | ")[1:3] for r in clip_rows] == [["0", "1000000"], ["1", "1000001"]]  # seeds recorded
+    assert "Identity drift over one 0.8 s run (seed 2)" in report
+    main_bars = report.split("## Bars (issue 21)")[1]
+    verdicts = [line for line in main_bars.splitlines() if line.startswith(("- PASS", "- FAIL"))]
+    # beats 2 baselines on 4 metrics, lip sync, jitter with/without blend, drift, 4 mechanism pairs x 2
+    assert len(verdicts) == 8 + 1 + 2 + 1 + 8, verdicts
+    import json
+
+    scores = json.loads((out / "scores.json").read_text())
+    assert [c["seed"] for c in scores["clips"]] == [0, 1] and scores["command"] in report
+    first = scores["clips"][0]
+    assert set(first["scores"]) == set(expected) and set(first["prefixes"]) == {"10"}
+    assert f"| 0 | 0 | 1000000 | {' '.join(map(str, first['sentences']))} | {first['scores']['model']['PSNR']:.2f} |" \
+        in report  # the report's clip table and the JSON agree
     import cv2
 
     strip = cv2.imread(str(out / "strip.png"))
     assert strip is not None and strip.shape == (4 * 128, 8 * 128, 3)
 
 
-def test_eval_rejects_clips_shorter_than_two_chunks(tmp_path):
+def test_eval_rejects_bad_arguments(tmp_path):
     from server.cli import main
 
     small_speech_bank(tmp_path)
-    assert main(["eval", "--seconds", "0.2", "--long-seconds", "0", "--data", str(tmp_path),
-                 "--out", str(tmp_path / "eval")]) == 2
+    common = ["--long-seconds", "0", "--data", str(tmp_path), "--out", str(tmp_path / "eval")]
+    assert main(["eval", "--seconds", "0.2", *common]) == 2   # shorter than two chunks
+    assert main(["eval", "--clips", "0", *common]) == 2
+    assert main(["eval", "--clips", "101", *common]) == 2     # more clips than held-out identities
+    assert main(["eval", "--seed", "-1", *common]) == 2
+    assert main(["eval", "--threads", "-1", *common]) == 2
+    assert main(["eval", "--seconds", "2", "--prefix-seconds", "2", *common]) == 2   # a prefix as long as the clip
+    assert main(["eval", "--seconds", "2", "--prefix-seconds", "0.2", *common]) == 2  # a prefix under two chunks
+    with pytest.raises(SystemExit):
+        main(["eval", "--prefix-seconds", "ten", *common])  # argparse: usage message, exit code 2
 
 
-def test_bars_decide_on_the_numbers():
+def test_clip_seeds_fix_the_material_and_shorter_clips_are_prefixes():
+    """One seed = one identity, sentence order, motion and reference; a 1 s clip is the
+    start of the 3 s clip of the same seed; consecutive seeds are different people."""
     from model.train import evaluate as E
 
-    good = {"PSNR": 30.0, "SSIM": 0.9, "mouth PSNR": 25.0, "mouth SSIM": 0.8, "lip-sync r": 0.9, "jitter": 1.0}
-    bad = {"PSNR": 20.0, "SSIM": 0.7, "mouth PSNR": 15.0, "mouth SSIM": 0.5, "lip-sync r": 0.1, "jitter": 1.0}
-    drift = {"model": M.Drift(30.0, 29.8, -0.2)}
-    verdicts = E.bars({"model": [good], E.REFERENCE: [bad], E.ZEROED: [bad]}, 1.0, drift)
-    assert all(v.startswith("- PASS") for v in verdicts) and len(verdicts) == 8
-    jittery = dict(good, jitter=1.5)
-    verdicts = E.bars({"model": [jittery], E.REFERENCE: [good], E.ZEROED: [bad]}, 1.0, None)
-    assert [v[2:6] for v in verdicts] == ["FAIL"] * 5 + ["PASS", "FAIL"]
+    bank = tone_bank()
+    short, long_ = (E.held_out_clip(bank, n, 25, 64, seed=7) for n in (25, 75))
+    assert short.identity_seed == long_.identity_seed == 1_000_007 and short.seed == 7
+    np.testing.assert_array_equal(short.motion, long_.motion[:25])
+    np.testing.assert_array_equal(short.given, long_.given[:50])  # the tail: a second past the end
+    np.testing.assert_array_equal(short.reference, long_.reference)
+    np.testing.assert_array_equal(short.audio, long_.audio[:len(short.audio)])
+    assert long_.sentences[:len(short.sentences)] == short.sentences and all(i % 10 == 0 for i in long_.sentences)
+    other = E.held_out_clip(bank, 25, 25, 64, seed=8)
+    assert other.identity_seed == 1_000_008 and not np.array_equal(other.motion, short.motion)
+    again = E.held_out_clip(bank, 25, 25, 64, seed=7)
+    np.testing.assert_array_equal(again.motion, short.motion)
+    np.testing.assert_array_equal(again.audio, short.audio)
+
+
+@pytest.fixture(scope="module")
+def tiny_engine():
+    from model.engine import Engine
+
+    return Engine.from_pretrained("tiny")
+
+
+def test_pairing_same_system_twice_differs_by_exactly_zero(tiny_engine):
+    """Two systems with the same knobs on the same clip stream identical frames (the noise
+    seed is the clip's), so their paired difference is exactly 0 on every metric; the same
+    clip with another noise seed does differ (the noise does reach the frames)."""
+    import dataclasses
+
+    from model.train import eval_report as R
+    from model.train import evaluate as E
+
+    engine = tiny_engine
+    base = engine.config.stream
+    clip = E.held_out_clip(tone_bank(), 13, engine.config.fps, engine.config.height, seed=3)  # two chunks
+    runs = {E.MODEL: E.System(base), "model again": E.System(base)}
+    r = E.evaluate_clip(engine, clip, runs, engine.config.height, Bar())
+    assert r.scores[E.MODEL] == r.scores["model again"]
+    assert r.scores[E.MODEL]["PSNR"] != r.scores[E.REFERENCE]["PSNR"]
+    d = R.difference([r, r], "model again", E.MODEL, "PSNR")
+    assert (d.mean, d.low, d.high) == (0.0, 0.0, 0.0)
+    reseeded = E.evaluate_clip(engine, dataclasses.replace(clip, seed=4), {E.MODEL: E.System(base)},
+                               engine.config.height, Bar())
+    assert reseeded.scores[E.MODEL]["PSNR"] != r.scores[E.MODEL]["PSNR"]
+
+
+def test_a_prefix_of_a_long_clip_scores_as_the_short_clip(tiny_engine):
+    """The bundled engine streaming a 25-frame clip, scored over its first 13 frames, gives
+    exactly the scores of the 13-frame clip of the same seed (every metric, the reference
+    baseline and the truth's jitter): the clip-length study needs no second run."""
+    from model.train import evaluate as E
+
+    cfg = tiny_engine.config
+    bank = tone_bank()
+    runs = {E.MODEL: E.System(cfg.stream)}
+    long_, short = (E.held_out_clip(bank, n, cfg.fps, cfg.height, seed=5) for n in (25, 13))
+    whole = E.evaluate_clip(tiny_engine, long_, runs, cfg.height, Bar(), prefixes=(13,))
+    alone = E.evaluate_clip(tiny_engine, short, runs, cfg.height, Bar())
+    assert whole.prefixes[13].scores == alone.scores and whole.prefixes[13].truth_jitter == alone.truth_jitter
+    assert whole.scores[E.MODEL] != alone.scores[E.MODEL]  # the whole clip is scored on more frames
+
+
+def test_a_short_clip_drives_the_engine_as_the_start_of_a_long_one():
+    """Every step of a short clip gets the same audio and motion as the same step of a
+    longer clip of the same seed, lookahead past the short clip's end included."""
+    from model.train import evaluate as E
+
+    bank = tone_bank()
+    logs = []
+    for n in (30, 60):
+        engine = FakeEngine()
+        list(E.iter_stream(engine, E.held_out_clip(bank, n, 25, 64, seed=2), E.System(engine.config.stream)))
+        logs.append(engine.log)
+    short, long_ = logs
+    assert len(long_) > len(short)
+    for (f0, audio, motion), (g0, audio2, motion2) in zip(short, long_):
+        assert f0 == g0
+        np.testing.assert_array_equal(audio, audio2)
+        np.testing.assert_array_equal(motion, motion2)
+
+
+def test_systems_toggle_what_the_preset_ships():
+    from model.config import StreamKnobs
+    from model.train import evaluate as E
+
+    on = E.systems(StreamKnobs(seam_blend=0.7))
+    assert list(on)[:2] == [E.MODEL, E.ZEROED] and on[E.ZEROED].zero_audio
+    assert on["knots off (knot_frames=0)"].knobs.knot_frames == 0
+    assert on["running ahead off (ahead_frames=0)"].knobs.ahead_frames == 0
+    assert on["seam blend off (seam_blend=0)"].knobs.seam_blend == 0
+    assert "window 6 (window_frames=6)" not in on and on["window 12 (window_frames=12)"].knobs.window_frames == 12
+    off = E.systems(StreamKnobs(knot_frames=0, ahead_frames=0, window_frames=12))
+    assert off["knots on (knot_frames=1)"].knobs.knot_frames == 1
+    assert off["running ahead on (ahead_frames=4)"].knobs.ahead_frames == 4
+    assert off["seam blend on (seam_blend=0.7)"].knobs.seam_blend == 0.7
+    assert "window 6 (window_frames=6)" in off and "window 12 (window_frames=12)" not in off
 
 
 def test_strip_rows_and_mouth_tiles():
@@ -267,9 +257,10 @@ class FakeEngine:
     def __init__(self):
         from model.config import from_name
 
-        self.config, self.log = from_name("tiny"), []
+        self.config, self.log, self.seeds = from_name("tiny"), [], []
 
     def start(self, reference, knobs, seed):
+        self.seeds.append((seed, knobs))
         return FakeStream(self.log, knobs.chunk_frames)
 
 
@@ -278,12 +269,8 @@ def test_stream_driving_alignment_and_long_run_scoring():
     driving_frames long); the last chunk is cut at the clip's end; the long run's chunk-wise
     per-frame PSNR equals PSNR on the whole clip."""
     from model.train import evaluate as E
-    from model.train.data import SpeechBank
 
-    t = np.arange(16000) / 16000
-    bank = SpeechBank(np.tile((0.2 * np.sin(2 * np.pi * 200 * t)).astype(np.float32), 11),
-                      np.arange(12) * 16000, [str(i) for i in range(11)])
-    clip = E.held_out_clip(bank, 30, 25, 128, np.random.default_rng(0))
+    clip = E.held_out_clip(tone_bank(), 30, 25, 128, seed=0)
     from model.config import MOTION_FIELDS
 
     F = len(MOTION_FIELDS)
@@ -291,10 +278,11 @@ def test_stream_driving_alignment_and_long_run_scoring():
         i = MOTION_FIELDS.index(name)
         given = name not in ("mouth_open", "mouth_wide")
         assert (clip.given[:, F + i] == float(given)).all(), name
-        np.testing.assert_array_equal(clip.given[:, i], clip.motion[:, i] if given else 0.0)
+        np.testing.assert_array_equal(clip.given[:30, i], clip.motion[:, i] if given else 0.0)
+    assert clip.given.shape == (30 + 25, 2 * F)  # a second of driving past the end: the engine's lookahead
     assert clip.motion[:, MOTION_FIELDS.index("mouth_open")].max() > 0.3  # the truth does speak
     engine = FakeEngine()
-    chunks = list(E.iter_stream(engine, clip, engine.config.stream, seed=0))
+    chunks = list(E.iter_stream(engine, clip, E.System(engine.config.stream)))
     assert [f0 for f0, _ in chunks] == [0, 5, 13, 21, 29]
     gen = np.concatenate([f for _, f in chunks])
     assert len(gen) == 30 and (gen[:, 0, 0, 0] == np.arange(30)).all()
@@ -302,16 +290,14 @@ def test_stream_driving_alignment_and_long_run_scoring():
         k = len(audio) // 640
         np.testing.assert_array_equal(audio, clip.audio[f0 * 640:(f0 + k) * 640])
         np.testing.assert_array_equal(motion, clip.given[f0:f0 + k])
-    assert engine.log[-1][2] is not None and len(engine.log[-1][2]) == 1  # only frame 29 is inside the clip
+    # Past the clip's end the driving goes on (the clip's second of tail), as in a longer clip.
+    assert len(engine.log[-1][2]) == len(engine.log[-1][1]) // 640 and (engine.log[-1][2][:, F:] != 0).any()
     zeroed = FakeEngine()
-    list(E.iter_stream(zeroed, clip, zeroed.config.stream, seed=0, zero_audio=True))
+    list(E.iter_stream(zeroed, clip, E.System(zeroed.config.stream, zero_audio=True)))
     assert all(not a.any() for _, a, _ in zeroed.log)
+    assert {seed for seed, _ in engine.seeds} == {clip.seed}  # the clip's seed is the noise seed
 
-    class Bar:
-        def update(self, n):
-            pass
-
-    model_psnr, ref_psnr = E.long_run(FakeEngine(), clip, engine.config.stream, 0, 128, Bar())
+    model_psnr, ref_psnr = E.long_run(FakeEngine(), clip, E.System(engine.config.stream), 128, Bar())
     truth = clip.truth(128)
     np.testing.assert_allclose(model_psnr, M.psnr_frames(gen, truth), rtol=1e-12)
     np.testing.assert_allclose(ref_psnr, M.psnr_frames(np.repeat(clip.reference[None], 30, 0), truth), rtol=1e-12)

@@ -1,10 +1,12 @@
 """`knotstream eval`: held-out avatars streamed through the real engine, scored against
-the renderer's ground truth.
+the renderer's ground truth, over several clips with confidence intervals.
 
-Each clip: a held-out identity (seeds >= data.HELD_OUT_IDENTITY_SEED) speaks held-out
-sentences of the speech bank (index % 10 == 0) separated by pauses, under natural idle
-motion; its ground truth is `world.render_clip` of that identity and motion, the mouth
-following the speech (`speech.speaking_motion`, as in training).
+Each clip has its own seed, which fixes everything about it: a held-out identity
+(`data.HELD_OUT_IDENTITY_SEED + seed % 100`, so consecutive seeds are different people),
+held-out sentences of the speech bank (index % 10 == 0) separated by pauses, natural idle
+motion, and the engine's noise. Its ground truth is `world.render_clip` of that identity
+and motion, the mouth following the speech (`speech.speaking_motion`, as in training).
+Clips of `--clips` are seeded `--seed`, `--seed` + 1, ...; the drift run takes the next seed.
 
 What the model is given, exactly as a live session (`stream.step` chunk by chunk, with
 the reference/window caches, knots and running ahead): the speech audio, and the motion
@@ -12,17 +14,23 @@ fields `data.GIVEN_TO_MODEL` (pose, blink, gaze, smile, brow) with their "given"
 The mouth fields are NOT given: the mouth must come from the audio, which is what the
 lip-sync metric measures.
 
-Systems, all in the same run on the same clips:
+Systems, all on the same clips with the same noise seed per clip (paired):
 - model                        the preset's stream knobs
 - repeat the reference frame   baseline: the reference portrait for every frame
 - model, driving audio zeroed  baseline: same motion, silent audio
-- ablations                    knots off, running ahead off, window 2 / 6 / 12 latent frames
-  (the window equal to the preset's is the "model" row)
-One long run of the model (--long-seconds) measures identity drift: PSNR to ground truth
-over the first vs the last --drift-seconds.
+- ablations                    knots off, running ahead off, seam blend off (each toggled
+  on instead when the preset ships it off), window 2 / 6 / 12 latent frames (the window
+  equal to the preset's is the "model" row)
+Every system is reported as a mean with its 95 % t-interval over clips, and every other
+system as its paired difference to the model (`model/train/stats.py`); the bars of
+issue 21 are decided on those intervals (`model/train/eval_report.py`). One long run of
+the model (--long-seconds) measures identity drift: PSNR to ground truth over the first
+vs the last --drift-seconds.
 
-Writes `report.md` (markdown tables, the exact command) and `strip.png` (generated vs
-ground-truth frames and mouth crops) to --out.
+Writes `report.md` (tables, per-clip seeds, the exact command), `scores.json` (every
+clip's metrics per system, written after each clip, so another run on the same seeds can
+be compared clip by clip) and `strip.png` (generated vs ground-truth frames and mouth
+crops of the first clip) to --out.
 """
 
 from __future__ import annotations
@@ -35,30 +43,48 @@ from pathlib import Path
 
 import numpy as np
 
-METRICS = ("PSNR", "SSIM", "mouth PSNR", "mouth SSIM", "lip-sync r", "jitter")
+METRICS = ("PSNR", "SSIM", "mouth PSNR", "mouth SSIM", "lip-sync r", "jitter", "jitter / truth")
+MODEL = "model"
 REFERENCE = "repeat the reference frame"
 ZEROED = "model, driving audio zeroed"
 ABLATION_WINDOWS = (2, 6, 12)
-# --quick: one clip long enough for several chunk borders, a long run just long enough
-# for two drift windows. Every system and metric row is still produced.
-QUICK = dict(clips=1, seconds=1.0, long_seconds=1.2, drift_seconds=0.4)
+# data.draw_clip(held_out=True) draws its identities from this many seeds.
+HELD_OUT_IDENTITIES = 100
+# Speech and motion of a clip are drawn in blocks of this length (see held_out_clip).
+MATERIAL_SECONDS = 60
+# --quick: two clips (the fewest that give an interval), each long enough for several
+# chunk borders, a long run just long enough for two drift windows. Every system,
+# metric and bar is still produced.
+QUICK = dict(clips=2, seconds=0.6, long_seconds=0.8, drift_seconds=0.4)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="tiny", help="preset name or .safetensors path")
     p.add_argument("--data", default="runs/data", help="speech bank folder (generated with espeak-ng/flite when missing)")
-    p.add_argument("--clips", type=int, default=2, help="held-out clips per system")
-    p.add_argument("--seconds", type=float, default=60.0, help="length of each clip")
+    p.add_argument("--clips", type=int, default=8,
+                   help=f"held-out clips per system (1-{HELD_OUT_IDENTITIES}; intervals need at least 2)")
+    p.add_argument("--seconds", type=float, default=20.0, help="length of each clip")
     p.add_argument("--long-seconds", type=float, default=300.0, help="length of the drift run (0 = skip)")
     p.add_argument("--drift-seconds", type=float, default=60.0,
                    help="window averaged at the start and the end of the long run (at most half of it)")
     p.add_argument("--out", default="runs/eval", help="folder for report.md and strip.png")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--prefix-seconds", type=_seconds_list, default=(), metavar="S,S,...",
+                   help="also score the first S seconds of every clip (the same streams: a clip-length study)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the first clip (clip i: seed + i; drift run: seed + clips)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads (0 = torch's default); 1 is far faster on a CPU other jobs load")
     p.add_argument("--personal", action="store_true",
                    help="score personal avatars on real clips instead (model/personal/evaluate.py; needs --videos)")
     p.add_argument("--videos", nargs="+", default=None, help="--personal: clips of real people talking")
     p.add_argument("--quick", action="store_true",
-                   help=f"CI mode: {QUICK['clips']} clip of {QUICK['seconds']:g} s, a {QUICK['long_seconds']:g} s long run")
+                   help=f"CI mode: {QUICK['clips']} clips of {QUICK['seconds']:g} s, a {QUICK['long_seconds']:g} s long run")
+
+
+def _seconds_list(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds separated by commas, got {text!r}") from None
 
 
 # ------------------------------------------------------------------------------------------
@@ -70,11 +96,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 class EvalClip:
     """A held-out clip: ground truth plus everything the engine is given."""
 
+    seed: int                 # fixes identity, sentences, motion and the engine's noise
+    identity_seed: int        # world.identity_from_seed argument
+    sentences: list[int]      # speech bank indices, in the order spoken
     identity: object          # world.Identity
     motion: np.ndarray        # (T, len(MOTION_FIELDS)) ground-truth motion
     audio: np.ndarray         # (T * sr / fps + sr,) float32; sample 0 = frame 0, a second of tail for lookahead
     reference: np.ndarray     # (H, W, 3) uint8 portrait (mouth closed, eyes open)
-    given: np.ndarray         # (T, 2 * len(MOTION_FIELDS)) driving vectors, mouth not given
+    given: np.ndarray         # (T + fps, 2 * len(MOTION_FIELDS)) driving vectors, mouth not given; a second of tail
 
     def truth(self, size: int, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Ground-truth frames [start, stop) -> (n, size, size, 3) uint8."""
@@ -88,59 +117,102 @@ class EvalClip:
         return [world.mouth_box(self.identity, m, size) for m in self.motion]
 
 
-def held_out_clip(bank, n_frames: int, fps: int, size: int, rng: np.random.Generator,
-                  sample_rate: int = 16000) -> EvalClip:
-    """A held-out identity speaking held-out sentences (0.4-1.5 s pauses) for `n_frames`."""
+def held_out_clip(bank, n_frames: int, fps: int, size: int, seed: int, sample_rate: int = 16000) -> EvalClip:
+    """The held-out clip of `seed`, `n_frames` long: one identity speaking held-out sentences
+    with 0.4-1.5 s pauses, under idle motion.
+
+    Speech and motion are drawn for a whole number of MATERIAL_SECONDS blocks and cut, from
+    independent random streams of the seed, keeping a second past the end (the engine's
+    lookahead reads it): a shorter clip of a seed is exactly the start of a longer one,
+    driving included, so its frames are the longer clip's first frames and clip lengths
+    can be compared on the same material (`--prefix-seconds`)."""
     from model.config import MOTION_FIELDS
     from model.train import speech as sp
     from model.train import world
     from model.train.data import HELD_OUT_IDENTITY_SEED, model_motion
 
+    if seed < 0:
+        raise ValueError(f"clip seeds must be >= 0, got {seed}")
     sentences = bank.split(held_out=True)
     if not sentences:
         raise ValueError(f"the speech bank has no held-out sentence (index % 10 == 0) among {len(bank.texts)}")
+    speech_rng, motion_rng, ref_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(3))
+    block = MATERIAL_SECONDS * fps
+    n_drawn = -(-(n_frames + fps) // block) * block
     n_samples = int(round(n_frames * sample_rate / fps))
-    audio = np.zeros(n_samples + sample_rate, np.float32)
-    pos = int(rng.uniform(0.2, 1.0) * sample_rate)
+    audio = np.zeros(int(round(n_drawn * sample_rate / fps)) + sample_rate, np.float32)
+    spoken = []
+    pos = int(speech_rng.uniform(0.2, 1.0) * sample_rate)
     while pos < len(audio):
-        s = bank.sentence(int(rng.choice(sentences))) * np.float32(rng.uniform(0.6, 1.0))  # loudness as in training
+        sentence = int(speech_rng.choice(sentences))
+        if pos < n_samples:
+            spoken.append(sentence)
+        s = bank.sentence(sentence) * np.float32(speech_rng.uniform(0.6, 1.0))  # loudness as in training
         audio[pos:pos + len(s)] = s[: len(audio) - pos]
-        pos += len(s) + int(rng.uniform(0.4, 1.5) * sample_rate)
-    # Same held-out identity range as data.draw_clip(held_out=True).
-    ident = world.identity_from_seed(HELD_OUT_IDENTITY_SEED + int(rng.integers(100)))
-    motion = sp.speaking_motion(audio, fps, rng, sample_rate, n_frames=n_frames)
-    ref = sp.idle_motion(1, fps, rng)[0]  # reference portrait as in training: idle pose, mouth shut, eyes open
+        pos += len(s) + int(speech_rng.uniform(0.4, 1.5) * sample_rate)
+    identity_seed = HELD_OUT_IDENTITY_SEED + seed % HELD_OUT_IDENTITIES  # the held-out range of data.draw_clip
+    ident = world.identity_from_seed(identity_seed)
+    motion = sp.speaking_motion(audio, fps, motion_rng, sample_rate, n_frames=n_drawn)[:n_frames + fps]
+    ref = sp.idle_motion(1, fps, ref_rng)[0]  # reference portrait as in training: idle pose, mouth shut, eyes open
     for name in ("mouth_open", "mouth_wide", "blink"):
         ref[MOTION_FIELDS.index(name)] = 0.0
-    return EvalClip(ident, motion, audio, world.render_frame(ident, ref, size), model_motion(motion))
+    return EvalClip(seed, identity_seed, spoken, ident, motion[:n_frames], audio[:n_samples + sample_rate],
+                    world.render_frame(ident, ref, size), model_motion(motion))
 
 
-def systems(base) -> dict[str, tuple[object, bool]]:
-    """name -> (StreamKnobs, audio zeroed) for every engine-driven system."""
-    out = {"model": (base, False), ZEROED: (base, True),
-           "knots off (knot_frames=0)": (base.replace(knot_frames=0), False),
-           "running ahead off (ahead_frames=0)": (base.replace(ahead_frames=0), False)}
-    if base.seam_blend:  # the decoder's own seams, without the post-filter (model/seams.py)
-        out["seam blend off (seam_blend=0)"] = (base.replace(seam_blend=0.0), False)
+@dataclasses.dataclass(frozen=True)
+class System:
+    """An engine-driven system: stream knobs, and whether the driving audio is zeroed."""
+
+    knobs: object             # model.config.StreamKnobs
+    zero_audio: bool = False
+
+
+def window_name(frames: int) -> str:
+    return f"window {frames} (window_frames={frames})"
+
+
+def toggled(base, knob: str, on_value) -> tuple[str, object]:
+    """(row name, knobs) of `base` with one mechanism switched: off when the preset ships it
+    on, on (at `on_value`) when it ships it off."""
+    value = getattr(base, knob)
+    new = 0 if value else on_value
+    return f"{'off' if value else 'on'} ({knob}={new:g})", base.replace(**{knob: new})
+
+
+# Mechanisms that are toggled in the ablations: (label, knob, value used to switch it on).
+MECHANISMS = (("knots", "knot_frames", 1), ("running ahead", "ahead_frames", 4), ("seam blend", "seam_blend", 0.7))
+
+
+def systems(base) -> dict[str, System]:
+    """name -> System for every engine-driven system; the model first."""
+    out = {MODEL: System(base), ZEROED: System(base, zero_audio=True)}
+    for label, knob, on_value in MECHANISMS:
+        suffix, knobs = toggled(base, knob, on_value)
+        out[f"{label} {suffix}"] = System(knobs)
     for w in ABLATION_WINDOWS:
         if w != base.window_frames:
-            out[f"window {w} (window_frames={w})"] = (base.replace(window_frames=w), False)
+            out[window_name(w)] = System(base.replace(window_frames=w))
     return out
 
 
-def iter_stream(engine, clip: EvalClip, knobs, seed: int, zero_audio: bool = False, n_frames: int | None = None):
+def iter_stream(engine, clip: EvalClip, system: System, n_frames: int | None = None):
     """Stream the clip through the engine; yields (first frame index, (n, H, W, 3) uint8)
-    per chunk, the last one cut at `n_frames` (default: the whole clip)."""
+    per chunk, the last one cut at `n_frames` (default: the whole clip).
+
+    The one place that drives the engine. The noise seed is the clip's: every system
+    streams the same clip from the same generator state, which is what makes the
+    comparisons paired (systems with the same chunk geometry draw identical noise)."""
     cfg = engine.config
     sr, fps = cfg.driving.sample_rate, cfg.fps
     n = len(clip.motion) if n_frames is None else n_frames
-    stream = engine.start(clip.reference, knobs, seed=seed)
+    stream = engine.start(clip.reference, system.knobs, seed=clip.seed)
     try:
         while stream.frame_index < n:
             f0, k = stream.frame_index, stream.driving_frames
             audio = clip.audio[round(f0 * sr / fps): round((f0 + k) * sr / fps)]
-            motion = clip.given[f0:f0 + k]  # past the clip's end: not given
-            frames = stream.step(np.zeros_like(audio) if zero_audio else audio, motion if len(motion) else None)
+            motion = clip.given[f0:f0 + k]
+            frames = stream.step(np.zeros_like(audio) if system.zero_audio else audio, motion)
             yield f0, frames[: n - f0]
     finally:
         stream.close()
@@ -152,21 +224,69 @@ def iter_stream(engine, clip: EvalClip, knobs, seed: int, zero_audio: bool = Fal
 
 
 def score(gen: np.ndarray, truth: np.ndarray, mouth_boxes, starts: list[int]) -> dict[str, float]:
-    """Every metric of METRICS for one clip (T, H, W, 3); starts: chunk start frames."""
+    """Every metric of METRICS for one clip (T, H, W, 3); starts: chunk start frames.
+    "jitter / truth" divides by the ground truth's jitter with the same chunk borders
+    (natural motion makes the truth's differ from 1, and it differs between clips)."""
     from model.train import metrics as M
 
+    jitter = M.boundary_jitter(gen, starts)
     return {"PSNR": M.psnr(gen, truth), "SSIM": M.ssim(gen, truth),
             "mouth PSNR": M.psnr(gen, truth, mouth_boxes), "mouth SSIM": M.ssim(gen, truth, mouth_boxes),
-            "lip-sync r": M.lip_sync(gen, truth, mouth_boxes), "jitter": M.boundary_jitter(gen, starts)}
+            "lip-sync r": M.lip_sync(gen, truth, mouth_boxes), "jitter": jitter,
+            "jitter / truth": jitter / M.boundary_jitter(truth, starts)}
 
 
-def long_run(engine, clip: EvalClip, knobs, seed: int, size: int, progress) -> tuple[np.ndarray, np.ndarray]:
+@dataclasses.dataclass
+class ClipResult:
+    """Every system's metrics on one clip, and what else the report shows of it."""
+
+    clip: EvalClip
+    scores: dict[str, dict[str, float]]  # system name -> metric -> value
+    truth_jitter: float                  # the ground truth's jitter with the model's chunk borders
+    engine_seconds: float                # time spent streaming (all engine-driven systems)
+    strip: np.ndarray | None = None      # strip_image of the model's video, when asked for
+    # The same streams scored over their first n frames only: n -> result (--prefix-seconds).
+    prefixes: dict[int, "ClipResult"] = dataclasses.field(default_factory=dict)
+
+
+def evaluate_clip(engine, clip: EvalClip, runs: dict[str, System], size: int, progress,
+                  keep_strip: bool = False, prefixes: tuple[int, ...] = ()) -> ClipResult:
+    """Stream `clip` through every system of `runs` and score each against the ground truth;
+    the reference baseline is scored with the model's chunk borders. `prefixes`: frame
+    counts over which the same streams are also scored (a causal stream's first n frames
+    are those of an n-frame clip of the same seed)."""
+    from model.train import metrics as M
+
+    truth, boxes = clip.truth(size), clip.mouth_boxes(size)
+    lengths = (len(truth), *prefixes)
+    scores = {n: {} for n in lengths}
+    engine_seconds, strip, starts = 0.0, None, None
+    for name, system in runs.items():
+        t, chunks = time.perf_counter(), []
+        for f0, frames in iter_stream(engine, clip, system):
+            chunks.append((f0, frames))
+            progress.update(len(frames))
+        engine_seconds += time.perf_counter() - t
+        gen, starts_ = np.concatenate([f for _, f in chunks]), [f0 for f0, _ in chunks]
+        for n in lengths:
+            scores[n][name] = score(gen[:n], truth[:n], boxes[:n], starts_)
+        if name == MODEL:
+            starts = starts_
+            strip = strip_image(gen, truth, boxes) if keep_strip else None
+    for n in lengths:
+        scores[n][REFERENCE] = score(np.broadcast_to(clip.reference, truth[:n].shape), truth[:n], boxes[:n], starts)
+    jitter = {n: M.boundary_jitter(truth[:n], starts) for n in lengths}
+    return ClipResult(clip, scores[len(truth)], jitter[len(truth)], engine_seconds, strip,
+                      {n: ClipResult(clip, scores[n], jitter[n], 0.0) for n in prefixes})
+
+
+def long_run(engine, clip: EvalClip, system: System, size: int, progress) -> tuple[np.ndarray, np.ndarray]:
     """Per-frame PSNR (T,) of the model and of the reference baseline on a long clip,
     rendering ground truth chunk by chunk so memory stays constant."""
     from model.train import metrics as M
 
     model_psnr, ref_psnr = [], []
-    for f0, frames in iter_stream(engine, clip, knobs, seed):
+    for f0, frames in iter_stream(engine, clip, system):
         truth = clip.truth(size, f0, f0 + len(frames))
         model_psnr.append(M.psnr_frames(frames, truth))
         ref_psnr.append(M.psnr_frames(np.broadcast_to(clip.reference, truth.shape), truth))
@@ -199,7 +319,7 @@ def strip_image(gen: np.ndarray, truth: np.ndarray, boxes, n: int = 8) -> np.nda
 
 
 # ------------------------------------------------------------------------------------------
-# Report
+# Entry point
 # ------------------------------------------------------------------------------------------
 
 
@@ -208,88 +328,46 @@ def command_line(args: argparse.Namespace) -> str:
     parts = ["knotstream eval", f"--model {args.model}", f"--data {args.data}", f"--clips {args.clips}",
              f"--seconds {args.seconds:g}", f"--long-seconds {args.long_seconds:g}",
              f"--drift-seconds {args.drift_seconds:g}", f"--out {args.out}", f"--seed {args.seed}"]
+    if args.prefix_seconds:
+        parts.append("--prefix-seconds " + ",".join(f"{x:g}" for x in args.prefix_seconds))
+    if args.threads:
+        parts.append(f"--threads {args.threads}")
     return " ".join(parts)
 
 
-def table(rows: dict[str, list[dict[str, float]]], names: list[str]) -> list[str]:
-    """Markdown table: one row per system, one column per metric (mean over clips)."""
-    lines = ["| system | " + " | ".join(METRICS) + " |", "|---" * (len(METRICS) + 1) + "|"]
-    for name in names:
-        cells = [f"{np.mean([clip[m] for clip in rows[name]]):.3f}" for m in METRICS]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return lines
+def write_scores(path: Path, command: str, results: list[ClipResult]) -> None:
+    """Every clip's seeds and metrics per system (and per prefix length, in frames) as JSON."""
+    import json
+
+    def clip_entry(r: ClipResult) -> dict:
+        return {"seed": r.clip.seed, "identity_seed": r.clip.identity_seed, "sentences": r.clip.sentences,
+                "frames": len(r.clip.motion), "truth_jitter": r.truth_jitter, "scores": r.scores,
+                "prefixes": {str(n): {"truth_jitter": p.truth_jitter, "scores": p.scores} for n, p in r.prefixes.items()}}
+
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"command": command, "clips": [clip_entry(r) for r in results]}, indent=1))
+    tmp.replace(path)
 
 
-# Seams count as invisible when the model's jitter is at most this factor above the
-# ground truth's with the same borders (natural motion makes the truth's differ from 1).
-JITTER_TOLERANCE = 1.1
-
-
-def bars(rows, truth_jitter: float, drift) -> list[str]:
-    """The bars of issue 4, each with PASS/FAIL and the numbers it was decided on."""
-    mean = lambda name, m: float(np.mean([clip[m] for clip in rows[name]]))  # noqa: E731
-    lines = []
-    for m in METRICS[:-1]:
-        model, ref, zero = mean("model", m), mean(REFERENCE, m), mean(ZEROED, m)
-        ok = model > ref and model > zero
-        lines.append(f"- {'PASS' if ok else 'FAIL'}: model beats both baselines on {m} "
-                     f"({model:.3f} vs {ref:.3f} reference, {zero:.3f} audio zeroed)")
-    r = mean("model", "lip-sync r")
-    lines.append(f"- {'PASS' if r >= 0.8 else 'FAIL'}: lip-sync r >= 0.8 ({r:.3f})")
-    j = mean("model", "jitter")
-    lines.append(f"- {'PASS' if j <= JITTER_TOLERANCE * truth_jitter else 'FAIL'}: no visible seams, jitter <= "
-                 f"{JITTER_TOLERANCE:g} x the ground truth's ({j:.3f} vs {truth_jitter:.3f})")
-    if drift is not None:
-        d = drift["model"]
-        lines.append(f"- {'PASS' if abs(d.change) <= 0.5 else 'FAIL'}: PSNR at the end within 0.5 dB of the start "
-                     f"({d.change:+.3f} dB)")
-    return lines
-
-
-def write_report(out: Path, args, engine, rows, truth_jitter, drift, speed, wall) -> str:
-    cfg = engine.config
-    ablations = [n for n in rows if n not in (REFERENCE, ZEROED)]
-    lines = [f"# knotstream eval: {args.model}" + ("" if engine.trained else " (untrained: seeded random weights)"),
-             "", f"Command: `{command_line(args)}`", "",
-             f"{args.clips} held-out clip(s) x {args.seconds:g} s at {cfg.width}x{cfg.height}, {cfg.fps} fps; "
-             f"model knobs {dataclasses.asdict(cfg.stream)}. The model is given the speech audio and the "
-             "pose/blink/gaze/smile/brow motion; never the mouth. Wall time "
-             f"{wall:.0f} s; the engine ran at {speed:.1f} frames/s ({speed / cfg.fps:.2f}x real time) "
-             "on this machine during the run.", "",
-             "## Model against baselines", "", *table(rows, ["model", REFERENCE, ZEROED]), "",
-             "## Ablations (same clips, same noise)", "", *table(rows, ablations), "",
-             "PSNR (dB) / SSIM against the ground-truth render, whole frame and inside the mouth box: higher is "
-             "better. lip-sync r: correlation of the mouth opening measured in generated vs ground-truth frames "
-             "(0 for a mouth that never moves). jitter: frame-difference energy across chunk borders / inside "
-             "chunks, with the model's chunk borders (1 = seamless; the reference baseline never moves, so 1); "
-             f"the ground truth itself scores {truth_jitter:.3f} with the same borders. The mouth is measured "
-             "inside the ground truth's mouth box, which follows the head: on short clips a still reference can "
-             "correlate by chance as its box slides over lips and skin."]
-    if drift is not None:
-        lines += ["", f"## Identity drift over one {args.long_seconds:g} s run", "",
-                  f"| system | PSNR first {drift['window']:g} s | PSNR last {drift['window']:g} s | change (dB) |",
-                  "|---|---|---|---|"]
-        for name in ("model", REFERENCE):
-            d = drift[name]
-            lines.append(f"| {name} | {d.first:.3f} | {d.last:.3f} | {d.change:+.3f} |")
-    lines += ["", "## Bars (issue 4)", "", *bars(rows, truth_jitter, drift)]
-    lines += ["", "![generated vs ground truth](strip.png)", "",
-              "Strip rows: generated (model), ground truth, generated mouth, ground-truth mouth; first clip."]
-    report = "\n".join(lines) + "\n"
-    (out / "report.md").write_text(report)
-    return report
-
-
-# ------------------------------------------------------------------------------------------
-# Entry point
-# ------------------------------------------------------------------------------------------
+def check_arguments(args: argparse.Namespace) -> None:
+    if args.quick:
+        for k, v in QUICK.items():
+            setattr(args, k, v)
+    if not 1 <= args.clips <= HELD_OUT_IDENTITIES:
+        raise ValueError(f"--clips must be in [1, {HELD_OUT_IDENTITIES}] (one held-out identity each), got {args.clips}")
+    if args.seconds <= 0 or args.long_seconds < 0 or args.drift_seconds <= 0 or args.seed < 0 or args.threads < 0:
+        raise ValueError("--seconds and --drift-seconds must be > 0, --long-seconds, --seed and --threads >= 0")
+    if any(not 0 < x < args.seconds for x in args.prefix_seconds):
+        raise ValueError(f"--prefix-seconds must lie between 0 and --seconds {args.seconds:g}")
 
 
 def run(args: argparse.Namespace) -> int:
     import cv2
+    import torch
     from tqdm import tqdm
 
     from model.engine import Engine
+    from model.train import eval_report
     from model.train import metrics as M
     from model.train.data import speech_bank
 
@@ -297,55 +375,47 @@ def run(args: argparse.Namespace) -> int:
         from model.personal.evaluate import run as run_personal
 
         return run_personal(args)
-    if args.quick:
-        for k, v in QUICK.items():
-            setattr(args, k, v)
-    if args.clips < 1 or args.seconds <= 0 or args.long_seconds < 0 or args.drift_seconds <= 0:
-        raise ValueError("--clips must be >= 1, --seconds and --drift-seconds > 0, --long-seconds >= 0")
+    check_arguments(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     engine = Engine.from_pretrained(args.model)
     cfg = engine.config
-    fps, size = cfg.fps, cfg.height
+    fps, size, sr = cfg.fps, cfg.height, cfg.driving.sample_rate
     n_frames, n_long = int(round(args.seconds * fps)), int(round(args.long_seconds * fps))
-    if n_frames < 4 * cfg.stream.chunk_frames + 2:
-        raise ValueError(f"--seconds {args.seconds:g} is shorter than two chunks; chunk borders cannot be scored")
+    prefixes = tuple(sorted({int(round(x * fps)) for x in args.prefix_seconds}))
+    if min((n_frames, *prefixes)) < 4 * cfg.stream.chunk_frames + 2:
+        raise ValueError("--seconds and --prefix-seconds must be at least two chunks long; chunk borders cannot be scored")
     runs = systems(cfg.stream)
     bank = speech_bank(args.data)
-    rng = np.random.default_rng(args.seed)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    rows: dict[str, list[dict]] = {REFERENCE: [], **{name: [] for name in runs}}  # system -> one dict per clip
-    truth_jitter, strip, engine_frames, engine_time = [], None, 0, 0.0
+    results = []
     t0 = time.perf_counter()
     with tqdm(total=args.clips * n_frames * len(runs) + n_long, unit="frame", desc="eval", file=sys.stderr) as bar:
         for c in range(args.clips):
-            clip = held_out_clip(bank, n_frames, fps, size, rng, cfg.driving.sample_rate)
-            truth, boxes = clip.truth(size), clip.mouth_boxes(size)
-            for name, (knobs, zero_audio) in runs.items():
-                t, chunks = time.perf_counter(), []
-                for f0, frames in iter_stream(engine, clip, knobs, args.seed + c, zero_audio):
-                    chunks.append((f0, frames))
-                    bar.update(len(frames))
-                engine_time, engine_frames = engine_time + time.perf_counter() - t, engine_frames + n_frames
-                gen, starts = np.concatenate([f for _, f in chunks]), [f0 for f0, _ in chunks]
-                rows[name].append(score(gen, truth, boxes, starts))
-                if name == "model":
-                    # The reference baseline is scored with the model's chunk borders.
-                    rows[REFERENCE].append(score(np.broadcast_to(clip.reference, truth.shape), truth, boxes, starts))
-                    truth_jitter.append(M.boundary_jitter(truth, starts))
-                    if c == 0:
-                        strip = strip_image(gen, truth, boxes)
+            clip = held_out_clip(bank, n_frames, fps, size, args.seed + c, sr)
+            results.append(evaluate_clip(engine, clip, runs, size, bar, keep_strip=c == 0, prefixes=prefixes))
+            write_scores(out / "scores.json", command_line(args), results)
         drift = None
         if n_long:
             window = int(round(min(args.drift_seconds, args.long_seconds / 2) * fps))
-            clip = held_out_clip(bank, n_long, fps, size, rng, cfg.driving.sample_rate)
-            model_psnr, ref_psnr = long_run(engine, clip, cfg.stream, args.seed, size, bar)
-            drift = {"window": window / fps, "model": M.identity_drift(model_psnr, window),
-                     REFERENCE: M.identity_drift(ref_psnr, window)}
+            clip = held_out_clip(bank, n_long, fps, size, args.seed + args.clips, sr)
+            model_psnr, ref_psnr = long_run(engine, clip, runs[MODEL], size, bar)
+            drift = {"window": window / fps, "seconds": args.long_seconds, "seed": clip.seed,
+                     MODEL: M.identity_drift(model_psnr, window), REFERENCE: M.identity_drift(ref_psnr, window)}
+    wall = time.perf_counter() - t0
 
-    cv2.imwrite(str(out / "strip.png"), np.ascontiguousarray(strip[..., ::-1]))
-    report = write_report(out, args, engine, rows, float(np.mean(truth_jitter)), drift,
-                          engine_frames / max(engine_time, 1e-9), time.perf_counter() - t0)
+    cv2.imwrite(str(out / "strip.png"), np.ascontiguousarray(results[0].strip[..., ::-1]))
+    speed = args.clips * n_frames * len(runs) / max(sum(r.engine_seconds for r in results), 1e-9)
+    setup = (f"{args.clips} held-out clip(s) x {args.seconds:g} s at {cfg.width}x{cfg.height}, {fps} fps, "
+             f"seeds {args.seed}-{args.seed + args.clips - 1}; model knobs: {eval_report.knobs_text(cfg.stream)}. "
+             "The model is given the speech audio and the pose/blink/gaze/smile/brow motion; never the mouth. "
+             f"Wall time {wall:.0f} s; the engine ran at {speed:.1f} frames/s ({speed / fps:.2f}x real time) "
+             f"with {torch.get_num_threads()} torch thread(s) on this machine during the run (under whatever else "
+             "loaded it).")
+    title = args.model + ("" if engine.trained else " (untrained: seeded random weights)")
+    report = eval_report.render(command_line(args), title, setup, results, list(runs), cfg.stream, drift, fps)
+    (out / "report.md").write_text(report)
     print(report)
     return 0
-
