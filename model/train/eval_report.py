@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Sequence
 
-from model.train.evaluate import METRICS, MODEL, REFERENCE, ZEROED, ClipResult, window_name
+from model.train.eval_results import METRICS, MODEL, REFERENCE, ZEROED, ClipResult, window_name
 from model.train.stats import CONFIDENCE, Interval, paired_difference, t_interval
 
 # Bars (issue 21, "Done when").
