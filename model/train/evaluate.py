@@ -128,17 +128,16 @@ def systems(base) -> dict[str, tuple[object, bool]]:
 def iter_stream(engine, clip: EvalClip, knobs, seed: int, zero_audio: bool = False, n_frames: int | None = None):
     """Stream the clip through the engine; yields (first frame index, (n, H, W, 3) uint8)
     per chunk, the last one cut at `n_frames` (default: the whole clip)."""
-    cfg = engine.config
-    sr, fps = cfg.driving.sample_rate, cfg.fps
+    from model.timeline import StepInput
+
     n = len(clip.motion) if n_frames is None else n_frames
+    audio = np.zeros_like(clip.audio) if zero_audio else clip.audio
     stream = engine.start(clip.reference, knobs, seed=seed)
     try:
         while stream.frame_index < n:
-            f0, k = stream.frame_index, stream.driving_frames
-            audio = clip.audio[round(f0 * sr / fps): round((f0 + k) * sr / fps)]
-            motion = clip.given[f0:f0 + k]  # past the clip's end: not given
-            frames = stream.step(np.zeros_like(audio) if zero_audio else audio, motion if len(motion) else None)
-            yield f0, frames[: n - f0]
+            span = stream.next_span()
+            frames = stream.step(StepInput.from_clip(span, audio, clip.given))  # past the clip's end: not given
+            yield span.frame, frames[: n - span.frame]
     finally:
         stream.close()
 
@@ -223,7 +222,7 @@ JITTER_TOLERANCE = 1.1
 
 
 def bars(rows, truth_jitter: float, drift) -> list[str]:
-    """The bars of issue 4, each with PASS/FAIL and the numbers it was decided on."""
+    """The quality bars, each with PASS/FAIL and the numbers it was decided on."""
     mean = lambda name, m: float(np.mean([clip[m] for clip in rows[name]]))  # noqa: E731
     lines = []
     for m in METRICS[:-1]:
@@ -269,7 +268,7 @@ def write_report(out: Path, args, engine, rows, truth_jitter, drift, speed, wall
         for name in ("model", REFERENCE):
             d = drift[name]
             lines.append(f"| {name} | {d.first:.3f} | {d.last:.3f} | {d.change:+.3f} |")
-    lines += ["", "## Bars (issue 4)", "", *bars(rows, truth_jitter, drift)]
+    lines += ["", "## Bars", "", *bars(rows, truth_jitter, drift)]
     lines += ["", "![generated vs ground truth](strip.png)", "",
               "Strip rows: generated (model), ground truth, generated mouth, ground-truth mouth; first clip."]
     report = "\n".join(lines) + "\n"
@@ -299,7 +298,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = engine.config
     fps, size = cfg.fps, cfg.height
     n_frames, n_long = int(round(args.seconds * fps)), int(round(args.long_seconds * fps))
-    if n_frames < 4 * cfg.stream.chunk_frames + 2:
+    if n_frames < engine.timeline.frames_for_latents(cfg.stream.chunk_frames, first=False) + 2:
         raise ValueError(f"--seconds {args.seconds:g} is shorter than two chunks; chunk borders cannot be scored")
     runs = systems(cfg.stream)
     bank = speech_bank(args.data)
