@@ -161,19 +161,27 @@ def step_group(streams: Sequence["Stream"], inputs: Sequence[StepInput | None],
     x0 = recipe.denoise([s.state for s in streams], plans, knobs, s0.denoise_steps_now, abort_if_requested)
     committed = torch.cat([recipe.finish(s.state, s.knobs, x0[i:i + 1]) for i, s in enumerate(streams)])
     abort_if_requested()
-    frames = []
+    frames, decoded = [], []
     for i, s in enumerate(streams):
-        frames.append(s._decode(committed[i:i + 1]))
+        video = s._decode(committed[i:i + 1])
+        decoded.append(video)
+        frames.append(_to_uint8(video))
         if on_frames is not None:
             on_frames(i, frames[-1])
     # Frames handed out by on_frames belong to the step being undone: the interrupt that
     # asked for the abort flushes them from the playout with everything else not yet shown.
     abort_if_requested()
-    recipe.write([s.state for s in streams], plans, knobs, committed)
+    recipe.write([s.state for s in streams], plans, knobs, committed, decoded)
     for s in streams:
         s.chunks += 1
         s._remake = False
     return frames
+
+
+def _to_uint8(video: Tensor) -> np.ndarray:
+    """(1, 3, n, H, W) in [-1, 1] -> (n, H, W, 3) uint8."""
+    out = ((video[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return out.permute(1, 2, 3, 0).cpu().numpy()
 
 
 @dataclass(frozen=True)
@@ -262,15 +270,15 @@ class Stream:
         span = self.next_span()
         return StepInput(span) if inp is None else inp.checked(span, self.cfg.driving.motion_dim)
 
-    def _decode(self, committed: Tensor) -> np.ndarray:
+    def _decode(self, committed: Tensor) -> Tensor:
+        """Committed latents -> video (1, 3, n, H, W) in [-1, 1], seam-blended when asked."""
         first = self.decoder.frames_out
-        frames = self.decoder.decode(committed)  # (1, 3, n, H, W) in [-1, 1]
+        frames = self.decoder.decode(committed)
         if self.knobs.seam_blend:
             frames = spread_latent_steps(frames, first, self._last_frame, self.knobs.seam_blend,
                                          self.timeline.temporal_stride)
         self._last_frame = frames[:, :, -1].clone()  # a latent's last frame: the blend leaves it as decoded
-        out = ((frames[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-        return out.permute(1, 2, 3, 0).cpu().numpy()  # (n, H, W, 3)
+        return frames
 
     # ----- rewinding (barge-in) and aborts ----------------------------------------------
 

@@ -265,9 +265,10 @@ class KnotForcing:
         return x0[:, :, :c]
 
     def write(self, states: Sequence[KnotState], plans: Sequence[KnotPlan], knobs: StreamKnobs,
-              committed: Tensor) -> None:
+              committed: Tensor, decoded: Sequence[Tensor]) -> None:
         """The cache-writing pass over every stream's committed latents (B, z, c, h, w), then
-        each stream moves on to its next chunk (rebasing when due)."""
+        each stream moves on to its next chunk (rebasing when due). The decoded frames are
+        not needed here."""
         c = knobs.chunk_frames
         write_clean(self.model.dit, BatchedStreaming([Streaming(s.reference, s.window, write=True) for s in states]),
                     committed, torch.stack([p.pos for p in plans])[:, :c],

@@ -59,8 +59,11 @@ class Recipe(Protocol[State, Plan, Snapshot]):
     def finish(self, state: State, knobs: StreamKnobs, x0: Tensor) -> Tensor:
         """One stream's clean latents -> the latents it commits (decoded and cached)."""
 
-    def write(self, states: Sequence[State], plans: Sequence[Plan], knobs: StreamKnobs, committed: Tensor) -> None:
-        """After the decode: update every stream's caches for its next step, advance it."""
+    def write(self, states: Sequence[State], plans: Sequence[Plan], knobs: StreamKnobs, committed: Tensor,
+              decoded: Sequence[Tensor]) -> None:
+        """After the decode: update every stream's caches for its next step and advance it.
+        decoded[i]: stream i's frames (1, 3, n, H, W) in [-1, 1] (what a family that
+        re-encodes its last frames, as FlashHead's motion latents, reads)."""
 
     def forget_from(self, state: State, frame: int) -> None:
         """The driving changed from video frame `frame` on: drop predictions made with the old one."""
