@@ -6,9 +6,9 @@
 Model: the `wan-1.3b` preset (832x480, 16 fps, chunk 3 + knot 1 latent frames, window 12,
 4 denoising steps) with seeded random weights; numbers do not depend on the weights.
 Rows, each measured in the same run:
-- ours, 1/2/4/8 sessions: `Engine.step_many` over N streams (today it loops over them;
-  it shows the gain once batching lands). Each run starts N streams, steps them until
-  the window is full (warm-up), then times `--chunks` more calls;
+- ours, 1/2/4/8 sessions: `Engine.step_many` over N streams (one batched forward per
+  model pass). Each run starts N streams, steps them until the window is full
+  (warm-up), then times `--chunks` more calls;
 - baseline, 1 session: `bench/self_forcing_baseline.py` (dense block-causal attention
   over a growing cache, no window, no knots, same DiT/VAE modules), timed at the same
   stream length;
@@ -151,7 +151,11 @@ class Bench:
         return self.torch.cuda.max_memory_allocated() / 2**30 if self.device.type == "cuda" else None
 
     def audio(self, stream):
-        return (self.rng.standard_normal(stream.audio_samples_needed) * 0.1).astype("float32")
+        """Noise driving of the stream's next step."""
+        from model.timeline import StepInput
+
+        span = stream.next_span()
+        return StepInput(span, (self.rng.standard_normal(span.samples) * 0.1).astype("float32"))
 
     def ours(self, n: int) -> Row:
         """N streams stepped together through `Engine.step_many`."""
@@ -159,17 +163,17 @@ class Bench:
         a = self.args
         t0 = time.perf_counter()
         streams = [self.engine.start(self.reference, self.knobs, seed=a.seed + i) for i in range(n)]
-        self.engine.step_many(streams, [self.audio(s) for s in streams], [None] * n)
+        self.engine.step_many(streams, [self.audio(s) for s in streams])
         first = time.perf_counter() - t0
         for _ in range(a.warmup_chunks - 1):
-            self.engine.step_many(streams, [self.audio(s) for s in streams], [None] * n)
+            self.engine.step_many(streams, [self.audio(s) for s in streams])
         times, flops, frames = [], [], 0
         for _ in range(a.chunks):
             audios = [self.audio(s) for s in streams]
-            flops.append(sum(ours_chunk_flops(self.cfg, self.knobs, s.window.length) for s in streams))
+            flops.append(sum(ours_chunk_flops(self.cfg, self.knobs, s.state.window.length) for s in streams))
             self.sync()
             t = time.perf_counter()
-            out = self.engine.step_many(streams, audios, [None] * n)
+            out = self.engine.step_many(streams, audios)
             times.append(time.perf_counter() - t)
             frames = sum(len(f) for f in out)
         for s in streams:

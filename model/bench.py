@@ -32,71 +32,85 @@ def _time(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def run(args: argparse.Namespace) -> int:
+def _ours(engine, lengths: list[int], repeats: int) -> dict[int, tuple[float, float]]:
+    """One stream, timed at each requested length: length -> (ms per chunk, frames/s)."""
     import numpy as np
-    import torch
 
-    from model.dit import FullSequence
-    from model.engine import Engine
-    from model.sampler import get_sigmas
+    from model.timeline import StepInput
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    lengths = sorted({int(x) for x in args.lengths.split(",")})
-    engine = Engine.from_pretrained(args.model)
     cfg = engine.config
-    knobs = cfg.stream
-    c = knobs.chunk_frames
-    image = np.full((cfg.height, cfg.width, 3), 128, dtype=np.uint8)
     rng = np.random.default_rng(0)
-    fps = cfg.fps
+    stream = engine.start(np.full((cfg.height, cfg.width, 3), 128, dtype=np.uint8), cfg.stream, seed=0)
 
-    # Ours: one stream, timed at each requested length.
-    ours = {}
-    stream = engine.start(image, knobs, seed=0)
-    done = 0
+    def noise_driving() -> StepInput:
+        span = stream.next_span()
+        return StepInput(span, rng.standard_normal(span.samples).astype(np.float32) * 0.1)
+
+    ours, done = {}, 0
     for n in lengths:
-        while done < n - args.repeats:
-            stream.step(rng.standard_normal(stream.audio_samples_needed).astype(np.float32) * 0.1)
+        while done < n - repeats:
+            stream.step(noise_driving())
             done += 1
         per = []
-        for _ in range(args.repeats):
-            audio = rng.standard_normal(stream.audio_samples_needed).astype(np.float32) * 0.1
+        for _ in range(repeats):
+            driving = noise_driving()
             t0 = time.perf_counter()
-            frames = stream.step(audio)
+            frames = stream.step(driving)
             per.append((time.perf_counter() - t0, len(frames)))
             done += 1
         ms = statistics.median(p[0] for p in per) * 1000
         ours[n] = (ms, per[-1][1] / (ms / 1000))
+    return ours
 
-    # Baseline: the same DiT re-running [reference | all past frames | chunk] per step.
-    dit = engine.model.dit
-    h, w = cfg.latent_hw
-    z = cfg.vae.z_channels
-    T = cfg.tokens_per_frame
-    steps = knobs.denoise_steps
+
+def _baseline(engine, lengths: list[int], repeats: int, max_chunks: int) -> dict[int, tuple[float, float]]:
+    """The same DiT re-running [reference | all past frames | chunk] per denoising step."""
+    import torch
+
+    from model.dit import FullSequence
+    from model.sampler import get_sigmas
+
+    cfg, knobs, dit = engine.config, engine.config.stream, engine.model.dit
+    c, stride = knobs.chunk_frames, engine.timeline.temporal_stride
+    (h, w), z, T = cfg.latent_hw, cfg.vae.z_channels, cfg.tokens_per_frame
     base = {}
     for n in lengths:
-        if n > args.baseline_max_chunks:
+        if n > max_chunks:
             continue
         frames_total = 1 + n * c  # reference + history + chunk
         x = torch.randn(1, z, frames_total, h, w)
         t = torch.zeros(1, frames_total)
         pos = torch.arange(frames_total, dtype=torch.float64)
         ctx = FullSequence(prefix_len=T, chunk_len=c * T, window_len=None)
-        drive = torch.zeros(1, frames_total - 1, 4 * cfg.driving.tokens_per_frame, cfg.dit.drive_dim)
+        drive = torch.zeros(1, frames_total - 1, stride * cfg.driving.tokens_per_frame, cfg.dit.drive_dim)
 
         def chunk():
             with torch.inference_mode():
-                for _ in get_sigmas(steps, knobs.shift)[:-1]:
+                for _ in get_sigmas(knobs.denoise_steps, knobs.shift)[:-1]:
                     dit(x, t, pos, ctx, drive=drive)
 
-        ms = _time(chunk, args.repeats) * 1000
-        base[n] = (ms, 4 * c / (ms / 1000))
+        ms = _time(chunk, repeats) * 1000
+        base[n] = (ms, stride * c / (ms / 1000))
+    return base
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from model.engine import Engine
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    lengths = sorted({int(x) for x in args.lengths.split(",")})
+    engine = Engine.from_pretrained(args.model)
+    cfg, knobs = engine.config, engine.config.stream
+    c, fps, stride = knobs.chunk_frames, cfg.fps, engine.timeline.temporal_stride
+    ours = _ours(engine, lengths, args.repeats)
+    base = _baseline(engine, lengths, args.repeats, args.baseline_max_chunks)
 
     print(f"engine benchmark: model {args.model} ({cfg.width}x{cfg.height}, {fps} fps), "
-          f"chunk {c} latent frames = {4 * c} video frames, window {knobs.window_frames}, "
-          f"knot {knobs.knot_frames}, {steps} steps, torch threads {torch.get_num_threads()}"
+          f"chunk {c} latent frames = {stride * c} video frames, window {knobs.window_frames}, "
+          f"knot {knobs.knot_frames}, {knobs.denoise_steps} steps, torch threads {torch.get_num_threads()}"
           + ("" if engine.trained else ", seeded random weights"))
     print()
     print("| stream length (chunks) | ours ms/chunk | ours frames/s | real-time factor | "

@@ -8,6 +8,8 @@ positions (running ahead, rebasing) rotates them in place.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
@@ -46,6 +48,20 @@ class ReferenceCache:
 
     def nbytes(self) -> int:
         return self.k.numel() * self.k.element_size() * 2
+
+    def snapshot(self) -> "ReferenceSnapshot":
+        """The keys and position as they are now (the values never change after encoding)."""
+        return ReferenceSnapshot(self.k.clone(), self.position)
+
+    def restore(self, snap: "ReferenceSnapshot") -> None:
+        self.k.copy_(snap.k)
+        self.position = snap.position
+
+
+@dataclass(frozen=True)
+class ReferenceSnapshot:
+    k: Tensor
+    position: float
 
 
 class WindowCache:
@@ -105,10 +121,12 @@ class WindowCache:
             self.k[layer, :, :, :(keep - n1) * T].copy_(k[:, :, n1 * T:])
             self.v[layer, :, :, :(keep - n1) * T].copy_(v[:, :, n1 * T:])
 
-    def save_slots(self, n_frames: int) -> "SlotUndo":
-        """What the next `n_frames` committed frames will overwrite, so `undo()` can put it back
-        (barge-in rewinds a stream by whole chunks; only the overwritten slots are copied,
-        not the whole window)."""
+    def snapshot(self, n_frames: int) -> "WindowSnapshot":
+        """The ring position and what the next `n_frames` committed frames will overwrite.
+
+        Only those slots are copied, not the whole window, so a snapshot restores the
+        cache as it was only when the snapshots taken after it have been restored first
+        (newest first): a stream rewinds by whole steps, one snapshot per step."""
         keep = min(n_frames, self.capacity)
         T = self.tokens_per_frame
         pieces = []
@@ -116,15 +134,15 @@ class WindowCache:
             slot = (self.head + i) % self.capacity
             pieces.append((slot, self.k[:, :, :, slot * T:(slot + 1) * T].clone(),
                            self.v[:, :, :, slot * T:(slot + 1) * T].clone()))
-        return SlotUndo(self.head, self.length, pieces)
+        return WindowSnapshot(self.head, self.length, tuple(pieces))
 
-    def undo(self, saved: "SlotUndo") -> None:
-        """Put back the slots and ring position saved by `save_slots` (newest save first)."""
+    def restore(self, snap: "WindowSnapshot") -> None:
+        """Put back the slots and ring position of `snap` (see `snapshot` for the order)."""
         T = self.tokens_per_frame
-        for slot, k, v in saved.pieces:
+        for slot, k, v in snap.pieces:
             self.k[:, :, :, slot * T:(slot + 1) * T].copy_(k)
             self.v[:, :, :, slot * T:(slot + 1) * T].copy_(v)
-        self.head, self.length = saved.head, saved.length
+        self.head, self.length = snap.head, snap.length
 
     def commit(self, n_frames: int) -> None:
         if self.capacity == 0:
@@ -161,11 +179,13 @@ class ContextKV:
         return self.k.numel() * self.k.element_size() * 2
 
 
-class SlotUndo:
-    """Ring position and overwritten slot contents saved before one commit."""
+@dataclass(frozen=True)
+class WindowSnapshot:
+    """Ring position and the contents of the slots the next commit overwrites: (slot, k, v)."""
 
-    def __init__(self, head: int, length: int, pieces: list[tuple[int, Tensor, Tensor]]):
-        self.head, self.length, self.pieces = head, length, pieces
+    head: int
+    length: int
+    pieces: tuple[tuple[int, Tensor, Tensor], ...]
 
 
 def _rotate_keys(k: Tensor, rope: Rope3D, delta: float) -> None:

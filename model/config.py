@@ -102,9 +102,9 @@ class DiTConfig:
 
 @dataclass
 class SamplerConfig:
-    """Flow-matching few-step sampler."""
+    """Flow-matching schedule the model was trained with (the steps a stream runs are `StreamKnobs`)."""
 
-    denoise_steps: int = 4
+    # Training noise levels are shifted toward high noise by this (model/train/chunks.py).
     shift: float = 5.0
     # Training runs on 1000 discrete timesteps, as Wan; the model sees t in [0, 1000].
     num_train_timesteps: int = 1000
@@ -190,6 +190,8 @@ class ModelConfig:
     # What the weights were trained on (TRAINING_DOMAINS): the server tells a client whose
     # uploaded photo the model has never seen the like of (server/notices.py).
     domain: str = "cartoon"
+    # The model family's chunk step (model/recipe.py RECIPES).
+    recipe: str = "knot-forcing"
 
     def __post_init__(self) -> None:
         if self.domain not in TRAINING_DOMAINS:
@@ -216,6 +218,7 @@ class ModelConfig:
     def from_dict(cls, d: dict) -> "ModelConfig":
         def build(kind, values):
             names = {f.name for f in dataclasses.fields(kind) if f.init}
+            values = {k: v for k, v in values.items() if k not in _RETIRED_FIELDS.get(kind.__name__, ())}
             unknown = set(values) - {f.name for f in dataclasses.fields(kind)}
             if unknown:
                 raise ValueError(f"unknown {kind.__name__} fields: {sorted(unknown)}")
@@ -235,19 +238,25 @@ class ModelConfig:
             reference_hint=d.get("reference_hint", True),
             # A file without the field is one of the project's own procedural-world models (the bundled tiny).
             domain=d.get("domain", "cartoon"),
+            recipe=d.get("recipe", "knot-forcing"),
         )
 
 
+# Fields older model files carry that no longer configure anything: the number of
+# denoising steps is a stream knob (`StreamKnobs.denoise_steps`), read from "stream".
+_RETIRED_FIELDS = {"SamplerConfig": ("denoise_steps",)}
+
+
 def _tiny() -> ModelConfig:
-    # Sized for 2x real time on 2 CPU cores at 128x128, 25 fps: 64 tokens per latent
-    # frame; a DiT pass ~22 ms, the decoder (widths 32/64/128, the full-resolution level
-    # is encoder-only) ~22 ms per 8 frames. See docs/benchmarks.md.
+    # Sized for real time on 2 CPU cores at 128x128, 25 fps: 64 tokens per latent frame, a
+    # decoder of widths 32/64/128 (the full-resolution level is encoder-only). Measured
+    # costs: docs/benchmarks.md.
     return ModelConfig(
         name="tiny",
         dit=DiTConfig(dim=256, ffn_dim=1024, num_heads=4, num_layers=6, drive_dim=256),
         vae=VAEConfig(z_channels=16, base_channels=32, channel_mults=(1, 1, 2, 4)),
         driving=DrivingConfig(hidden=256),
-        sampler=SamplerConfig(denoise_steps=4, shift=3.0),
+        sampler=SamplerConfig(shift=3.0),
         stream=StreamKnobs(chunk_frames=2, window_frames=6, knot_frames=1, ahead_frames=4,
                            denoise_steps=4, shift=3.0),
         height=128,
@@ -264,7 +273,7 @@ def _wan_1_3b() -> ModelConfig:
                       drive_dim=1536, latent_channels=16, cond_mask_channels=4),
         vae=VAEConfig(z_channels=16, base_channels=96, channel_mults=(1, 2, 4, 4)),
         driving=DrivingConfig(hidden=1024),
-        sampler=SamplerConfig(denoise_steps=4, shift=5.0),
+        sampler=SamplerConfig(shift=5.0),
         stream=StreamKnobs(chunk_frames=3, window_frames=12, knot_frames=1, ahead_frames=4,
                            denoise_steps=4, shift=5.0),
         height=480,

@@ -1,23 +1,17 @@
-"""Engine and Stream: the chunk loop of Knot Forcing.
+"""Engine and Stream: the chunk loop, generic over the model family's recipe.
 
-One `Stream` per live session. Each `step()` generates one chunk:
+One `Stream` per live session. `Stream.step(StepInput)` generates one chunk from exactly
+the driving of that chunk's span (model/timeline.py): the recipe (model/recipe.py; the
+Knot Forcing one in model/knot_forcing.py) plans and denoises the chunk's latents, the
+streaming VAE decoder turns the committed ones into frames (then the seam blend,
+`seam_blend`, spreads each latent frame's step over its video frames: model/seams.py), and
+the recipe updates its caches for the next chunk. The stream keeps no driving history:
+whoever owns the session's timeline (streaming/driving.py) hands each step its driving.
 
-1. running ahead: if the chunk would pass the reference's temporal coordinate, move the
-   reference forward by `ahead_frames` (a rotation of the cached reference keys);
-2. denoise `chunk_frames + knot_frames` latent frames with few-step Euler; queries see
-   the reference cache, the window ring buffer and the chunk itself; the first
-   `knot_frames` are conditioned (image-to-video mask + latent) on the previous chunk's
-   knot prediction, and fused with it at the last step;
-3. write the committed `chunk_frames` clean frames into the window cache by one extra
-   pass at noise level 0 (as Self Forcing), condition without knot; knot frames are never
-   cached, they become the next chunk's condition;
-4. decode the committed latents with the streaming VAE decoder (then the seam blend,
-   `seam_blend`, spreads each latent frame's step over its video frames: model/seams.py);
-5. rebase positions when they exceed `rebase_every` (rotate every cached key by the
-   same negative offset: attention is unchanged, numbers stay small).
-
-Latent frame f covers video frames [4f - 3, 4f] (frame 0 alone, as Wan's VAE), so the
-first step returns 4c - 3 frames and every later one 4c.
+The generation worker steps many streams at once (`Engine.step_many`): streams with the
+same `batch_key` share every model pass. A stream that keeps history (`keep_history`)
+can be rewound by whole steps (`rewind_point` + `restore`) and a step in progress can be
+aborted from another thread (`request_abort`), leaving the stream as before that step.
 """
 
 from __future__ import annotations
@@ -27,61 +21,25 @@ import threading
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from model import driving as drv
 from model.avatar import AvatarModel
-from model.cache import ReferenceCache, WindowCache
 from model.config import PRESETS, ModelConfig, StreamKnobs, from_name
-from model.dit import BatchedStreaming, EncodeReference, Streaming
 from model.media import fit_portrait
-from model.sampler import denoise, get_sigmas
+from model.recipe import Recipe, recipe_for
 from model.seams import spread_latent_steps
+from model.timeline import StepInput, StepSpan, Timeline
+from model.vae import DecoderSnapshot
 
 log = logging.getLogger("knotstream.engine")
 
 ASSETS = Path(__file__).parent / "assets"
 
-
-def build_cond(cfg: ModelConfig, reference_latent: Tensor, knot: Tensor | None, n_frames: int) -> Tensor:
-    """Image-to-video condition of a chunk: (B, mask + z, n_frames, h, w).
-
-    The first knot frames carry the previous chunk's knot prediction with mask 1; the
-    other frames carry the reference latent with mask 0 when `cfg.reference_hint` is on
-    (zeros otherwise). The trainer builds its conditions with this same function.
-    """
-    B, z, _, h, w = reference_latent.shape
-    n_mask = cfg.dit.in_channels - 2 * z
-    cond = reference_latent.new_zeros(B, n_mask + z, n_frames, h, w)
-    if cfg.reference_hint:
-        cond[:, n_mask:] = reference_latent
-    if knot is not None:
-        kn = knot.shape[2]
-        cond[:, :n_mask, :kn] = 1.0
-        cond[:, n_mask:, :kn] = knot
-    return cond
-
-
-def latent_driving_tokens(encoder, cfg: ModelConfig, mel: Tensor, mel_offset: int, motion: Tensor,
-                          first_frame: int, n_latents: int) -> Tensor:
-    """Driving tokens of `n_latents` latent frames whose video frames start at `first_frame`.
-
-    mel: (B, n_mel, n_mels) log-mel whose row 0 is mel frame `mel_offset` of the stream;
-    motion: (B, 4 * n_latents, motion_dim) for those video frames.
-    Returns (B, n_latents, 4 * tokens_per_frame, drive_dim): each latent frame gets the
-    tokens of its own 4 video frames (and, inside each audio window, the lookahead).
-    The engine and the trainer both call this.
-    """
-    n_frames = 4 * n_latents
-    win = torch.stack([drv.audio_windows(m, cfg.fps, first_frame, n_frames, cfg.driving, mel_offset=mel_offset)
-                       for m in mel])  # (B, n_frames, win, n_mels)
-    tokens = encoder(win, motion)  # (B, n_frames, M, D)
-    B, _, M, D = tokens.shape
-    return tokens.reshape(B, n_latents, 4 * M, D)
+OnFrames = Callable[[int, np.ndarray], None]
 
 
 class Engine:
@@ -95,6 +53,8 @@ class Engine:
         self.dtype = dtype
         self.trained = trained
         self.max_group = 8  # streams per batched forward (step_many)
+        self.recipe: Recipe = recipe_for(self.model, self.device, dtype)
+        self.timeline = Timeline.of(self.config)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str = "tiny", device: str = "cpu",
@@ -119,15 +79,14 @@ class Engine:
         """reference: (H, W, 3) uint8 RGB portrait of any size (cropped/resized to the model's)."""
         return Stream(self, reference, knobs or self.config.stream, seed)
 
-    def step_many(self, streams: list["Stream"], audios: list[np.ndarray | None],
-                  motions: list[np.ndarray | None],
-                  on_frames: Callable[[int, np.ndarray], None] | None = None) -> list[np.ndarray]:
+    def step_many(self, streams: Sequence["Stream"], inputs: Sequence[StepInput | None],
+                  on_frames: OnFrames | None = None) -> list[np.ndarray | None]:
         """The generation worker's batch: streams with the same `batch_key` are stepped
-        together (one forward per denoising pass, `step_group`), up to `max_group` at a time;
+        together (one forward per model pass, `step_group`), up to `max_group` at a time;
         the result equals stepping each alone. A group whose step was aborted
         (`Stream.request_abort`) gives None for each of its streams. on_frames(i, frames):
         called with stream i's frames as soon as they are decoded, before the step's
-        cache-writing pass (the frames can go out one DiT pass sooner)."""
+        cache-writing pass (the frames can go out one model pass sooner)."""
         out: list[np.ndarray | None] = [None] * len(streams)
         groups: dict[tuple, list[int]] = {}
         for i, s in enumerate(streams):
@@ -137,8 +96,7 @@ class Engine:
                 part = idx[j:j + self.max_group]
                 early = None if on_frames is None else (lambda j, f, part=part: on_frames(part[j], f))
                 try:
-                    frames = step_group([streams[i] for i in part], [audios[i] for i in part],
-                                        [motions[i] for i in part], early)
+                    frames = step_group([streams[i] for i in part], [inputs[i] for i in part], early)
                 except StepAborted:
                     continue
                 for i, f in zip(part, frames):
@@ -146,131 +104,97 @@ class Engine:
         return out
 
 
-@dataclass
-class _ChunkPlan:
-    pos: Tensor              # (Fr,) temporal positions
-    drive: Tensor            # (1, Fr, M, drive_dim) driving tokens
-    cond: Tensor             # (1, mask + z, Fr, h, w) image-to-video condition
-    prev: Tensor | None      # previous knot prediction (fused at the last step)
-    noise: Tensor            # (1, z, Fr, h, w)
+class StepAborted(Exception):
+    """A step stopped early at `request_abort()`; the stream is as before the step."""
 
 
 def batch_key(stream: "Stream") -> tuple:
-    """Streams with equal keys can be stepped in one batched forward (same chunk geometry and
-    sampler schedule); positions, caches, driving and knots may differ."""
-    k = stream.knobs
-    return (id(stream.engine), k.chunk_frames, k.knot_frames, stream.denoise_steps_now, k.shift, k.knot_fusion)
+    """Streams with equal keys can be stepped in one batched forward (same recipe, chunk
+    geometry and sampler schedule); positions, caches, driving and knots may differ."""
+    return id(stream.engine), stream.engine.recipe.batch_key(stream.knobs), stream.denoise_steps_now
 
 
 @torch.inference_mode()
-def step_group(streams: list["Stream"], audios: list, motions: list,
-               on_frames: Callable[[int, np.ndarray], None] | None = None) -> list[np.ndarray]:
-    """One chunk for every stream (all with the same `batch_key`), each denoising pass and the
-    cache-writing pass as ONE forward over the batch; the attention core, VAE decode and the
-    cache bookkeeping stay per stream. The result equals stepping them one by one.
+def step_group(streams: Sequence["Stream"], inputs: Sequence[StepInput | None],
+               on_frames: OnFrames | None = None) -> list[np.ndarray]:
+    """One chunk for every stream (all with the same `batch_key`), each model pass as ONE
+    forward over the batch; the VAE decode stays per stream. The result equals stepping
+    them one by one:
 
-    1. per stream: driving in, running ahead, positions, condition (previous knot), noise;
-    2. denoise chunk + knot frames with few-step Euler, batched; each row's first
-       `knot_frames` are fused with its previous knot prediction at the last step;
-    3. per stream: decode with the streaming VAE (`on_frames(i, frames)` hands them out now);
-    4. write the committed clean frames into each window cache (one batched pass at noise
-       level 0, condition without knot); knot frames are never cached; advance, rebase when due.
-    The cache write comes after the decode because no frame depends on it: it is for the
-    next step, so the frames go out one DiT pass sooner.
+    1. per stream: its driving checked (before any stream changes: a bad input changes
+       nothing), a snapshot kept when it keeps history, the recipe's plan;
+    2. the recipe denoises every chunk, batched;
+    3. per stream: the committed latents decoded (`on_frames(i, frames)` hands them out now);
+    4. the recipe's write pass, batched (after the decode: no frame of this step depends on
+       it, so the frames go out one model pass sooner).
     Raises StepAborted when an abort was requested for any stream and every stream keeps
     history (all are then restored as before the step)."""
     if len({batch_key(s) for s in streams}) != 1:
-        raise ValueError("step_group needs streams with the same batch_key (chunk geometry and sampler)")
-    for s, a, mo in zip(streams, audios, motions):
-        s._check_driving(a, mo)  # before any stream changes: a bad input changes nothing
+        raise ValueError("step_group needs streams with the same batch_key (recipe, chunk geometry and sampler)")
+    checked = [s._checked(inp) for s, inp in zip(streams, inputs)]
     s0 = streams[0]
-    k, eng = s0.knobs, s0.engine
-    m, dev = eng.model, eng.device
-    c, kn = k.chunk_frames, k.knot_frames
-    Fr, B = c + kn, len(streams)
+    recipe, knobs = s0.engine.recipe, s0.knobs
+    for s in streams:
+        if s._history is not None:
+            s._history.append(s._snapshot())
     plans = []
     try:
-        for s, a, mo in zip(streams, audios, motions):
-            plans.append(s._begin(a, mo))
+        for s, inp in zip(streams, checked):
+            plans.append(recipe.plan(s.state, s.knobs, inp, s.generator))
     except Exception:
-        for s in streams[:len(plans)]:  # streams already begun go back as they were
+        for s in streams:  # as they were
             if s._history is not None:
-                s._restore(s._history.pop())
+                s.restore(s._history[-1])
         raise
-    pos = torch.stack([p.pos for p in plans])  # (B, Fr)
-    drive = torch.cat([p.drive for p in plans])
-    cond = torch.cat([p.cond for p in plans])
-    ctx = BatchedStreaming([Streaming(s.reference, s.window, write=False) for s in streams])
     abortable = all(s._history is not None for s in streams)
 
     def abort_if_requested() -> None:
-        """Checked before every DiT pass and the decode: until the cache write nothing is
-        committed (the decoder caches and knot are in the undo entry), so the step can still
-        be undone. An interrupt then waits for at most one DiT pass or one decode."""
+        """Checked before every model pass and the decode: until the write pass nothing is
+        committed, so the step can still be undone. An interrupt then waits for at most
+        one model pass or one decode."""
         if abortable and any(s._abort.is_set() for s in streams):
             for s in streams:  # as if the step never started
                 s._abort.clear()
-                s._restore(s._history.pop())
+                s.restore(s._history[-1])
             raise StepAborted(f"step of {[s.frame_index for s in streams]} aborted")
 
-    def velocity(x: Tensor, sigma: float) -> Tensor:
-        abort_if_requested()
-        # Timesteps stay float32: in bf16, values in [512, 1000) would snap to multiples of 4.
-        t = torch.full((B, Fr), sigma * s0.cfg.sampler.num_train_timesteps, device=dev, dtype=torch.float32)
-        return m.dit(x, t, pos, ctx, cond=cond, drive=drive)
-
-    def fuse_knot(x0: Tensor) -> Tensor:
-        for i, p in enumerate(plans):
-            if p.prev is not None:
-                x0[i:i + 1, :, :kn] = k.knot_fusion * p.prev + (1 - k.knot_fusion) * x0[i:i + 1, :, :kn]
-        return x0
-
-    x0 = denoise(velocity, torch.cat([p.noise for p in plans]), get_sigmas(s0.denoise_steps_now, k.shift),
-                 on_last=fuse_knot)
-    committed = torch.cat([s._finish(x0[i:i + 1]) for i, s in enumerate(streams)])
+    x0 = recipe.denoise([s.state for s in streams], plans, knobs, s0.denoise_steps_now, abort_if_requested)
+    committed = torch.cat([recipe.finish(s.state, s.knobs, x0[i:i + 1]) for i, s in enumerate(streams)])
     abort_if_requested()
-    frames = []
+    frames, decoded = [], []
     for i, s in enumerate(streams):
-        frames.append(s._decode(committed[i:i + 1]))
+        video = s._decode(committed[i:i + 1])
+        decoded.append(video)
+        frames.append(_to_uint8(video))
         if on_frames is not None:
             on_frames(i, frames[-1])
     # Frames handed out by on_frames belong to the step being undone: the interrupt that
     # asked for the abort flushes them from the playout with everything else not yet shown.
     abort_if_requested()
-
-    t0 = torch.zeros(B, c, device=dev, dtype=torch.float32)
-    write = BatchedStreaming([Streaming(s.reference, s.window, write=True) for s in streams])
-    cond0 = torch.cat([build_cond(s.cfg, s.reference_latent, None, c) for s in streams])
-    m.dit(committed, t0, pos[:, :c], write, cond=cond0, drive=drive[:, :c])
+    recipe.write([s.state for s in streams], plans, knobs, committed, decoded)
     for s in streams:
-        s.window.commit(c)
-        s._advance()
+        s.chunks += 1
+        s._remake = False
     return frames
 
 
-class StepAborted(Exception):
-    """`Stream.step` stopped early at `request_abort()`; the stream is as before the step."""
+def _to_uint8(video: Tensor) -> np.ndarray:
+    """(1, 3, n, H, W) in [-1, 1] -> (n, H, W, 3) uint8."""
+    out = ((video[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return out.permute(1, 2, 3, 0).cpu().numpy()
 
 
-@dataclass
-class _Undo:
-    """Everything one step() changes, saved before it (see `Stream.keep_history`)."""
+@dataclass(frozen=True)
+class StreamSnapshot:
+    """A stream as it was before one step (`Stream.rewind_point`)."""
 
-    next_latent: int
-    offset: int
+    frame: int                 # the stream's frame_index then
     chunks: int
-    knot: Tensor | None
     generator: Tensor
-    audio: np.ndarray
-    audio_origin: int
-    motion: dict
-    reference_k: Tensor
-    reference_position: float
-    window: object          # model.cache.SlotUndo
-    decoder: list
-    decoder_first: bool
-    decoder_counts: tuple[int, int]
+    state: object              # the recipe's snapshot of its state
+    decoder: DecoderSnapshot
     last_frame: Tensor | None
+    remake: bool
 
 
 class Stream:
@@ -279,274 +203,128 @@ class Stream:
     def __init__(self, engine: Engine, reference: np.ndarray, knobs: StreamKnobs, seed: int):
         self.engine = engine
         self.knobs = knobs
-        cfg = engine.config
-        self.cfg = cfg
-        m = engine.model
-        dev, dt = engine.device, engine.dtype
+        self.cfg = engine.config
+        self.timeline = engine.timeline
         self.generator = torch.Generator(device="cpu").manual_seed(seed)
-        self.latent_hw = cfg.latent_hw
-        T = cfg.tokens_per_frame
-        d = cfg.dit
-        self.reference = ReferenceCache(d.num_layers, 1, d.num_heads, T, d.head_dim, dt, dev)
-        self.window = WindowCache(d.num_layers, 1, d.num_heads, knobs.window_frames, T, d.head_dim, dt, dev)
-        self.rope = m.dit.rope
-
-        self.next_latent = 0           # latent index of the next chunk's first frame
-        self.offset = 0                # positions are (latent index + 1 - offset)
-        self.knot: Tensor | None = None  # previous chunk's knot prediction (B, z, k, h, w)
         self.chunks = 0
         self.closed = False
-        self._history: deque[_Undo] | None = None  # undo entries of the last steps (keep_history)
+        self._closed_span: StepSpan | None = None
+        self._history: deque[StreamSnapshot] | None = None  # snapshots before the last steps (keep_history)
         self._abort = threading.Event()  # set from another thread: stop the step in progress
-        self._regenerating = False  # the next step remakes frames after a rewind (rewind_denoise_steps)
-        self._muted = (0, 0)  # audio samples [lo, hi) read as silence by the model (prepare_remake)
+        self._remake = False  # the next step remakes frames after a rewind (rewind_denoise_steps)
         self._last_frame: Tensor | None = None  # last decoded frame (1, 3, H, W): the seam blend's past
 
-        self._audio = np.zeros(0, dtype=np.float32)  # history, starting at sample self._audio_origin
-        self._audio_origin = 0
-        self._motion: dict[int, np.ndarray] = {}     # video frame -> motion vector (given fields only)
-
-        image = fit_portrait(reference, cfg.height, cfg.width)
+        image = fit_portrait(reference, self.cfg.height, self.cfg.width)
         self.reference_image = image
+        m, dev, dt = engine.model, engine.device, engine.dtype
         with torch.inference_mode():
             video = torch.from_numpy(image).to(dev, dt).permute(2, 0, 1)[None, :, None] / 127.5 - 1  # (1, 3, 1, H, W)
-            self.reference_latent = m.vae.encode(video)  # (1, z, 1, h, w)
+            reference_latent = m.vae.encode(video)  # (1, z, 1, h, w)
             self.decoder = m.vae.stream_decoder(reference=video)  # a reference-conditioned decoder copies from it
-            # Running ahead off: the reference sits at position 0 and frames start at 1.
-            self.reference.position = float(self._chunk_span_end(0) + knobs.ahead_frames) if knobs.ahead_frames else 0.0
-            pos = torch.tensor([self.reference.position], dtype=torch.float64)
-            zero_t = torch.zeros(1, 1, device=dev)
-            m.dit(self.reference_latent, zero_t, pos, EncodeReference(self.reference))
+            self.state = engine.recipe.start(reference_latent, knobs)
 
     # ----- geometry -------------------------------------------------------------------
 
-    def _chunk_span_end(self, latent: int) -> int:
-        """Exclusive end position of the chunk (with knots) starting at `latent`."""
-        return latent + 1 - self.offset + self.knobs.chunk_frames + self.knobs.knot_frames
+    def next_span(self) -> StepSpan:
+        """The frames the next step returns and the driving it reads."""
+        if self._closed_span is not None:
+            return self._closed_span
+        return self.engine.recipe.span(self.state, self.knobs)
 
     @property
     def frame_index(self) -> int:
         """Index of the first video frame the next step() returns."""
-        return 0 if self.next_latent == 0 else 4 * self.next_latent - 3
+        return self.next_span().frame
 
     @property
     def next_frames(self) -> int:
         """Video frames the next step() returns."""
-        c = self.knobs.chunk_frames
-        return 4 * c - 3 if self.next_latent == 0 else 4 * c
+        return self.next_span().frames
 
     @property
     def driving_frames(self) -> int:
-        """Video frames of driving the next step() reads, from `frame_index`: its own frames,
-        the knot frames' and the audio lookahead."""
-        last = 4 * (self.next_latent + self.knobs.chunk_frames + self.knobs.knot_frames - 1)
-        return last + 1 - self.frame_index + self.cfg.driving.lookahead_frames
-
-    @property
-    def audio_samples_needed(self) -> int:
-        return self._sample(self.frame_index + self.driving_frames) - self._sample(self.frame_index)
-
-    def _sample(self, frame: int) -> int:
-        """First audio sample of a video frame: the driving module's exact rule."""
-        return drv.frame_start_sample(frame, self.cfg.fps, self.cfg.driving)
-
-    # ----- driving --------------------------------------------------------------------
-
-    def _check_driving(self, audio: np.ndarray | None, motion: np.ndarray | None) -> None:
-        if self.closed:
-            raise RuntimeError("stream is closed")
-        if audio is not None and not np.isfinite(np.asarray(audio, dtype=np.float32)).all():
-            raise ValueError("driving audio contains NaN or infinite samples")
-        if motion is not None:
-            shape = np.shape(motion)
-            if len(shape) != 2 or shape[1] != self.cfg.driving.motion_dim:
-                raise ValueError(f"motion must be (frames, {self.cfg.driving.motion_dim}), got {shape}")
-
-    def _ingest(self, audio: np.ndarray | None, motion: np.ndarray | None) -> None:
-        """Store this step's driving by output frame time; it replaces what was given before
-        for the same frames (a later step re-sends its lookahead with the real audio)."""
-        start = self._sample(self.frame_index)
-        kept = self._audio[: max(0, start - self._audio_origin)]
-        parts = [kept, np.zeros(start - self._audio_origin - len(kept), dtype=np.float32)]
-        if audio is not None:
-            audio = np.asarray(audio, dtype=np.float32).reshape(-1)
-            if not np.isfinite(audio).all():
-                raise ValueError("driving audio contains NaN or infinite samples")
-            parts.append(audio[: self.audio_samples_needed])
-        hist = self._silence_muted(np.concatenate(parts))
-        # Keep only what a later chunk can still read (its audio context reaches back).
-        keep_from = self._sample(max(0, self.frame_index - self.cfg.driving.audio_context_frames - 8))
-        keep_from = (keep_from // self.cfg.driving.hop_length) * self.cfg.driving.hop_length
-        cut = max(0, keep_from - self._audio_origin)
-        self._audio, self._audio_origin = hist[cut:], self._audio_origin + cut
-
-        n = self.driving_frames
-        for f in list(self._motion):
-            if f < self.frame_index - 8 or f >= self.frame_index:
-                del self._motion[f]  # new motion replaces what was given for these frames
-        if motion is not None:
-            motion = np.asarray(motion, dtype=np.float32)
-            if motion.ndim != 2 or motion.shape[1] != self.cfg.driving.motion_dim:
-                raise ValueError(f"motion must be (frames, {self.cfg.driving.motion_dim}), got {motion.shape}")
-            for i, vec in enumerate(motion[:n]):
-                self._motion[self.frame_index + i] = vec
-
-    def _driving_tokens(self, first_frame: int, n_frames: int) -> Tensor:
-        """Driving tokens for video frames [first_frame, first_frame + n_frames), grouped by latent frame."""
-        dc = self.cfg.driving
-        # Mel over the kept history (origin is hop-aligned); frames outside it read as silence.
-        audio = self._audio
-        if len(audio) < dc.n_fft:
-            audio = np.pad(audio, (0, dc.n_fft - len(audio)))
-        mel = drv.log_mel(torch.from_numpy(np.ascontiguousarray(audio)), dc)[None]
-        motion = np.zeros((1, n_frames, dc.motion_dim), dtype=np.float32)
-        for i in range(n_frames):
-            vec = self._motion.get(first_frame + i)
-            if vec is not None:
-                motion[0, i] = vec
-        dev, dt = self.engine.device, self.engine.dtype
-        return latent_driving_tokens(self.engine.model.driving, self.cfg, mel.to(dev, dt),
-                                     self._audio_origin // dc.hop_length, torch.from_numpy(motion).to(dev, dt),
-                                     first_frame, n_frames // 4)
-
-    # ----- the chunk loop -------------------------------------------------------------
-
-    def step(self, audio: np.ndarray | None = None, motion: np.ndarray | None = None) -> np.ndarray:
-        """Generate the next chunk. Returns (next_frames, H, W, 3) uint8.
-
-        audio: float32 mono at the model's sample rate covering video frames
-        [frame_index, frame_index + driving_frames); shorter = silence after it; it
-        replaces earlier audio for those frames. motion: (frames, motion_dim) from
-        `model.driving.motion_vector`, from frame_index; None = not given.
-        Raises StepAborted after `request_abort()` (the stream is as before the step).
-        """
-        return step_group([self], [audio], [motion])[0]
-
-    def _begin(self, audio: np.ndarray | None, motion: np.ndarray | None) -> "_ChunkPlan":
-        """Step part 1 (per stream): driving in, running ahead, this chunk's inputs."""
-        if self.closed:
-            raise RuntimeError("stream is closed")
-        k = self.knobs
-        dev, dt = self.engine.device, self.engine.dtype
-        Fr = k.chunk_frames + k.knot_frames
-        if self._history is not None:
-            self._history.append(self._save_undo())
-        try:
-            self._ingest(audio, motion)
-        except Exception:
-            if self._history is not None:
-                self._restore(self._history.pop())
-            raise
-        # Running ahead: keep the reference's temporal coordinate ahead of this chunk.
-        if k.ahead_frames:
-            end = self._chunk_span_end(self.next_latent)
-            while end > self.reference.position:
-                self.reference.move(self.rope, float(k.ahead_frames))
-        pos = torch.arange(Fr, dtype=torch.float64) + (self.next_latent + 1 - self.offset)
-        drive = self._driving_tokens(4 * self.next_latent - 3, 4 * Fr)
-        z, (h, w) = self.cfg.vae.z_channels, self.latent_hw
-        noise = torch.randn(1, z, Fr, h, w, generator=self.generator).to(dev, dt)
-        return _ChunkPlan(pos, drive, build_cond(self.cfg, self.reference_latent, self.knot, Fr), self.knot, noise)
+        """Video frames of motion the next step() reads, from `frame_index`."""
+        return self.next_span().driving_frames
 
     @property
     def denoise_steps_now(self) -> int:
-        """Euler steps of the next step: `rewind_denoise_steps` for the chunk regenerated
-        right after a rewind, when set; `denoise_steps` otherwise."""
+        """Denoising steps of the next step: `rewind_denoise_steps` for the chunk remade right
+        after a rewind, when set; `denoise_steps` otherwise."""
         k = self.knobs
-        return k.rewind_denoise_steps if self._regenerating and k.rewind_denoise_steps else k.denoise_steps
-
-    def _finish(self, x0: Tensor) -> tuple[Tensor, Tensor]:
-        """Step part 3 (per stream, after the batched commit pass): keep the knot, count."""
-        self._regenerating = False
-        c = self.knobs.chunk_frames
-        committed = x0[:, :, :c]
-        self.knot = x0[:, :, c:].clone() if self.knobs.knot_frames else None
-        return committed
-
-    def _decode(self, committed: Tensor) -> np.ndarray:
-        first = self.decoder.frames_out
-        frames = self.decoder.decode(committed)  # (1, 3, n, H, W) in [-1, 1]
-        if self.knobs.seam_blend:
-            frames = spread_latent_steps(frames, first, self._last_frame, self.knobs.seam_blend)
-        self._last_frame = frames[:, :, -1].clone()  # a latent's last frame: the blend leaves it as decoded
-        out = ((frames[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-        return out.permute(1, 2, 3, 0).cpu().numpy()  # (n, H, W, 3)
-
-    def _advance(self) -> None:
-        """Step part 4 (per stream, after the cache write): next chunk, rebase when due."""
-        self.next_latent += self.knobs.chunk_frames
-        self.chunks += 1
-        # Rebase: the next chunk starts again at position 1.
-        if self.next_latent + 1 - self.offset > self.knobs.rebase_every:
-            self.rebase()
-
-    def rebase(self) -> None:
-        """Shift every position so the next chunk starts at 1; outputs are unchanged."""
-        delta = self.next_latent - self.offset
-        self.reference.move(self.rope, -float(delta))
-        self.window.move(self.rope, -float(delta))
-        self.offset += delta
+        return k.rewind_denoise_steps if self._remake and k.rewind_denoise_steps else k.denoise_steps
 
     def cache_nbytes(self) -> int:
-        return self.reference.nbytes() + self.window.nbytes()
+        return self.engine.recipe.cache_nbytes(self.state)
 
-    # ----- rewinding (barge-in) -----------------------------------------------------------
+    # ----- stepping -------------------------------------------------------------------
 
-    def keep_history(self, chunks: int) -> None:
-        """Remember enough of the last `chunks` steps to rewind over them (`rewind_to`).
+    def step(self, inp: StepInput | None = None) -> np.ndarray:
+        """Generate the next chunk from its driving (`next_span()`; None: silence, no motion).
+        Returns (next_frames, H, W, 3) uint8. Raises StepAborted after `request_abort()`
+        (the stream is as before the step)."""
+        return step_group([self], [inp])[0]
 
-        Costs per step one chunk's window slots, the reference keys and the VAE decoder's
-        causal caches (copies); 0 turns it off. The generation worker turns it on so an
-        interrupt can regenerate the frames generated but not yet played."""
-        self._history = deque(maxlen=chunks) if chunks > 0 else None
+    def _checked(self, inp: StepInput | None) -> StepInput:
+        if self.closed:
+            raise RuntimeError("stream is closed")
+        span = self.next_span()
+        return StepInput(span) if inp is None else inp.checked(span, self.cfg.driving.motion_dim)
 
-    def rewindable_frame(self) -> int | None:
-        """The earliest frame index `rewind_to` can return to, None without history."""
-        if not self._history:
-            return None
-        return 0 if self._history[0].next_latent == 0 else 4 * self._history[0].next_latent - 3
+    def _decode(self, committed: Tensor) -> Tensor:
+        """Committed latents -> video (1, 3, n, H, W) in [-1, 1], seam-blended when asked."""
+        first = self.decoder.frames_out
+        frames = self.decoder.decode(committed)
+        if self.knobs.seam_blend:
+            frames = spread_latent_steps(frames, first, self._last_frame, self.knobs.seam_blend,
+                                         self.timeline.temporal_stride)
+        self._last_frame = frames[:, :, -1].clone()  # a latent's last frame: the blend leaves it as decoded
+        return frames
 
-    def rewind_to(self, frame: int) -> int:
-        """Undo the steps that generated frame `frame` and after: the stream continues from the
-        start of the chunk holding `frame` as if those steps never ran (same caches, positions,
-        knot, RNG and driving history). Returns the new `frame_index` (<= frame). Raises
-        ValueError when the history does not reach back that far. The next step (the chunk
-        remade) denoises with `rewind_denoise_steps`, so the new picture comes sooner."""
+    # ----- rewinding (barge-in) and aborts ----------------------------------------------
+
+    def keep_history(self, steps: int) -> None:
+        """Keep a snapshot before each of the last `steps` steps, so the stream can go back over
+        them (`rewind_point`, `restore`) and a step can be aborted. Costs per step one chunk's
+        window slots, the reference keys and the VAE decoder's causal caches (copies); 0
+        turns it off. The generation worker turns it on so an interrupt can regenerate the
+        frames generated but not yet played."""
+        self._history = deque(maxlen=steps) if steps > 0 else None
+
+    def rewind_point(self, frame: int) -> StreamSnapshot | None:
+        """The kept snapshot from which the stream makes video frame `frame` again: the one
+        taken before the step that made it. None when `frame` was not generated yet or the
+        history does not reach back that far."""
         if frame >= self.frame_index:
-            return self.frame_index
-        earliest = self.rewindable_frame()
-        if earliest is None or frame < earliest:
-            raise ValueError(f"cannot rewind to frame {frame}: history reaches back to frame {earliest}")
-        self._regenerating = True
+            return None
+        return next((snap for snap in reversed(self._history or ()) if snap.frame <= frame), None)
+
+    @torch.inference_mode()  # the caches are inference tensors (made under it in __init__)
+    def restore(self, snap: StreamSnapshot, remake_from: int | None = None) -> None:
+        """Go back to `snap` (from `rewind_point`): the stream continues as if the steps
+        after it never ran (same caches, positions, knot, RNG, decoder state).
+
+        remake_from: the driving changes from this video frame on (a barge-in cut the
+        speech there). The recipe drops predictions made with the old driving, and the next
+        step, the chunk remade, denoises with `rewind_denoise_steps` so the new picture
+        comes sooner. The frames before `remake_from` were shown already."""
+        if self._history is None or not any(s is snap for s in self._history):
+            raise ValueError("not a kept snapshot of this stream (see keep_history)")
         while True:
             u = self._history.pop()
-            self._restore(u)
-            if self.frame_index <= frame:
-                return self.frame_index
+            self.engine.recipe.restore(self.state, u.state)
+            self.decoder.restore(u.decoder)
+            self.generator.set_state(u.generator)
+            self.chunks, self._last_frame, self._remake = u.chunks, u.last_frame, u.remake
+            if u is snap:
+                break
+        if remake_from is not None:
+            self._remake = True
+            self.engine.recipe.forget_from(self.state, remake_from)
 
-    def prepare_remake(self, frame: int) -> None:
-        """Barge-in, after `rewind_to(frame)`: the driving changed from `frame` on (the speech
-        stopped there), so the next step must not carry the old speech into the new frames.
-
-        - The model hears silence in the audio context of `frame` (the `audio_context_frames`
-          before it, plus one for the mel window), now and in what later steps bring for
-          those frames; those frames were shown (and played) with the speech already.
-        - When `frame` falls inside the chunk's knot frames, the knot (the previous chunk's
-          prediction of them, made while the speech went on) is dropped: the chunk is made as
-          with knots off, instead of being conditioned on, and fused with, an open mouth.
-        Without these the mouth closes up to a latent frame (4 video frames) late."""
-        ctx = self.cfg.driving.audio_context_frames + 1
-        self._muted = (self._sample(max(0, frame - ctx)), self._sample(frame))
-        self._audio = self._silence_muted(self._audio.copy())  # a copy: undo entries may hold the old array
-        knot_end = 0 if self.knot is None else max(0, 4 * (self.next_latent + self.knot.shape[2]) - 3)
-        if frame < knot_end:
-            self.knot = None
-
-    def _silence_muted(self, history: np.ndarray) -> np.ndarray:
-        """Zero the `prepare_remake` range in an audio history starting at `_audio_origin` (in place)."""
-        lo, hi = (max(0, b - self._audio_origin) for b in self._muted)
-        history[lo:hi] = 0.0
-        return history
+    def _snapshot(self) -> StreamSnapshot:
+        return StreamSnapshot(self.frame_index, self.chunks, self.generator.get_state(),
+                              self.engine.recipe.snapshot(self.state, self.knobs), self.decoder.snapshot(),
+                              self._last_frame, self._remake)
 
     def request_abort(self) -> bool:
         """Thread-safe: make the step in progress (or the next one) stop before it commits
@@ -560,32 +338,9 @@ class Stream:
     def clear_abort(self) -> None:
         self._abort.clear()
 
-    def _restore(self, u: _Undo) -> None:
-        """Put back what one step changed (steps are undone newest first)."""
-        # Slots were saved under the positions of their step: undo later rebases first.
-        self.window.move(self.rope, float(self.offset - u.offset))
-        self.offset = u.offset
-        self.window.undo(u.window)
-        self.next_latent, self.chunks, self.knot = u.next_latent, u.chunks, u.knot
-        self.generator.set_state(u.generator)
-        self._audio, self._audio_origin, self._motion = u.audio, u.audio_origin, u.motion
-        self.reference.k.copy_(u.reference_k)
-        self.reference.position = u.reference_position
-        state = self.decoder.state
-        state.buffers = [None if b is None else b.clone() for b in u.decoder]
-        state.first = u.decoder_first
-        self.decoder.frames_out, self.decoder.latents_in = u.decoder_counts
-        self._last_frame = u.last_frame
-
-    def _save_undo(self) -> _Undo:
-        state = self.decoder.state
-        return _Undo(self.next_latent, self.offset, self.chunks, self.knot, self.generator.get_state(),
-                     self._audio, self._audio_origin, dict(self._motion), self.reference.k.clone(),
-                     self.reference.position, self.window.save_slots(self.knobs.chunk_frames),
-                     [None if b is None else b.clone() for b in state.buffers], state.first,
-                     (self.decoder.frames_out, self.decoder.latents_in), self._last_frame)
-
     def close(self) -> None:
         """Free the caches (the worker calls this when a session ends)."""
+        self._closed_span = self.next_span()  # where it stopped, for anyone still asking
         self.closed = True
-        self.reference = self.window = self.decoder = self.knot = self._last_frame = None
+        self.state = self.decoder = self._last_frame = None
+        self._history = None

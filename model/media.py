@@ -179,7 +179,7 @@ def find_face(image: np.ndarray) -> tuple[float, float, float, float] | None:
     """(H, W, 3) uint8 RGB -> the largest frontal face (x, y, w, h) in pixels, or None.
 
     OpenCV's Haar cascade on a grey copy at most 512 px on its long side (faces in a
-    portrait are large; this keeps detection to a few ms).
+    portrait are large; a small copy keeps detection cheap).
     """
     import cv2
 

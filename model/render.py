@@ -121,6 +121,7 @@ def run(args: argparse.Namespace) -> int:
 
     from model.engine import Engine
     from model.media import load_audio, load_image
+    from model.timeline import StepInput
 
     image = load_image(args.reference)
     engine = Engine.from_pretrained(args.model)
@@ -142,12 +143,7 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     with tqdm(total=n_frames, unit="frame", desc="render", file=sys.stderr) as bar:
         while produced < n_frames:
-            f0, n = stream.frame_index, stream.driving_frames
-            a = None
-            if audio is not None:
-                a = audio[round(f0 * sr / fps): round((f0 + n) * sr / fps)]
-            m = motion[f0:f0 + n] if motion is not None else None
-            frames = stream.step(a, m)[: n_frames - produced]
+            frames = stream.step(StepInput.from_clip(stream.next_span(), audio, motion))[: n_frames - produced]
             out.append(frames)
             produced += len(frames)
             bar.update(len(frames))

@@ -66,7 +66,3 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
     return out.flatten(-2).type_as(x)
 
-
-def rotate_(x: Tensor, cos: Tensor, sin: Tensor) -> None:
-    """In-place `apply_rope` for cache buffers (no new allocation kept)."""
-    x.copy_(apply_rope(x, cos, sin))

@@ -25,10 +25,6 @@ def get_sigmas(steps: int, shift: float) -> Tensor:
     return shift_sigma(base, shift)
 
 
-def add_noise(x0: Tensor, noise: Tensor, sigma: Tensor | float) -> Tensor:
-    return (1 - sigma) * x0 + sigma * noise
-
-
 def to_x0(x: Tensor, v: Tensor, sigma: Tensor | float) -> Tensor:
     """Clean estimate from a noisy sample and the velocity."""
     return x - sigma * v

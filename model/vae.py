@@ -21,13 +21,15 @@ is the encoder's full-resolution width).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from model.config import VAEConfig
-from model.vae_blocks import (CausalConv3d, CausalState, ChannelRMSNorm, ReferenceBlend, ReferenceFeatures,
-                              ReferenceInputs, ResBlock, SpatialUp, TimeUp, ToPixels, number_slots)
+from model.timeline import frames_for_latents, latents_for_frames  # noqa: F401  (the VAE's frame rule, re-exported)
+from model.vae_blocks import (CausalConv3d, CausalSnapshot, CausalState, ChannelRMSNorm, ReferenceBlend,
+                              ReferenceFeatures, ReferenceInputs, ResBlock, SpatialUp, TimeUp, ToPixels, number_slots)
 
 # Residual blocks per level. Encoder: at every level plus one at the bottom. Decoder:
 # `_DEC_DEEP_BLOCKS` at the latent resolution, `_DEC_MID_BLOCKS` at each level in
@@ -36,23 +38,6 @@ _ENC_BLOCKS = 1
 _DEC_DEEP_BLOCKS = 2
 _DEC_MID_BLOCKS = 1
 _LOGVAR_RANGE = (-30.0, 20.0)
-
-
-def frames_for_latents(n_latents: int, first: bool, temporal_stride: int = 4) -> int:
-    """Video frames that `n_latents` latent frames cover: 1 + 4(n - 1) for a clip's first
-    chunk (frame 0 stands alone), 4n for any later chunk."""
-    if n_latents < 1:
-        raise ValueError(f"n_latents must be >= 1, got {n_latents}")
-    return 1 + temporal_stride * (n_latents - 1) if first else temporal_stride * n_latents
-
-
-def latents_for_frames(n_frames: int, first: bool, temporal_stride: int = 4) -> int:
-    """Inverse of `frames_for_latents`; ValueError if `n_frames` is not a whole number of latents."""
-    rest = n_frames - 1 if first else n_frames
-    if n_frames < 1 or rest % temporal_stride:
-        rule = f"1 + {temporal_stride}k" if first else f"{temporal_stride}k (k >= 1)"
-        raise ValueError(f"{'a first' if first else 'a later'} chunk needs {rule} frames, got {n_frames}")
-    return rest // temporal_stride + 1 if first else rest // temporal_stride
 
 
 class _Chain(nn.ModuleList):
@@ -333,11 +318,26 @@ class StreamingDecoder:
         self.state.reset()
         self.frames_out = self.latents_in = 0
 
+    def snapshot(self) -> "DecoderSnapshot":
+        """The causal caches and counts as they are now (for rewinding a stream)."""
+        return DecoderSnapshot(self.state.snapshot(), self.frames_out, self.latents_in)
+
+    def restore(self, snap: "DecoderSnapshot") -> None:
+        self.state.restore(snap.state)
+        self.frames_out, self.latents_in = snap.frames_out, snap.latents_in
+
     def cache_shapes(self) -> list[tuple[int, ...] | None]:
         return self.state.shapes()
 
     def cache_nbytes(self) -> int:
         return self.state.nbytes()
+
+
+@dataclass(frozen=True)
+class DecoderSnapshot:
+    state: CausalSnapshot
+    frames_out: int
+    latents_in: int
 
 
 class StreamingEncoder:

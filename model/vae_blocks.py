@@ -13,6 +13,8 @@ Normalisation is RMS over channels at each (frame, pixel): a norm that pools ove
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -63,8 +65,28 @@ class CausalState:
     def shapes(self) -> list[tuple[int, ...] | None]:
         return [None if b is None else tuple(b.shape) for b in self.buffers]
 
+    def snapshot(self) -> "CausalSnapshot":
+        """Copies of the slots and the first-chunk flag as they are now."""
+        return CausalSnapshot(self.first, tuple(None if b is None else b.clone() for b in self.buffers))
+
+    def restore(self, snap: "CausalSnapshot") -> None:
+        """Back to `snap`, into the slots' own storage where they have it (the snapshot stays usable)."""
+        self.first = snap.first
+        for i, saved in enumerate(snap.buffers):
+            buf = self.buffers[i]
+            if saved is None or buf is None or buf.shape != saved.shape:
+                self.buffers[i] = None if saved is None else saved.clone()
+            else:
+                buf.copy_(saved)
+
     def nbytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self.buffers if b is not None)
+
+
+@dataclass(frozen=True)
+class CausalSnapshot:
+    first: bool
+    buffers: tuple[Tensor | None, ...]
 
 
 class CausalConv3d(nn.Conv3d):

@@ -50,9 +50,9 @@ class KnobPolicy:
     """The client knob allowlist of one server (one model, one settings object)."""
 
     def __init__(self, config: ModelConfig, max_lead_frames: int):
-        # The model was trained for at most sampler.denoise_steps steps; more costs time and
-        # buys nothing, fewer than 1 is no image.
-        steps = max(config.sampler.denoise_steps, config.stream.denoise_steps)
+        # The model file's default steps are what its sampler was made for; more costs time
+        # and buys nothing, fewer than 1 is no image.
+        steps = config.stream.denoise_steps
         self.rules = {r.name: r for r in (
             KnobRule("denoise_steps", int, 1, steps, "Euler steps per chunk (the model's trained range)"),
             KnobRule("rewind_denoise_steps", int, 0, steps, "steps of the chunk remade after a barge-in "

@@ -14,11 +14,15 @@ Three sources land on one timeline of driving samples (16 kHz) and video frames:
   client clock to the first frame not yet generated), clamped to that frame when late,
   re-anchored when it would land more than `max_motion_ahead_frames` (1 s) ahead.
 
-`take()` (the generation worker) reads one step's driving and forgets everything before
-the step's own frames, except the last `history_frames` frames: `rewind()` can send
-generation back over those (barge-in regenerates frames generated but not yet played).
+It is the one owner of the session's timeline: the engine's stream keeps no driving.
+`take(span)` (the generation worker) reads exactly one step's driving: the audio of the
+step's span with the context before its first frame, dense motion, and the playback audio
+of the step's own frames. Afterwards it forgets everything no later step reads, except the
+last `history_frames` frames: `rewind()` can send generation back over those (barge-in
+regenerates frames generated but not yet played; the stream is restored alongside).
 `interrupt()` flushes pushed speech that has not been generated (or, given a frame,
-everything from that frame on).
+everything from that frame on). The frame <-> sample arithmetic is the model's
+`Timeline` (model/timeline.py).
 Thread-safe: the event loop writes, the worker thread reads.
 """
 
@@ -35,14 +39,14 @@ import numpy as np
 
 from model.config import MOTION_FIELDS
 from model.driving import motion_vector
+from model.timeline import StepInput, StepSpan, Timeline
 
 N_FIELDS = len(MOTION_FIELDS)
 
 
 class StepDriving(NamedTuple):
-    audio: np.ndarray            # (n_samples,) what drives the model
-    motion: np.ndarray | None    # (n_frames, motion_dim)
-    playback: np.ndarray         # (n_samples,) what the audio track plays for these frames
+    input: StepInput             # what drives the model for the span
+    playback: np.ndarray         # what the audio track plays for the span's own frames
 
 
 class BufferFull(ValueError):
@@ -114,13 +118,12 @@ class _Samples:
 class DrivingBuffer:
     """Per-session driving, by output frame time. See the module docstring for the rules."""
 
-    def __init__(self, fps: int, sample_rate: int = 16000, max_speech_seconds: float = 300.0,
+    def __init__(self, timeline: Timeline, max_speech_seconds: float = 300.0,
                  max_mic_lead_frames: int = 50, max_motion_ahead_frames: int | None = None,
                  echo_mic: bool = False, history_frames: int = 0, now=time.monotonic):
-        if fps <= 0 or sample_rate <= 0:
-            raise ValueError(f"fps and sample_rate must be positive, got {fps}, {sample_rate}")
-        self.fps = fps
-        self.sample_rate = sample_rate
+        self.timeline = timeline
+        self.fps = fps = timeline.fps
+        self.sample_rate = sample_rate = timeline.sample_rate
         self.max_speech_samples = int(max_speech_seconds * sample_rate)
         self.max_mic_lead_frames = max_mic_lead_frames
         # The audio track plays pushed speech; the user's own mic is not echoed back unless asked.
@@ -142,18 +145,19 @@ class DrivingBuffer:
         self._motion_changes: list[tuple[int, np.ndarray]] = []
         self._client_anchor: tuple[float, int] | None = None  # (client ms, frame)
         self._markers: list[Marker] = []
+        self._model_muted = (0, 0)    # samples [lo, hi) the model hears as silence (rewind(cut=...))
         self.stats = {"mic_late_samples": 0, "mic_reanchors": 0, "motion_late": 0, "motion_reanchors": 0,
                       "speech_samples": 0, "interrupts": 0}
 
     # ----- geometry -------------------------------------------------------------------
 
     def sample_of(self, frame: int) -> int:
-        """First driving sample of video frame `frame` (ceil(frame * R / fps), as model.driving)."""
-        return -((-frame * self.sample_rate) // self.fps)
+        """First driving sample of video frame `frame`."""
+        return self.timeline.sample_of(frame)
 
     def frame_of(self, sample: int) -> int:
         """The video frame that sample `sample` drives."""
-        return (sample * self.fps) // self.sample_rate
+        return self.timeline.frame_of(sample)
 
     @property
     def next_frame(self) -> int:
@@ -299,44 +303,59 @@ class DrivingBuffer:
                 self.stats["interrupts"] += 1
             return cut
 
-    def rewind(self, frame: int) -> None:
-        """Generation goes back to `frame` (the stream was rewound): the next take() reads
-        from there again. ValueError when `frame` is before the kept history."""
+    def rewind(self, frame: int, cut: int | None = None) -> None:
+        """Generation goes back to `frame` (the stream was restored to its snapshot of that
+        frame): the next take() reads from there again. ValueError when `frame` is before
+        the kept history.
+
+        cut: the frame where the driving changed (a barge-in stopped the speech there). The
+        model hears silence in the audio context of `cut` (`Timeline.context_before`), in
+        this and every later take: those frames were shown (and played) with the speech,
+        and without this the mouth would close up to a latent frame late."""
         with self._lock:
             oldest = self._next_frame - self.history_frames
             if frame < max(0, oldest) or frame > self._next_frame:
                 raise ValueError(f"cannot rewind driving to frame {frame}: kept frames "
                                  f"[{max(0, oldest)}, {self._next_frame}]")
             self._next_frame = frame
+            if cut is not None:
+                self._model_muted = self.timeline.context_before(cut)
 
     # ----- the worker's side ----------------------------------------------------------
 
-    def take(self, frame_index: int, n_frames: int, n_samples: int, own_frames: int) -> StepDriving:
-        """Driving of one step: audio (n_samples,) float32 from sample_of(frame_index) (speech +
-        mic), motion (n_frames, 2 * len(MOTION_FIELDS)) from frame_index (None when nothing was
-        ever given), and the playback audio of the same span (speech; + mic with `echo_mic`).
+    def take(self, span: StepSpan) -> StepDriving:
+        """Driving of one step: the model's audio for [span.audio_from, span.audio_to) (speech +
+        mic, the `rewind(cut=...)` range silent), motion for span.driving_frames frames from
+        span.frame (None when nothing was ever given), and the playback audio of the step's
+        own frames (speech; + mic with `echo_mic`).
 
-        Afterwards frames before `frame_index + own_frames` count as generated: driving
+        Afterwards frames before `span.frame + span.frames` count as generated: driving
         arriving for them later lands on the next frame instead.
         """
         with self._lock:
-            s0 = self.sample_of(frame_index)
-            speech, mic = self._speech.read(s0, n_samples), self._mic.read(s0, n_samples)
+            lo, n = span.audio_from, span.samples
+            speech, mic = self._speech.read(lo, n), self._mic.read(lo, n)
             audio = np.clip(speech + mic, -1.0, 1.0)
-            playback = audio.copy() if self.echo_mic else speech
+            own = slice(self.sample_of(span.frame) - lo, self.sample_of(span.frame + span.frames) - lo)
+            playback = (audio if self.echo_mic else speech)[own].copy()
+            m_lo, m_hi = (min(max(0, b - lo), n) for b in self._model_muted)
+            audio[m_lo:m_hi] = 0.0
             motion = None
             if self._motion_changes or self._motion_state.any():
-                motion = np.stack([self._state_at(frame_index + i) for i in range(n_frames)])
-            done = frame_index + own_frames
+                motion = np.stack([self._state_at(span.frame + i) for i in range(span.driving_frames)])
+            done = span.frame + span.frames
             self._next_frame = max(self._next_frame, done)
-            # Forget what no later step (nor a rewind) reads; keep the motion state before that.
-            base = max(0, done - self.history_frames)
-            self._motion_state = self._state_at(base - 1) if base > 0 else self._motion_state
-            self._motion_changes = [(f, v) for f, v in self._motion_changes if f >= base]
-            keep = self.sample_of(base)
-            self._speech.drop_before(keep)
-            self._mic.drop_before(keep)
-            return StepDriving(audio, motion, playback)
+            self._forget_before(max(0, done - self.history_frames))
+            return StepDriving(StepInput(span, audio, motion), playback)
+
+    def _forget_before(self, base: int) -> None:
+        """Drop what no later step (nor a rewind to `base` or later) reads; keep the motion
+        state before that, and the audio context of a step starting at `base`."""
+        self._motion_state = self._state_at(base - 1) if base > 0 else self._motion_state
+        self._motion_changes = [(f, v) for f, v in self._motion_changes if f >= base]
+        keep = self.timeline.context_start(base)
+        self._speech.drop_before(keep)
+        self._mic.drop_before(keep)
 
     def pop_markers(self, up_to_frame: int) -> list[Marker]:
         """Markers whose frame is <= `up_to_frame` (the frame just released), removed."""

@@ -23,6 +23,7 @@ from typing import Callable
 
 import numpy as np
 
+from model.timeline import sample_of_frame
 from streaming.clock import MediaClock
 
 
@@ -70,7 +71,7 @@ class Playout:
     # ----- timeline -------------------------------------------------------------------
 
     def sample_of(self, frame: int) -> int:
-        return -((-frame * self.sample_rate) // self.fps)
+        return sample_of_frame(frame, self.fps, self.sample_rate)
 
     # ----- producer (worker thread) ---------------------------------------------------
 

@@ -56,7 +56,7 @@ class LiveSession:
         self.loop = asyncio.get_running_loop()
         self.created = time.time()
         self.clock = MediaClock(fps)
-        step = stream.next_frames if stream.frame_index else 4 * stream.knobs.chunk_frames
+        step = stream.timeline.frames_for_latents(stream.knobs.chunk_frames, first=False)
         self.lead_frames = self.options.lead_frames or (3 * step) // 2
         # Mic audio is placed this many frames after the frame on screen: beyond the lead already
         # generated and the driving span a step reads ahead, so it is never late for its frames.
@@ -64,7 +64,7 @@ class LiveSession:
         max_frames = self.lead_frames + 2 * step
         # History to regenerate everything the playout can hold, plus the chunk being shown.
         rewind_chunks = -(-max_frames // step) + 2
-        self.driving = DrivingBuffer(fps, sample_rate, max_speech_seconds=self.options.max_speech_seconds,
+        self.driving = DrivingBuffer(stream.timeline, max_speech_seconds=self.options.max_speech_seconds,
                                      echo_mic=self.options.echo_mic, history_frames=(rewind_chunks + 1) * step)
         self.playout = Playout(self.clock, sample_rate, placeholder, max_frames=max_frames, on_slot=self._on_slot)
         self.pacer = Pacer(self.clock, self.playout, self.options.prebuffer_timeout_s)

@@ -4,9 +4,11 @@ Model work never runs on the event loop. Each loop iteration the worker picks th
 sessions whose playout holds fewer than `lead_frames` generated frames (the generation
 lead: how far generation runs ahead of the output), most urgent deadline first (the
 time their playout would run dry; ties go to the least recently served), takes up to
-`max_batch` of them and calls `engine.step_many` once (today it loops; on a GPU it will
-be one batched forward). Chunks go to each session's bounded `Playout`; the lead bound
-is the hand-off's backpressure, so no queue grows without bound.
+`max_batch` of them and calls `engine.step_many` once (one batched forward per model
+pass for streams of the same chunk geometry). Each step gets exactly its driving from the
+session's `DrivingBuffer` (`take(stream.next_span())`). Chunks go to each session's
+bounded `Playout`; the lead bound is the hand-off's backpressure, so no queue grows
+without bound. The worker sees the engine only through `StepEngine` / `EngineStream`.
 
 Failures are per session: a step that raises closes that session's stream and calls its
 `on_error` (the session then tells its client and closes); other sessions go on. When a
@@ -18,14 +20,16 @@ Engine calls that are not steps (starting a stream: reference encoding; closing 
 through `call()`, so the engine is only ever used from this one thread.
 
 **Barge-in** (`rewind_unplayed`): frames generated but not yet released are discarded,
-the stream and the driving buffer are rewound to the start of the chunk holding the first
-of them (`Stream.rewind_to`: the caches are put back as they were), and generation goes
-on from there with the new driving; regenerated frames before the discarded one are not
-sent again (they were shown). The picture continues from what the viewer saw, so there
-is no jump. Two things make the closed mouth come sooner: the remade chunk runs fewer
-denoising steps (`rewind_denoise_steps`), and `Stream.prepare_remake` mutes the model's
-audio context just before the cut and drops a knot predicted while the speech went on, so
-the first new frame is already driven by silence. When the stream has no history that far back (or cannot rewind), the
+and generation goes back to the start of the chunk holding the first of them: the stream
+is restored to its snapshot of that chunk (`stream.restore(snapshot, remake_from=cut)`:
+the caches are put back as they were) and the driving timeline is rewound to the same
+frame (`driving.rewind(frame, cut=cut)`); generation goes on from there with the new
+driving; regenerated frames before the cut are not sent again (they were shown). The
+picture continues from what the viewer saw, so there is no jump. Three things make the
+closed mouth come sooner: the remade chunk runs fewer denoising steps
+(`rewind_denoise_steps`), the stream drops a knot predicted while the speech went on,
+and the timeline mutes the model's audio context just before the cut, so the first new
+frame is already driven by silence. When the stream has no history that far back, the
 fallback keeps the queued frames (their audio is already muted) and says so in the result.
 """
 
@@ -36,21 +40,56 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Callable, Protocol, Sequence
 
+import numpy as np
+
+from model.timeline import StepInput, StepSpan
 from streaming.driving import DrivingBuffer
 from streaming.playout import Chunk, Playout
 
 log = logging.getLogger("knotstream.worker")
 
 
+class RewindPoint(Protocol):
+    frame: int  # where the step after the snapshot starts
+
+
+class EngineStream(Protocol):
+    """What the worker needs of one session's stream (model.engine.Stream)."""
+
+    def next_span(self) -> StepSpan:
+        """The frames the next step returns and the driving it reads."""
+
+    def keep_history(self, steps: int) -> None:
+        """Keep snapshots of the last `steps` steps (0: none; then nothing can be rewound)."""
+
+    def rewind_point(self, frame: int) -> RewindPoint | None:
+        """The kept snapshot from which the stream makes `frame` again (its `.frame` is where
+        that step starts), or None."""
+
+    def restore(self, snapshot: RewindPoint, remake_from: int | None = None) -> None:
+        """Back to a snapshot of `rewind_point`; the driving changes from `remake_from` on."""
+
+    def clear_abort(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class StepEngine(Protocol):
+    """What the worker needs of the engine (model.engine.Engine)."""
+
+    def step_many(self, streams: Sequence[EngineStream], inputs: Sequence[StepInput | None],
+                  on_frames: Callable[[int, np.ndarray], None] | None = None) -> list[np.ndarray | None]:
+        """One chunk per stream from its driving; None for a stream whose step was aborted."""
+
+
 @dataclass
 class Generation:
-    """What the worker needs of one session. `stream` is a model.engine.Stream (or anything with
-    its frame_index / next_frames / driving_frames / audio_samples_needed / close API)."""
+    """What the worker needs of one session."""
 
     id: str
-    stream: Any
+    stream: EngineStream
     driving: DrivingBuffer
     playout: Playout
     lead_frames: int
@@ -78,7 +117,7 @@ class WorkerStats:
 class GenerationWorker:
     """One worker thread serving every session of a process (see the module docstring)."""
 
-    def __init__(self, engine, max_batch: int = 1, now: Callable[[], float] = time.monotonic,
+    def __init__(self, engine: StepEngine, max_batch: int = 1, now: Callable[[], float] = time.monotonic,
                  idle_wait_s: float = 0.01):
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
@@ -124,7 +163,7 @@ class GenerationWorker:
         with self._cond:
             if gen.id in self._sessions:
                 raise ValueError(f"session {gen.id!r} is already served")
-            if gen.rewind_chunks and hasattr(gen.stream, "keep_history"):
+            if gen.rewind_chunks:
                 gen.stream.keep_history(gen.rewind_chunks)  # not stepped yet: safe off-thread
             self._sessions[gen.id] = gen
             self._cond.notify_all()
@@ -211,44 +250,41 @@ class GenerationWorker:
                 continue
             buffered = g.playout.buffered_frames(now)
             room = g.playout.max_frames - g.playout.queued_frames()
-            if buffered < g.lead_frames and room >= g.stream.next_frames:
+            if buffered < g.lead_frames and room >= g.stream.next_span().frames:
                 due.append((now + buffered / g.playout.fps, g.last_served, g))
         due.sort(key=lambda d: (d[0], d[1]))
         return [g for _, _, g in due[: self.max_batch]]
 
     def _step(self, batch: list[Generation]) -> None:
-        streams, audios, motions, spans = [], [], [], []
+        spans, inputs, own = [], [], []
         for g in list(batch):
-            st = g.stream
             try:  # a session whose input cannot be read fails alone; the thread goes on
-                fi, n = st.frame_index, st.next_frames
+                span = g.stream.next_span()
                 mutes = g.playout.mutes  # before the driving is read: an interrupt after it mutes this chunk
-                d = g.driving.take(fi, st.driving_frames, st.audio_samples_needed, n)
-                own = g.driving.sample_of(fi + n) - g.driving.sample_of(fi)
+                d = g.driving.take(span)
             except Exception as exc:
                 log.exception("reading the driving input of session %s failed", g.id)
                 batch.remove(g)
                 self._fail(g, exc)
                 continue
-            streams.append(st)
-            audios.append(d.audio)
-            motions.append(d.motion)
-            spans.append((fi, n, d.playback[:own].copy(), mutes))
+            spans.append(span)
+            inputs.append(d.input)
+            own.append((d.playback, mutes))
         if not batch:
             return
         delivered: dict[int, bool] = {}
 
-        def deliver(i: int, frames) -> None:
+        def deliver(i: int, frames: np.ndarray) -> None:
             """Frames of batch[i] straight to its playout (the engine calls this as soon as
             they are decoded, before its cache write); False when the session failed."""
-            g, (fi, n, own_audio, mutes) = batch[i], spans[i]
+            g, span, (playback, mutes) = batch[i], spans[i], own[i]
             try:
-                if frames.shape[0] != n:
-                    raise RuntimeError(f"engine returned {frames.shape[0]} frames, expected {n}")
-                shown = min(n, max(0, g.skip_before - fi))  # regenerated after a rewind, already shown
-                if shown < n:
-                    cut = g.driving.sample_of(fi + shown) - g.driving.sample_of(fi)
-                    g.playout.put(Chunk(fi + shown, frames[shown:], own_audio[cut:]), mutes)
+                if frames.shape[0] != span.frames:
+                    raise RuntimeError(f"engine returned {frames.shape[0]} frames, expected {span.frames}")
+                shown = min(span.frames, max(0, g.skip_before - span.frame))  # regenerated after a rewind, shown
+                if shown < span.frames:
+                    cut = g.driving.sample_of(span.frame + shown) - g.driving.sample_of(span.frame)
+                    g.playout.put(Chunk(span.frame + shown, frames[shown:], playback[cut:]), mutes)
                 delivered[i] = True
             except Exception as exc:
                 delivered[i] = False
@@ -256,7 +292,7 @@ class GenerationWorker:
 
         t = time.perf_counter()
         try:
-            outs = self.engine.step_many(streams, audios, motions, on_frames=deliver)
+            outs = self.engine.step_many([g.stream for g in batch], inputs, on_frames=deliver)
         except Exception as exc:
             self.stats.errors += 1
             log.exception("generation failed for session(s) %s", [g.id for g in batch])
@@ -268,22 +304,22 @@ class GenerationWorker:
         self.stats.steps += 1
         self.stats.busy_s += dt
         now = self.now()
-        for i, (g, frames, (fi, n, _, _)) in enumerate(zip(batch, outs, spans)):
+        for i, (g, frames, span) in enumerate(zip(batch, outs, spans)):
             g.last_served = now
             if frames is None:  # aborted for an interrupt: the stream is as before this step
-                g.driving.rewind(fi)
+                g.driving.rewind(span.frame)
                 continue
             if i not in delivered:  # an engine that does not call on_frames
                 deliver(i, frames)
             if not delivered[i]:
                 continue
             g.chunks += 1
-            g.frames += n
+            g.frames += span.frames
             g.last_step_s = dt
             self.stats.chunks += 1
             if g.on_chunk is not None:
                 try:
-                    g.on_chunk(dt, n)
+                    g.on_chunk(dt, span.frames)
                 except Exception:
                     log.exception("on_chunk callback of session %s failed", g.id)
 
@@ -300,25 +336,21 @@ class GenerationWorker:
 
 def _rewind_unplayed(g: Generation) -> dict:
     """Runs on the worker thread between steps (see GenerationWorker.rewind_unplayed)."""
-    if hasattr(g.stream, "clear_abort"):
-        g.stream.clear_abort()  # the abort asked with this rewind has been served (or is moot)
+    g.stream.clear_abort()  # the abort asked with this rewind has been served (or is moot)
     first = g.playout.first_queued()
     if first is None:
         return {"flushed_frames": 0, "rewound_to": None}
-    stream = g.stream
-    earliest = stream.rewindable_frame() if hasattr(stream, "rewindable_frame") else None
-    if earliest is None or earliest > first:
-        return {"fallback": f"no stream history back to frame {first} (earliest {earliest})"}
+    if g.stream.rewind_point(first) is None:
+        return {"fallback": f"no stream history back to frame {first}"}
     first, n = g.playout.flush()
     if first is None:  # the tracks released the rest meanwhile: nothing left to regenerate
         return {"flushed_frames": 0, "rewound_to": None}
+    snapshot = g.stream.rewind_point(first)  # first only grew: still kept
     g.driving.interrupt(from_frame=first)
-    start = stream.rewind_to(first)
-    if hasattr(stream, "prepare_remake"):
-        stream.prepare_remake(first)  # the mouth closes from the first regenerated frame
-    g.driving.rewind(start)
+    g.stream.restore(snapshot, remake_from=first)  # the mouth closes from the first regenerated frame
+    g.driving.rewind(snapshot.frame, cut=first)
     g.skip_before = first
-    return {"flushed_frames": n, "rewound_to": start, "driving_from": g.driving.next_frame}
+    return {"flushed_frames": n, "rewound_to": snapshot.frame, "driving_from": g.driving.next_frame}
 
 
 def _close_stream(g: Generation) -> None:

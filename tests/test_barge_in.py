@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from model.engine import Engine
+from model.timeline import StepInput
 from streaming.clock import MediaClock
 from streaming.driving import DrivingBuffer
 from streaming.playout import Playout
@@ -54,7 +55,7 @@ class Rig:
     def __init__(self, engine, rewind_chunks, pcm):
         step = 4 * engine.config.stream.chunk_frames
         self.stream = engine.start(portrait(), seed=7)
-        self.driving = DrivingBuffer(FPS, SR, history_frames=(rewind_chunks + 1) * step)
+        self.driving = DrivingBuffer(self.stream.timeline, history_frames=(rewind_chunks + 1) * step)
         self.playout = Playout(MediaClock(FPS), SR, portrait()[:128, :128], max_frames=LEAD + 2 * step)
         self.worker = GenerationWorker(engine)
         self.gen = Generation("s", self.stream, self.driving, self.playout, LEAD, rewind_chunks=rewind_chunks)
@@ -85,24 +86,23 @@ class Rig:
 def reference_frames(engine, pcm, cut_frame, rewound_to, n_frames, rewound=True):
     """Frames of a fresh stream (same seed) whose steps from `rewound_to` on get the speech cut
     at `cut_frame`, and whose earlier steps get the whole speech (as the worker's did). As the
-    worker does after a rewind: the model's audio context before `cut_frame` is muted, and the
-    first step from `rewound_to` denoises with `rewind_denoise_steps` (here by setting
-    denoise_steps for that one step). rewound=False: a stream never rewound."""
+    worker does after a rewind: the model's audio context before `cut_frame` is muted, the
+    knot predicted for frames from `cut_frame` on is dropped, and the first step from
+    `rewound_to` denoises with `rewind_denoise_steps` (here by setting denoise_steps for
+    that one step). rewound=False: a stream never rewound."""
     s = engine.start(portrait(), seed=7)
     cut = pcm.copy()
     cut[sample_of(cut_frame):] = 0
+    lo, hi = s.timeline.context_before(cut_frame)
+    cut[lo:hi] = 0
     knobs = s.knobs
     frames = []
     while len(frames) < n_frames:
         src = cut if s.frame_index >= rewound_to else pcm
         if rewound and s.frame_index == rewound_to:
-            s.prepare_remake(cut_frame)
+            engine.recipe.forget_from(s.state, cut_frame)
             s.knobs = knobs.replace(denoise_steps=knobs.rewind_denoise_steps)
-        s0 = sample_of(s.frame_index)
-        audio = np.zeros(s.audio_samples_needed, np.float32)
-        part = src[s0:s0 + len(audio)]
-        audio[:len(part)] = part
-        frames.extend(s.step(audio, None))
+        frames.extend(s.step(StepInput.from_clip(s.next_span(), src, None)))
         s.knobs = knobs
     return frames
 

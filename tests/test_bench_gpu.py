@@ -111,7 +111,7 @@ def test_analytic_flops_equal_counted_flops():
     ref = np.zeros((cfg.height, cfg.width, 3), np.uint8)
     stream = engine.start(ref, knobs)
     for _ in range(5):  # window 0, 3, 6, 9, 12 frames
-        expect = gpu.ours_chunk_flops(cfg, knobs, stream.window.length)
+        expect = gpu.ours_chunk_flops(cfg, knobs, stream.state.window.length)
         assert _counted_dit_flops(stream.step) == pytest.approx(expect, rel=1e-9)
     base = BaselineStream(engine.model, ref, knobs, 3, 0, engine.device, engine.dtype)
     for _ in range(3):

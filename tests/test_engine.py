@@ -1,5 +1,7 @@
 """Engine / Stream: constant cost over long streams, determinism, knobs, rebasing, driving input."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -7,6 +9,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from model.config import StreamKnobs
 from model.engine import Engine
+from model.timeline import StepInput
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +63,8 @@ def test_constant_cost_over_300_chunks(engine):
     recorded, storage = {}, {}
     for i in range(1, 301):
         if i in (10, 300):
-            storage[i] = (s.cache_nbytes(), s.reference.k.shape, s.window.k.shape, s.window.ring_range())
+            storage[i] = (s.cache_nbytes(), s.state.reference.k.shape, s.state.window.k.shape,
+                          s.state.window.ring_range())
             with OpRecorder() as rec:
                 s.step()
             recorded[i] = rec.ops
@@ -69,8 +73,8 @@ def test_constant_cost_over_300_chunks(engine):
     assert storage[10] == storage[300]
     assert len(recorded[10]) == len(recorded[300])
     assert recorded[10] == recorded[300]
-    assert s.offset > 0  # rebasing happened along the way
-    assert abs(s.reference.position) < 64 + 16  # positions stay small
+    assert s.state.offset > 0  # rebasing happened along the way
+    assert abs(s.state.reference.position) < 64 + 16  # positions stay small
 
 
 def test_rebasing_does_not_change_the_video(engine):
@@ -79,7 +83,7 @@ def test_rebasing_does_not_change_the_video(engine):
     b = engine.start(portrait(), knobs.replace(rebase_every=16), seed=3)
     for _ in range(14):
         fa, fb = a.step(), b.step()
-    assert b.offset > 0 and a.offset == 0
+    assert b.state.offset > 0 and a.state.offset == 0
     # Rotations in float32 differ in the last bits; decoded uint8 frames may differ by 1 level.
     assert np.abs(fa.astype(int) - fb.astype(int)).max() <= 1
 
@@ -105,12 +109,14 @@ def test_bad_knobs_are_refused():
 def test_driving_input_is_validated(engine):
     s = engine.start(portrait(), seed=0)
     with pytest.raises(ValueError, match="NaN"):
-        s.step(np.array([0.0, np.nan], np.float32))
+        s.step(StepInput(s.next_span(), np.array([0.0, np.nan], np.float32)))
     with pytest.raises(ValueError, match="motion"):
-        s.step(None, np.zeros((3, 5), np.float32))
-    # Audio longer than needed is cut, shorter is padded with silence.
-    s.step(np.zeros(10 * s.audio_samples_needed, np.float32))
-    s.step(np.zeros(5, np.float32))
+        s.step(StepInput(s.next_span(), None, np.zeros((3, 5), np.float32)))
+    with pytest.raises(ValueError, match="next step"):  # driving taken for another span
+        s.step(StepInput(dataclasses.replace(s.next_span(), frame=4)))
+    # Audio longer than the span is cut, shorter reads as silence after it.
+    s.step(StepInput(s.next_span(), np.zeros(10 * s.next_span().samples, np.float32)))
+    s.step(StepInput(s.next_span(), np.zeros(5, np.float32)))
 
 
 def test_unknown_model_is_a_clear_error():
@@ -119,11 +125,12 @@ def test_unknown_model_is_a_clear_error():
 
 
 def _driving(engine, stream, rng):
-    """Random speech-like audio and motion for the next step of `stream`."""
-    audio = rng.standard_normal(stream.audio_samples_needed).astype(np.float32) * 0.3
-    motion = np.zeros((stream.driving_frames, engine.config.driving.motion_dim), np.float32)
+    """Random speech-like audio (its context included) and motion for the next step of `stream`."""
+    span = stream.next_span()
+    audio = rng.standard_normal(span.samples).astype(np.float32) * 0.3
+    motion = np.zeros((span.driving_frames, engine.config.driving.motion_dim), np.float32)
     motion[:, 0] = rng.uniform(-0.5, 0.5)
-    return audio, motion
+    return StepInput(span, audio, motion)
 
 
 @pytest.mark.parametrize("rebase_every", [16, 1000])
@@ -140,25 +147,30 @@ def test_rewind_regenerates_exactly_what_the_undone_steps_made(engine, rebase_ev
     for _ in range(10):
         inputs.append(_driving(engine, s, rng))
         starts.append(s.frame_index)
-        outputs.append(s.step(*inputs[-1]))
+        outputs.append(s.step(inputs[-1]))
     # A frame inside the 8th chunk: the stream goes back to that chunk's first frame.
     target = starts[7] + 3
-    assert s.rewind_to(target) == starts[7]
+    snap = s.rewind_point(target)
+    assert snap.frame == starts[7]
+    s.restore(snap)
     assert s.frame_index == starts[7]
     for i in range(7, 10):
-        again = s.step(*inputs[i])
+        again = s.step(inputs[i])
         assert np.abs(again.astype(int) - outputs[i].astype(int)).max() <= 1, i
-    # Not further back than the history: a clear error, the stream untouched.
-    with pytest.raises(ValueError, match="history reaches back"):
-        s.rewind_to(0)
+    # Not further back than the history: no rewind point, and a snapshot restored once is
+    # not kept any more (a clear error, the stream untouched).
+    assert s.rewind_point(0) is None
+    with pytest.raises(ValueError, match="not a kept snapshot"):
+        s.restore(snap)
     assert s.frame_index == starts[9] + len(outputs[9])
 
 
-def test_the_chunk_remade_after_a_rewind_is_faster_and_hears_no_interrupted_speech(engine):
-    """Barge-in latency: the one step after a rewind runs `rewind_denoise_steps` Euler steps
-    (DiT calls: denoising passes + the cache-writing pass), later steps `denoise_steps` again;
-    prepare_remake() silences the model's audio context before the cut, also for audio a
-    later step re-sends for those frames."""
+def test_the_chunk_remade_after_a_rewind_is_faster_and_drops_the_interrupted_knot(engine):
+    """Barge-in latency: the one step after a rewind with `remake_from` runs
+    `rewind_denoise_steps` Euler steps (DiT calls: denoising passes + the cache-writing
+    pass), later steps `denoise_steps` again; a knot predicted for frames after the cut
+    (while the speech went on) is dropped, one for frames before it is kept. (The muted
+    audio context is the timeline's part: tests/test_streaming.py.)"""
     knobs = StreamKnobs(denoise_steps=4, rewind_denoise_steps=2)
     s = engine.start(portrait(), knobs, seed=2)
     s.keep_history(3)
@@ -167,35 +179,40 @@ def test_the_chunk_remade_after_a_rewind_is_faster_and_hears_no_interrupted_spee
     engine.model.dit.forward = lambda *a, **k: (calls.append(1), real(*a, **k))[1]
     try:
         rng = np.random.default_rng(5)
-        loud = lambda: (0.5 * rng.standard_normal(s.audio_samples_needed)).astype(np.float32)  # noqa: E731
+
+        def loud():
+            span = s.next_span()
+            return StepInput(span, (0.5 * rng.standard_normal(span.samples)).astype(np.float32))
+
         for _ in range(3):
             calls.clear()
             s.step(loud())
             assert len(calls) == 4 + 1
         cut = s.frame_index - 6  # inside the last chunk's knot frames (its first latent)
-        start = s.rewind_to(cut)
-        assert s.denoise_steps_now == 2 and s.knot is not None
-        s.prepare_remake(cut)
-        assert s.knot is None  # predicted while the speech went on: dropped
+        snap = s.rewind_point(cut)
+        assert snap.frame < cut
+        s.restore(snap, remake_from=cut)
+        assert s.denoise_steps_now == 2
+        assert s.state.knot is None  # predicted while the speech went on: dropped
         calls.clear()
-        s.step(loud())  # an app would send silence from the cut; loud audio shows what is muted
+        s.step(loud())
         assert len(calls) == 2 + 1 and s.denoise_steps_now == 4
         calls.clear()
         s.step()
         assert len(calls) == 4 + 1
     finally:
         engine.model.dit.forward = real
-    ctx = engine.config.driving.audio_context_frames + 1
-    lo, hi = (s._sample(f) - s._audio_origin for f in (cut - ctx, cut))
-    assert lo >= 0 and start < cut
-    assert not s._audio[lo:hi].any() and s._audio[hi:hi + 100].any() and s._audio[lo - 100:lo].any()
     # A cut past the knot frames keeps the knot (its frames were shown as predicted).
     s.step()
-    knot_end = s.frame_index + 4 * s.knot.shape[2]
+    knot_end = s.frame_index + 4 * s.state.knot.shape[2]
     s.step()
-    s.rewind_to(knot_end + 1)
-    s.prepare_remake(knot_end + 1)
-    assert s.knot is not None
+    s.restore(s.rewind_point(knot_end + 1), remake_from=knot_end + 1)
+    assert s.state.knot is not None and s.denoise_steps_now == 2
+    # A restore without remake_from (an aborted step) is no remake.
+    s.step()
+    s.step()
+    s.restore(s.rewind_point(s.frame_index - 1))
+    assert s.state.knot is not None and s.denoise_steps_now == 4
     with pytest.raises(ValueError, match="rewind_denoise_steps"):
         StreamKnobs(rewind_denoise_steps=-1)
 
@@ -204,9 +221,14 @@ def test_without_history_rewind_is_refused(engine):
     s = engine.start(portrait(), seed=0)
     s.step()
     s.step()
-    with pytest.raises(ValueError):
-        s.rewind_to(1)
-    assert s.rewind_to(s.frame_index + 5) == s.frame_index  # nothing to undo
+    assert s.rewind_point(1) is None
+    other = engine.start(portrait(), seed=0)
+    other.keep_history(2)
+    other.step()
+    with pytest.raises(ValueError, match="not a kept snapshot"):
+        s.restore(other.rewind_point(1))
+    assert s.rewind_point(s.frame_index + 5) is None  # nothing to undo
+    assert s.frame_index == 13
 
 
 def test_bf16_engine_keeps_timesteps_exact():
@@ -235,7 +257,7 @@ def test_an_aborted_step_leaves_the_stream_as_before(engine):
     assert engine.start(portrait(), knobs, seed=9).request_abort() is False  # no history: no abort
     for _ in range(3):
         d = _driving(engine, a, rng)
-        assert np.array_equal(a.step(*d), b.step(*d))
+        assert np.array_equal(a.step(d), b.step(d))
     calls = []
     real = engine.model.dit.forward
 
@@ -249,12 +271,12 @@ def test_an_aborted_step_leaves_the_stream_as_before(engine):
     engine.model.dit.forward = abort_on_second_call
     try:
         with pytest.raises(StepAborted):
-            a.step(np.zeros_like(d[0]), None)  # other driving: it must leave no trace
+            a.step(StepInput(d.span, np.zeros_like(d.audio)))  # other driving: it must leave no trace
     finally:
         engine.model.dit.forward = real
     assert len(calls) == 2 and a.frame_index == b.frame_index
     for _ in range(2):
-        assert np.array_equal(a.step(*d), b.step(*d))
+        assert np.array_equal(a.step(d), b.step(d))
         d = _driving(engine, a, rng)
 
 
@@ -269,27 +291,29 @@ def test_batched_step_many_equals_stepping_each_stream_alone(engine):
     rng = np.random.default_rng(7)
     for _ in range(9):  # the third pair runs ahead: past a rebase before the batch starts
         d = _driving(engine, alone[2], rng)
-        assert np.array_equal(alone[2].step(*d), batch[2].step(*d))
+        assert np.array_equal(alone[2].step(d), batch[2].step(d))
     for rnd in range(5):
         if rnd == 2:  # a new stream joins the batch with its first chunk
             alone.append(engine.start(portrait(3), knobs, seed=4))
             batch.append(engine.start(portrait(3), knobs, seed=4))
         drives = [_driving(engine, s, rng) for s in alone]
-        want = [s.step(*d) for s, d in zip(alone, drives)]
-        got = engine.step_many(batch, [d[0] for d in drives], [d[1] for d in drives])
+        want = [s.step(d) for s, d in zip(alone, drives)]
+        got = engine.step_many(batch, drives)
         for w, g in zip(want, got):
             assert g.shape == w.shape and np.abs(g.astype(int) - w.astype(int)).max() <= 1, rnd
     assert [s.frame_index for s in batch] == [s.frame_index for s in alone]
-    assert batch[2].offset > 0  # the rebase really happened
+    assert batch[2].state.offset > 0  # the rebase really happened
 
 
 def test_a_bad_input_in_a_batch_changes_no_stream(engine):
     a, b = engine.start(portrait(0), seed=1), engine.start(portrait(1), seed=2)
     before = (a.frame_index, b.frame_index)
-    bad = np.full(b.audio_samples_needed, np.nan, np.float32)
+    bad = np.full(b.next_span().samples, np.nan, np.float32)
     with pytest.raises(ValueError, match="NaN"):
-        engine.step_many([a, b], [None, bad], [None, None])
-    assert (a.frame_index, b.frame_index) == before and a.reference.position == engine.start(portrait(0), seed=1).reference.position
+        engine.step_many([a, b], [None, StepInput(b.next_span(), bad)])
+    fresh = engine.start(portrait(0), seed=1)
+    assert (a.frame_index, b.frame_index) == before
+    assert a.state.reference.position == fresh.state.reference.position
 
 
 def test_frames_are_handed_out_before_the_cache_write(engine):
@@ -304,7 +328,7 @@ def test_frames_are_handed_out_before_the_cache_write(engine):
     try:
         for _ in range(3):
             calls.clear()
-            out = engine.step_many([a], [None], [None], on_frames=lambda i, f: seen.append((i, len(calls), f)))
+            out = engine.step_many([a], [None], on_frames=lambda i, f: seen.append((i, len(calls), f)))
             assert len(calls) == 3 + 1
             i, dit_calls_then, frames = seen[-1]
             assert i == 0 and dit_calls_then == 3 and np.array_equal(frames, out[0])
@@ -321,9 +345,9 @@ def test_an_abort_after_the_decode_still_undoes_the_whole_step(engine):
     a, b = engine.start(portrait(), knobs, seed=6), engine.start(portrait(), knobs, seed=6)
     a.keep_history(2)
     for _ in range(2):
-        assert np.array_equal(engine.step_many([a], [None], [None])[0], b.step())
+        assert np.array_equal(engine.step_many([a], [None])[0], b.step())
     handed = []
-    out = engine.step_many([a], [None], [None], on_frames=lambda i, f: (handed.append(f), a.request_abort()))
+    out = engine.step_many([a], [None], on_frames=lambda i, f: (handed.append(f), a.request_abort()))
     assert out == [None] and len(handed) == 1
     for _ in range(2):
         assert np.array_equal(a.step(), b.step())
@@ -342,8 +366,8 @@ def test_seam_blend_is_the_seams_filter_over_the_decoded_stream(engine):
     a, b = [], []
     for _ in range(4):
         d = _driving(engine, plain, rng)
-        a.append(plain.step(*d))
-        b.append(blended.step(*d))
+        a.append(plain.step(d))
+        b.append(blended.step(d))
     video = torch.from_numpy(np.concatenate(a)).permute(3, 0, 1, 2)[None].float()  # (1, 3, T, H, W)
     want = spread_latent_steps(video, 0, None, 0.6).round().clamp(0, 255)[0].permute(1, 2, 3, 0).numpy()
     got = np.concatenate(b).astype(np.float64)

@@ -235,18 +235,23 @@ class FakeStream:
     """The engine's stream geometry (first chunk 4c-3 frames, then 4c) without a model:
     frame t is filled with t % 256, and every step's driving is recorded."""
 
-    def __init__(self, log, chunk=2, lookahead=1):
-        self.log, self.c, self.look, self.frame_index = log, chunk, lookahead, 0
+    def __init__(self, log, chunk=2):
+        from model.timeline import Timeline
+
+        self.log, self.c, self.latent, self.timeline = log, chunk, 0, Timeline(25, 16000)
+
+    def next_span(self):
+        return self.timeline.span(self.latent, self.c, self.c + 1)
 
     @property
-    def driving_frames(self):
-        return (4 * self.c - 3 if self.frame_index == 0 else 4 * self.c) + 4 + self.look
+    def frame_index(self):
+        return self.next_span().frame
 
-    def step(self, audio, motion):
-        self.log.append((self.frame_index, audio.copy(), None if motion is None else motion.copy()))
-        n = 4 * self.c - 3 if self.frame_index == 0 else 4 * self.c
-        frames = np.stack([np.full((128, 128, 3), (self.frame_index + i) % 256, np.uint8) for i in range(n)])
-        self.frame_index += n
+    def step(self, inp):
+        span = inp.span
+        self.log.append((span, inp.audio.copy(), None if inp.motion is None else inp.motion.copy()))
+        frames = np.stack([np.full((128, 128, 3), (span.frame + i) % 256, np.uint8) for i in range(span.frames)])
+        self.latent += self.c
         return frames
 
     def close(self):
@@ -265,9 +270,10 @@ class FakeEngine:
 
 
 def test_stream_driving_alignment_and_long_run_scoring():
-    """Each step gets the audio and given motion of exactly its frames (from frame_index,
-    driving_frames long); the last chunk is cut at the clip's end; the long run's chunk-wise
-    per-frame PSNR equals PSNR on the whole clip."""
+    """Each step gets the audio and given motion of exactly its span (audio with the context
+    before its first frame, motion from its first frame, driving_frames long); the last chunk
+    is cut at the clip's end; the long run's chunk-wise per-frame PSNR equals PSNR on the
+    whole clip."""
     from model.train import evaluate as E
 
     clip = E.held_out_clip(tone_bank(), 30, 25, 128, seed=0)
@@ -286,12 +292,13 @@ def test_stream_driving_alignment_and_long_run_scoring():
     assert [f0 for f0, _ in chunks] == [0, 5, 13, 21, 29]
     gen = np.concatenate([f for _, f in chunks])
     assert len(gen) == 30 and (gen[:, 0, 0, 0] == np.arange(30)).all()
-    for f0, audio, motion in engine.log:
-        k = len(audio) // 640
-        np.testing.assert_array_equal(audio, clip.audio[f0 * 640:(f0 + k) * 640])
-        np.testing.assert_array_equal(motion, clip.given[f0:f0 + k])
+    for span, audio, motion in engine.log:
+        assert span.audio_from <= max(0, span.frame - 2) * 640 and len(audio) == span.samples
+        np.testing.assert_array_equal(audio, clip.audio[span.audio_from:span.audio_to])
+        np.testing.assert_array_equal(motion, clip.given[span.frame:span.frame + span.driving_frames])
     # Past the clip's end the driving goes on (the clip's second of tail), as in a longer clip.
-    assert len(engine.log[-1][2]) == len(engine.log[-1][1]) // 640 and (engine.log[-1][2][:, F:] != 0).any()
+    last_span, _, last_motion = engine.log[-1]
+    assert len(last_motion) == last_span.driving_frames > 1 and (last_motion[:, F:] != 0).any()
     zeroed = FakeEngine()
     list(E.iter_stream(zeroed, clip, E.System(zeroed.config.stream, zero_audio=True)))
     assert all(not a.any() for _, a, _ in zeroed.log)

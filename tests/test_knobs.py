@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from model.config import StreamKnobs, from_name
+from model.timeline import StepSpan, Timeline
 from server.errors import ApiError
 from server.knobs import KnobPolicy
 from streaming.driving import DrivingBuffer
@@ -75,19 +76,21 @@ class FloatKnobStream:
     """A stream whose sizes came from a fractional knob (knot_frames 0.5 did this): reading its
     driving window raises TypeError inside DrivingBuffer.take."""
 
-    frame_index, next_frames, driving_frames = 0, 5, 10
-    audio_samples_needed = 5120.0
     closed = False
+
+    def next_span(self):
+        return StepSpan(0, 5, 10, 0, 5120.0)
 
     def close(self):
         self.closed = True
 
 
 class GoodStream:
-    frame_index, next_frames, driving_frames, audio_samples_needed = 0, 5, 10, 6400
-
     def __init__(self):
         self.steps = 0
+
+    def next_span(self):
+        return StepSpan(5 * self.steps, 5, 10, 0, 6400)
 
     def step(self):
         self.steps += 1
@@ -98,7 +101,7 @@ class GoodStream:
 
 
 class Engine:
-    def step_many(self, streams, audios, motions, on_frames=None):
+    def step_many(self, streams, inputs, on_frames=None):
         return [s.step() for s in streams]
 
 
@@ -113,7 +116,7 @@ class Clock:
 def test_worker_survives_a_session_whose_driving_cannot_be_read():
     def gen(sid, stream, errors):
         playout = Playout(Clock(), 16000, np.zeros((4, 4, 3), np.uint8), max_frames=40)
-        return Generation(sid, stream, DrivingBuffer(25, 16000), playout, 10, on_error=errors.append)
+        return Generation(sid, stream, DrivingBuffer(Timeline(25, 16000)), playout, 10, on_error=errors.append)
 
     worker = GenerationWorker(Engine())
     worker.start()

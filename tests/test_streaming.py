@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from model.config import MOTION_FIELDS
+from model.timeline import StepSpan, Timeline
 from streaming import channel as proto
 from streaming.clock import MediaClock
 from streaming.driving import BufferFull, DrivingBuffer
@@ -21,6 +22,7 @@ from streaming.worker import Generation, GenerationWorker
 
 SR, FPS = 16000, 25
 SPF = SR // FPS  # 640 driving samples per frame
+TL = Timeline(FPS, SR)
 
 
 class VirtualClock(MediaClock):
@@ -59,15 +61,22 @@ def tone(n, value):
     return np.full(n, value, np.float32)
 
 
+def take(d, frame, n_frames, own_frames):
+    """(model audio, motion, playback) of a step whose audio starts at its first frame (no
+    context), reads `n_frames` frames of driving and makes `own_frames`."""
+    st = d.take(StepSpan(frame, own_frames, n_frames, frame * SPF, (frame + n_frames) * SPF))
+    return st.input.audio, st.input.motion, st.playback
+
+
 def test_pushed_speech_lands_at_the_first_frame_not_yet_generated():
-    d = DrivingBuffer(FPS, SR)
-    a, m, _ = d.take(0, 10, 10 * SPF, own_frames=5)  # frames 0-4 generated in silence
+    d = DrivingBuffer(TL)
+    a, m, _ = take(d, 0, 10, 5)  # frames 0-4 generated in silence
     assert not a.any() and m is None
     seg = d.push_speech(tone(3 * SPF, 0.5), "s1", end=True)
     assert (seg.start, seg.end) == (5 * SPF, 8 * SPF)
     seg2 = d.push_speech(tone(SPF, 0.25))  # queued right after s1
     assert seg2.start == 8 * SPF and seg2.id != "s1"
-    a, _, _ = d.take(5, 13, 13 * SPF, own_frames=8)
+    a, _, _ = take(d, 5, 13, 8)
     ref = np.zeros(13 * SPF, np.float32)
     ref[: 3 * SPF] = 0.5
     ref[3 * SPF: 4 * SPF] = 0.25
@@ -76,7 +85,7 @@ def test_pushed_speech_lands_at_the_first_frame_not_yet_generated():
 
 
 def test_open_segment_grows_and_buffer_limit_refuses():
-    d = DrivingBuffer(FPS, SR, max_speech_seconds=1.0)
+    d = DrivingBuffer(TL, max_speech_seconds=1.0)
     s = d.push_speech(tone(SPF, 0.1), "a")
     s2 = d.push_speech(tone(SPF, 0.2), "a", end=True)
     assert s2 is s and s.end == 2 * SPF and s.ended
@@ -87,53 +96,54 @@ def test_open_segment_grows_and_buffer_limit_refuses():
 
 
 def test_interrupt_drops_only_speech_not_yet_generated():
-    d = DrivingBuffer(FPS, SR)
+    d = DrivingBuffer(TL)
     d.push_speech(tone(20 * SPF, 0.5), "long")
-    d.take(0, 10, 10 * SPF, own_frames=5)
+    take(d, 0, 10, 5)
     cut = d.interrupt()
     assert [s.id for s in cut] == ["long"] and cut[0].interrupted and cut[0].end == 5 * SPF
-    a, _, _ = d.take(5, 13, 13 * SPF, own_frames=8)
+    a, _, _ = take(d, 5, 13, 8)
     assert not a.any()
     seg = d.push_speech(tone(SPF, 0.3))  # new speech after an interrupt starts at the next frame
     assert seg.start == 13 * SPF
 
 
 def test_mic_audio_lands_at_slot_plus_latency_and_stays_contiguous():
-    d = DrivingBuffer(FPS, SR)
+    d = DrivingBuffer(TL)
     d.push_mic(tone(SPF, 0.125), slot_now=0, latency_frames=20)
     d.push_mic(tone(SPF, 0.25), slot_now=1, latency_frames=20)  # contiguous, not re-anchored
-    a, _, _ = d.take(0, 30, 30 * SPF, own_frames=5)
+    a, _, _ = take(d, 0, 30, 5)
     np.testing.assert_array_equal(a[20 * SPF: 21 * SPF], 0.125)
     np.testing.assert_array_equal(a[21 * SPF: 22 * SPF], 0.25)
     assert not a[: 20 * SPF].any() and not a[22 * SPF:].any()
     # Generation passed the cursor: the next samples re-anchor at slot + latency.
-    d.take(5, 30, 30 * SPF, own_frames=40)
+    take(d, 5, 30, 40)
     d.push_mic(tone(SPF, 0.375), slot_now=30, latency_frames=20)
     assert d.stats["mic_reanchors"] == 1 and d.stats["mic_late_samples"] == 45 * SPF - 22 * SPF
-    a, _, _ = d.take(45, 10, 10 * SPF, own_frames=8)
+    a, _, _ = take(d, 45, 10, 8)
     np.testing.assert_array_equal(a[5 * SPF: 6 * SPF], 0.375)  # frame 50 = slot 30 + 20
 
 
 def test_playback_audio_is_speech_only_unless_the_mic_is_echoed():
     for echo in (False, True):
-        d = DrivingBuffer(FPS, SR, echo_mic=echo)
+        d = DrivingBuffer(TL, echo_mic=echo)
         d.push_speech(tone(SPF, 0.25))
         d.push_mic(tone(SPF, 0.5), slot_now=0, latency_frames=2)
-        step = d.take(0, 10, 10 * SPF, own_frames=5)
-        np.testing.assert_array_equal(step.audio[:SPF], 0.25)
-        np.testing.assert_array_equal(step.audio[2 * SPF: 3 * SPF], 0.5)
-        np.testing.assert_array_equal(step.playback[2 * SPF: 3 * SPF], 0.5 if echo else 0.0)
-        np.testing.assert_array_equal(step.playback[:SPF], 0.25)
+        audio, _, playback = take(d, 0, 10, 5)
+        np.testing.assert_array_equal(audio[:SPF], 0.25)
+        np.testing.assert_array_equal(audio[2 * SPF: 3 * SPF], 0.5)
+        assert len(playback) == 5 * SPF  # the step's own frames
+        np.testing.assert_array_equal(playback[2 * SPF: 3 * SPF], 0.5 if echo else 0.0)
+        np.testing.assert_array_equal(playback[:SPF], 0.25)
 
 
 def test_motion_with_client_timestamps_lands_on_frames_and_merges_fields():
-    d = DrivingBuffer(FPS, SR)
+    d = DrivingBuffer(TL)
     yaw, smile = MOTION_FIELDS.index("yaw"), MOTION_FIELDS.index("smile")
     n = len(MOTION_FIELDS)
     assert d.set_motion({"yaw": 0.2}, client_ms=1000.0) == 0      # anchors client time 1000 ms -> frame 0
     assert d.set_motion({"smile": 0.5}, client_ms=1200.0) == 5    # +200 ms = +5 frames
     assert d.set_motion({"yaw": None}, client_ms=1400.0) == 10    # null clears yaw
-    _, m, _ = d.take(0, 13, 13 * SPF, own_frames=5)
+    _, m, _ = take(d, 0, 13, 5)
     assert m.shape == (13, 2 * n)
     assert m[0, yaw] == pytest.approx(0.2) and m[0, n + yaw] == 1 and m[0, n + smile] == 0
     assert m[5, yaw] == pytest.approx(0.2) and m[5, smile] == pytest.approx(0.5) and m[5, n + smile] == 1
@@ -152,12 +162,40 @@ def test_motion_with_client_timestamps_lands_on_frames_and_merges_fields():
 
 
 def test_markers_report_when_their_frame_is_released():
-    d = DrivingBuffer(FPS, SR, now=lambda: 5.0)
-    d.take(0, 10, 10 * SPF, own_frames=5)
+    d = DrivingBuffer(TL, now=lambda: 5.0)
+    take(d, 0, 10, 5)
     d.set_motion({"yaw": 0.1})
     assert d.pop_markers(4) == []
     (mk,) = d.pop_markers(5)
     assert (mk.frame, mk.arrival, mk.kind) == (5, 5.0, "motion")
+
+
+def test_a_step_reads_its_audio_context_and_a_cut_silences_it_for_the_model_only():
+    """take(span) gives the model the audio of the span's context before its first frame
+    (kept even without rewind history); rewind(frame, cut=...) makes the model hear silence
+    in the context of `cut` in that take and in every later one, while the playback keeps
+    the speech (those frames were shown with it)."""
+    d = DrivingBuffer(TL, history_frames=20)
+    speech = np.linspace(0.1, 0.9, 40 * SPF).astype(np.float32)
+    d.push_speech(speech)
+    d.take(TL.span(0, 2, 3))                       # frames 0-4
+    span = TL.span(2, 2, 3)                        # frames 5-12, context from sample 0
+    second = d.take(span)
+    assert span.audio_from == 0 and span.frame == 5
+    np.testing.assert_array_equal(second.input.audio, speech[span.audio_from:span.audio_to])
+    np.testing.assert_array_equal(second.playback, speech[5 * SPF:13 * SPF])
+    d.rewind(5, cut=7)
+    again = d.take(span)
+    lo, hi = TL.context_before(7)
+    a = again.input.audio
+    assert not a[lo:hi].any() and a[hi:hi + 100].all() and a[lo - 100:lo].all()
+    np.testing.assert_array_equal(again.playback, second.playback)  # what plays is unchanged
+    later = d.take(TL.span(4, 2, 3))               # frames 13-20 re-read that context
+    off = later.input.span.audio_from
+    assert off < lo and not later.input.audio[lo - off:hi - off].any()
+    assert later.input.audio[hi - off:].all()
+    with pytest.raises(ValueError, match="cannot rewind"):
+        d.rewind(0)  # before the kept history (20 frames back from 21)
 
 
 # ----- playout ----------------------------------------------------------------------------
@@ -292,20 +330,30 @@ class FakeStream:
         self.next_latent, self.fail_at, self.closed, self.audios = 0, fail_at, False, []
         self.thread = None
 
-    frame_index = property(lambda s: 0 if s.next_latent == 0 else 4 * s.next_latent - 3)
-    next_frames = property(lambda s: 5 if s.next_latent == 0 else 8)
-    driving_frames = property(lambda s: 10 if s.next_latent == 0 else 13)
-    audio_samples_needed = property(lambda s: s.driving_frames * SPF)
+    def next_span(self):
+        return TL.span(self.next_latent, 2, 3)
 
-    def step(self, audio, motion):
+    def keep_history(self, steps):
+        pass
+
+    def rewind_point(self, frame):
+        return None
+
+    def restore(self, snapshot, remake_from=None):
+        raise AssertionError("nothing to restore")
+
+    def clear_abort(self):
+        pass
+
+    def step(self, inp):
         self.thread = threading.get_ident()
         if self.fail_at is not None and self.next_latent >= self.fail_at:
             raise RuntimeError("boom")
-        assert audio.shape == (self.audio_samples_needed,)
-        self.audios.append(audio)
-        n, f0 = self.next_frames, self.frame_index
+        assert inp.span == self.next_span() and inp.audio.shape == (inp.span.samples,)
+        self.audios.append(inp.audio)
+        span = self.next_span()
         self.next_latent += 2
-        return np.stack([np.full((4, 4, 3), (f0 + i + 1) % 256, np.uint8) for i in range(n)])
+        return np.stack([np.full((4, 4, 3), (span.frame + i + 1) % 256, np.uint8) for i in range(span.frames)])
 
     def close(self):
         self.closed = True
@@ -315,14 +363,14 @@ class FakeEngine:
     def __init__(self):
         self.calls = []
 
-    def step_many(self, streams, audios, motions, on_frames=None):  # never calls on_frames: the fallback path
+    def step_many(self, streams, inputs, on_frames=None):  # never calls on_frames: the fallback path
         self.calls.append(len(streams))
-        return [s.step(a, m) for s, a, m in zip(streams, audios, motions)]
+        return [s.step(inp) for s, inp in zip(streams, inputs)]
 
 
 def make_gen(sid, stream, lead=12, errors=None):
     p = Playout(VirtualClock(), SR, np.zeros((4, 4, 3), np.uint8), max_frames=lead + 16)
-    return Generation(sid, stream, DrivingBuffer(FPS, SR), p, lead,
+    return Generation(sid, stream, DrivingBuffer(TL), p, lead,
                       on_error=(lambda e: errors.append((sid, e))) if errors is not None else (lambda e: None))
 
 

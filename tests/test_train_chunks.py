@@ -36,7 +36,7 @@ def test_training_chunk_equals_one_masked_pass_over_reference_context_and_chunk(
     """Without knots the cached training chunk equals an independent computation: one
     block-causal windowed pass over [reference | clean context at t=0 | noisy chunk]."""
     from model.dit import FullSequence
-    from model.engine import build_cond
+    from model.knot_forcing import build_cond
 
     torch.manual_seed(0)
     cfg = small_config()
@@ -129,3 +129,41 @@ def test_plan_chunk_on_the_engine_grid():
     assert all(0 <= p.ref_lead <= 4 for p in plans)
     with pytest.raises(ValueError):
         plan_chunk(2, knobs, g)
+
+
+def test_a_generated_context_chunk_is_the_engines_chunk():
+    """The trainer's rollout and the engine run one chunk step (model/knot_forcing.py): the
+    first chunk generated from the same reference, noise and (silent) driving, with the same
+    reference position, is the engine's chunk."""
+    from model.cache import ReferenceCache, WindowCache
+    from model.engine import Engine
+    from model.knot_forcing import encode_reference
+    from model.timeline import StepInput
+
+    torch.manual_seed(0)
+    cfg = small_config()
+    model = AvatarModel(cfg).eval()
+    for b in model.dit.blocks:  # make the driving path live
+        torch.nn.init.normal_(b.drive_attn.o.weight, std=0.2)
+    engine = Engine(model)
+    stream = engine.start(np.full((32, 32, 3), 90, np.uint8), seed=5)
+    k = stream.knobs
+    with torch.inference_mode():
+        plan = engine.recipe.plan(stream.state, k, StepInput(stream.next_span()), stream.generator)
+        want = engine.recipe.denoise([stream.state], [plan], k, k.denoise_steps, lambda: None)
+
+    trainer = ChunkTrainer(model)
+    d, T = cfg.dit, cfg.tokens_per_frame
+    batch = ClipBatch(frames=None, reference=None, audio=torch.zeros(1, 16000),
+                      motion=torch.zeros(1, 40, cfg.driving.motion_dim), weight=None)
+    rc = ReferenceCache(d.num_layers, 1, d.num_heads, T, d.head_dim, torch.float32, "cpu")
+    wc = WindowCache(d.num_layers, 1, d.num_heads, k.window_frames, T, d.head_dim, torch.float32, "cpu")
+    ref = stream.state.reference_latent.clone()
+    with torch.no_grad():
+        rc.position = 1 + k.chunk_frames + k.knot_frames + k.ahead_frames  # the engine's running-ahead start
+        encode_reference(model.dit, ref, rc)
+        drive = trainer.drive(batch, 0, k.chunk_frames + k.knot_frames)
+        clean, knot = trainer._generate(ref, 0, None, drive, rc, wc, k, torch.Generator().manual_seed(5))
+    assert rc.position == stream.state.reference.position
+    got = torch.cat([clean, knot], dim=2)
+    assert got.shape == want.shape and (got - want).abs().max().item() < 1e-4

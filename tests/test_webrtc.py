@@ -204,7 +204,7 @@ async def test_a_failing_session_gets_an_error_event_and_others_go_on(server):
         def broken(*args, **kwargs):
             raise RuntimeError("injected failure")
 
-        stream._begin = broken  # the next step of this session fails on the worker thread
+        stream._checked = broken  # the next step of this session fails on the worker thread
         err = await bad.wait_message(lambda m: m["type"] == "error", timeout_s=60)
         assert err["code"] == "generation_failed" and "injected failure" in err["message"]
         assert await until(lambda: s_bad["id"] not in server.manager.sessions, 10)

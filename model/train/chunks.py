@@ -4,9 +4,10 @@ A training sample is a clip treated as the start of a stream. One chunk of it is
 training target; the latent frames before it fill the window cache exactly as the
 engine fills it (the cache pass at noise level 0, chunk by chunk), the reference is
 encoded into the reference cache, and the chunk is denoised from one noise level with
-the same attention contexts, the same condition (`build_cond`) and the same driving
-tokens (`latent_driving_tokens`) as at inference. Nothing here is a copy of the
-engine's math; it drives the same modules.
+the same attention contexts, the same condition (`build_cond`), the same driving tokens
+(`latent_driving_tokens`) and the same timesteps as at inference. Nothing here is a copy
+of the engine's math: context chunks the model generates go through the recipe's own
+`chunk_step` (model/knot_forcing.py), the cache pass through its `write_clean`.
 
 Context frames come from one of two sources:
 - teacher forcing: the clip's own clean latents;
@@ -26,10 +27,12 @@ from torch import Tensor
 from model.avatar import AvatarModel
 from model.cache import ReferenceCache, WindowCache
 from model.config import ModelConfig, StreamKnobs
-from model.dit import EncodeReference, Streaming
+from model.dit import Streaming
 from model.driving import log_mel
-from model.engine import build_cond, latent_driving_tokens
-from model.sampler import denoise, get_sigmas, shift_sigma
+from model.knot_forcing import (ChunkInputs, build_cond, chunk_step, encode_reference, latent_driving_tokens,
+                                positions, write_clean)
+from model.sampler import get_sigmas, shift_sigma
+from model.timeline import Timeline
 
 
 @dataclass
@@ -70,16 +73,13 @@ def plan_chunk(n_latents: int, knobs: StreamKnobs, gen: torch.Generator) -> Chun
     return ChunkPlan(start, knobs, lead)
 
 
-def _positions(first: int, n: int) -> Tensor:
-    return torch.arange(n, dtype=torch.float64) + first + 1  # the engine's positions before any rebase
-
-
 class ChunkTrainer:
     """Builds caches for a batch of clips and returns the trained chunk's prediction."""
 
     def __init__(self, model: AvatarModel):
         self.model = model
         self.cfg: ModelConfig = model.config
+        self.timeline = Timeline.of(self.cfg)
 
     def latents(self, batch: ClipBatch) -> tuple[Tensor, Tensor]:
         """VAE latents of the clip frames and of the reference (no gradient: the VAE is frozen here)."""
@@ -95,14 +95,14 @@ class ChunkTrainer:
         """(B, n_latents, 4M, D) driving tokens; frames before the clip read as silence / not given."""
         dc = self.cfg.driving
         mel = log_mel(batch.audio, dc)  # (B, n_mel, n_mels)
-        first_frame = 4 * first_latent - 3
-        n_frames = 4 * n_latents
+        first_frame = self.timeline.group_start(first_latent)
+        n_frames = self.timeline.temporal_stride * n_latents
         B, T, md = batch.motion.shape
         motion = batch.motion.new_zeros(B, n_frames, md)
         lo, hi = max(0, first_frame), min(T, first_frame + n_frames)
         if hi > lo:
             motion[:, lo - first_frame:hi - first_frame] = batch.motion[:, lo:hi]
-        return latent_driving_tokens(self.model.driving, self.cfg, mel, 0, motion, first_frame, n_latents)
+        return latent_driving_tokens(self.model.driving, self.cfg, mel, 0, motion, first_latent, n_latents)
 
     def forward(self, batch: ClipBatch, plan: ChunkPlan, sigma: Tensor, gen: torch.Generator,
                 rollout: str | None = None) -> dict[str, Tensor]:
@@ -131,28 +131,11 @@ class ChunkTrainer:
         rc = ReferenceCache(d.num_layers, B, d.num_heads, T, d.head_dim, dt, dev)
         end = plan.start + 1 + Fr
         rc.position = float(end + plan.ref_lead) if k.ahead_frames else 0.0
-        m(ref, torch.zeros(B, 1, device=dev), torch.tensor([rc.position], dtype=torch.float64),
-          EncodeReference(rc))
+        encode_reference(m, ref, rc)
 
         # 2. Window: the context chunks before the trained one, as the engine writes them.
         wc = WindowCache(d.num_layers, B, d.num_heads, k.window_frames, T, d.head_dim, dt, dev)
-        # The clip is a stream from its first frame: every earlier chunk goes through the
-        # cache as in the engine (a chunk's K/V depend on the window it saw), the ring
-        # buffer evicting what falls out of the window.
-        knot = None
-        generate_from = 0 if rollout == "all" else max(0, plan.start - c) if rollout == "last" else plan.start
-        with torch.no_grad():
-            for s in range(0, plan.start, c):
-                drive = self.drive(batch, s, c + kn)
-                if s >= generate_from:
-                    if knot is None and s > 0 and kn:  # after teacher-forced chunks: the engine's knot, imitated
-                        knot = self._noisy_knot(z[:, :, s:s + kn], gen)
-                    clean, knot = self._generate(ref, s, knot, drive, rc, wc, k, gen)
-                else:
-                    clean = z[:, :, s:s + c]
-                m(clean, torch.zeros(B, c, device=dev), _positions(s, c), Streaming(rc, wc, write=True),
-                  cond=build_cond(cfg, ref, None, c), drive=drive[:, :c])
-                wc.commit(c)
+        knot = self._context(batch, z, ref, rc, wc, plan, gen, rollout)
 
         # 3. The trained chunk: noisy target frames, knot condition from the previous chunk.
         target = z[:, :, plan.start:plan.start + Fr]
@@ -165,10 +148,34 @@ class ChunkTrainer:
         noise = torch.randn(target.shape, generator=gen).to(dev, dt)
         s = sigma.view(B, 1, 1, 1, 1).to(dt)
         x_t = (1 - s) * target + s * noise
-        t = (sigma * cfg.sampler.num_train_timesteps).view(B, 1).expand(B, Fr).to(dt)
-        drive = self.drive(batch, plan.start, Fr)
-        v = m(x_t, t, _positions(plan.start, Fr), Streaming(rc, wc, write=False), cond=cond, drive=drive)
+        chunk = ChunkInputs(positions(plan.start, Fr), cond, self.drive(batch, plan.start, Fr),
+                            Streaming(rc, wc, write=False))
+        v = chunk.velocity(m, x_t, sigma, cfg.sampler.num_train_timesteps)
         return {"x0_pred": x_t - s * v, "x0": target, "ref": ref, "start": plan.start}
+
+    def _context(self, batch: ClipBatch, z: Tensor, ref: Tensor, rc: ReferenceCache, wc: WindowCache,
+                 plan: ChunkPlan, gen: torch.Generator, rollout: str | None) -> Tensor | None:
+        """Fill the window with every chunk before the trained one (the clip is a stream from
+        its first frame: a chunk's K/V depend on the window it saw, the ring buffer evicting
+        what falls out of it). Returns the knot the trained chunk is conditioned on, when a
+        generated chunk made one."""
+        cfg, k = self.cfg, plan.knobs
+        c, kn = k.chunk_frames, k.knot_frames
+        knot = None
+        generate_from = 0 if rollout == "all" else max(0, plan.start - c) if rollout == "last" else plan.start
+        with torch.no_grad():
+            for s in range(0, plan.start, c):
+                drive = self.drive(batch, s, c + kn)
+                if s >= generate_from:
+                    if knot is None and s > 0 and kn:  # after teacher-forced chunks: the engine's knot, imitated
+                        knot = self._noisy_knot(z[:, :, s:s + kn], gen)
+                    clean, knot = self._generate(ref, s, knot, drive, rc, wc, k, gen)
+                else:
+                    clean = z[:, :, s:s + c]
+                write_clean(self.model.dit, Streaming(rc, wc, write=True), clean, positions(s, c),
+                            build_cond(cfg, ref, None, c), drive[:, :c])
+                wc.commit(c)
+        return knot
 
     @staticmethod
     def _noisy_knot(truth: Tensor, gen: torch.Generator) -> Tensor:
@@ -177,27 +184,17 @@ class ChunkTrainer:
         return truth + 0.1 * torch.randn(truth.shape, generator=gen).to(truth.device, truth.dtype)
 
     def _generate(self, ref, start, knot, drive, rc, wc, k: StreamKnobs, gen) -> tuple[Tensor, Tensor | None]:
-        """The engine's few-step generation of one context chunk (no grad)."""
-        m, cfg = self.model.dit, self.cfg
+        """The engine's few-step generation of one context chunk (no grad): the recipe's chunk step."""
+        cfg = self.cfg
         B = ref.shape[0]
         c, kn = k.chunk_frames, k.knot_frames
         Fr = c + kn
-        cond = build_cond(cfg, ref, knot, Fr)
-        pos = _positions(start, Fr)
-        ctx = Streaming(rc, wc, write=False)
-
-        def velocity(x, sigma):
-            t = torch.full((B, Fr), sigma * cfg.sampler.num_train_timesteps, device=x.device, dtype=x.dtype)
-            return m(x, t, pos, ctx, cond=cond, drive=drive)
-
-        def fuse(x0):
-            if knot is not None:
-                x0[:, :, :kn] = k.knot_fusion * knot + (1 - k.knot_fusion) * x0[:, :, :kn]
-            return x0
-
+        chunk = ChunkInputs(positions(start, Fr), build_cond(cfg, ref, knot, Fr), drive, Streaming(rc, wc, write=False))
         h, w = ref.shape[-2:]
         noise = torch.randn(B, cfg.vae.z_channels, Fr, h, w, generator=gen).to(ref.device, ref.dtype)
-        x0 = denoise(velocity, noise, get_sigmas(k.denoise_steps, k.shift), on_last=fuse)
+        knots = [None] * B if knot is None else list(knot.split(1))
+        x0 = chunk_step(self.model.dit, chunk, noise, get_sigmas(k.denoise_steps, k.shift), knots, k.knot_fusion,
+                        cfg.sampler.num_train_timesteps)
         return x0[:, :, :c], (x0[:, :, c:] if kn else None)
 
 

@@ -171,18 +171,18 @@ def iter_stream(engine, clip: EvalClip, system: System, n_frames: int | None = N
 
     The one place that drives the engine. The noise seed is the clip's: every system
     streams the same clip from the same generator state, which is what makes the
-    comparisons paired (systems with the same chunk geometry draw identical noise)."""
-    cfg = engine.config
-    sr, fps = cfg.driving.sample_rate, cfg.fps
+    comparisons paired (systems with the same chunk geometry draw identical noise).
+    Past the clip's end the driving goes on from the clip's second of tail."""
+    from model.timeline import StepInput
+
     n = len(clip.motion) if n_frames is None else n_frames
+    audio = np.zeros_like(clip.audio) if system.zero_audio else clip.audio
     stream = engine.start(clip.reference, system.knobs, seed=clip.seed)
     try:
         while stream.frame_index < n:
-            f0, k = stream.frame_index, stream.driving_frames
-            audio = clip.audio[round(f0 * sr / fps): round((f0 + k) * sr / fps)]
-            motion = clip.given[f0:f0 + k]
-            frames = stream.step(np.zeros_like(audio) if system.zero_audio else audio, motion)
-            yield f0, frames[: n - f0]
+            span = stream.next_span()
+            frames = stream.step(StepInput.from_clip(span, audio, clip.given))
+            yield span.frame, frames[: n - span.frame]
     finally:
         stream.close()
 
@@ -339,7 +339,7 @@ def run(args: argparse.Namespace) -> int:
     fps, size, sr = cfg.fps, cfg.height, cfg.driving.sample_rate
     n_frames, n_long = int(round(args.seconds * fps)), int(round(args.long_seconds * fps))
     prefixes = tuple(sorted({int(round(x * fps)) for x in args.prefix_seconds}))
-    if min((n_frames, *prefixes)) < 4 * cfg.stream.chunk_frames + 2:
+    if min((n_frames, *prefixes)) < engine.timeline.frames_for_latents(cfg.stream.chunk_frames, first=False) + 2:
         raise ValueError("--seconds and --prefix-seconds must be at least two chunks long; chunk borders cannot be scored")
     runs = systems(cfg.stream)
     bank = speech_bank(args.data)

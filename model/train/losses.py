@@ -6,19 +6,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from model.timeline import frames_of_latent
 
-def latent_weight(weight: Tensor, start: int, n_latents: int, spatial: int = 8) -> Tensor:
+
+def latent_weight(weight: Tensor, start: int, n_latents: int, spatial: int = 8, temporal_stride: int = 4) -> Tensor:
     """Pixel loss weights (B, 1, frames, H, W) -> latent-grid weights (B, 1, n, H/8, W/8).
 
-    Latent frame f covers video frames [4f - 3, 4f] (frame 0 alone); each latent cell
-    takes the largest weight of the pixels and frames it covers, so the mouth region
-    keeps its weight after the 8x8x4 reduction.
+    Each latent cell takes the largest weight of the pixels and video frames it covers
+    (`model.timeline.frames_of_latent`), so the mouth region keeps its weight after the
+    8x8x4 reduction.
     """
     B, _, T, H, W = weight.shape
     out = []
     for f in range(start, start + n_latents):
-        lo, hi = max(0, 4 * f - 3), min(T, 4 * f + 1)
-        w = weight[:, :, lo:hi].amax(dim=2)  # (B, 1, H, W)
+        frames = frames_of_latent(f, temporal_stride)
+        w = weight[:, :, frames.start:min(T, frames.stop)].amax(dim=2)  # (B, 1, H, W)
         out.append(F.max_pool2d(w, spatial))
     return torch.stack(out, dim=2)
 

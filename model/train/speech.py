@@ -4,10 +4,9 @@ Sentences come from a small seeded grammar; Debian's espeak-ng and flite speak t
 (several voices and rates). The mouth follows the speech itself: mouth_open from the
 loudness envelope of the voiced band, mouth_wide from the spectral balance (bright
 vowels like "ee" spread the lips), both per video frame and smoothed for
-co-articulation. This is the "loudness envelope" option of issue 4: a deterministic
-function of the audio, so a model can learn it from the audio it is given. Idle motion
-(blinks, head sway, gaze saccades, occasional smiles and brow raises) is generated
-per frame.
+co-articulation: a deterministic function of the audio, so a model can learn it from
+the audio it is given. Idle motion (blinks, head sway, gaze saccades, occasional smiles
+and brow raises) is generated per frame.
 """
 
 from __future__ import annotations

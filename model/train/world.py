@@ -199,6 +199,62 @@ def _hair(img, ident: Identity, pose: _Pose, front: bool):
     _poly(img, pts, ident.hair)
 
 
+def _eyes(img: np.ndarray, ident: Identity, pose: "_Pose", motion: np.ndarray, angle: float, shade: tuple) -> None:
+    """Eyes: white, iris following gaze, eyelid closing with blink."""
+    blink, gx, gy = (float(motion[_F[k]]) for k in ("blink", "gaze_x", "gaze_y"))
+    r = 0.11 * pose.a * ident.eye_size
+    for (c, z), su in zip(_eye_centres(ident, pose), (-1, 1)):
+        if z <= 0:
+            continue
+        sx = pose.scale_x(su * ident.eye_gap, -0.12)
+        _ellipse(img, c, (1.3 * r * sx, r), angle, (250, 250, 250))
+        iris_c = c + np.array([0.45 * r * gx * sx, 0.35 * r * gy])
+        _ellipse(img, iris_c, (0.62 * r * sx, 0.62 * r), angle, ident.iris)
+        _ellipse(img, iris_c, (0.3 * r * sx, 0.3 * r), angle, (15, 15, 20))
+        if blink > 0.02:  # upper lid: skin covering the top `blink` fraction of the eye
+            lid_h = 2.1 * r * blink
+            top = c[1] - 1.05 * r
+            x0, x1 = c[0] - 1.45 * r * sx, c[0] + 1.45 * r * sx
+            _poly(img, [(x0, top), (x1, top), (x1, top + lid_h), (x0, top + lid_h)], shade)
+            cv2.line(img, _pt((x0 + 0.2 * r, top + lid_h)), _pt((x1 - 0.2 * r, top + lid_h)), (40, 30, 30),
+                     max(1, int(0.25 * r)), cv2.LINE_AA, 4)
+
+
+def _brows_and_nose(img: np.ndarray, ident: Identity, pose: "_Pose", motion: np.ndarray, shade: tuple) -> None:
+    """Brows raised with `brow` (0.5 neutral), and the nose."""
+    lift = (float(motion[_F["brow"]]) - 0.5) * 0.2
+    for su in (-1, 1):
+        a, za = pose.point(su * (ident.eye_gap - 0.16), -0.33 - lift)
+        b, zb = pose.point(su * (ident.eye_gap + 0.16), -0.30 - lift)
+        if za > 0 and zb > 0:
+            cv2.line(img, _pt(a), _pt(b), ident.brow, max(1, int(0.06 * pose.a * ident.brow_thick)), cv2.LINE_AA, 4)
+
+    # Nose.
+    n0, _ = pose.point(0.0, 0.05, lift=0.03 * pose.a)
+    n1, _ = pose.point(0.04, 0.3, lift=0.08 * pose.a)
+    cv2.line(img, _pt(n0), _pt(n1), shade, max(1, int(0.05 * pose.a)), cv2.LINE_AA, 4)
+
+
+def _mouth(img: np.ndarray, ident: Identity, pose: "_Pose", motion: np.ndarray) -> None:
+    """Lips around a dark cavity whose height follows mouth_open; corners lift with smile."""
+    c, hw, hh, clift = _mouth_shape(ident, motion, pose)
+    ca, sa = math.cos(pose.roll), math.sin(pose.roll)
+
+    def rot(dx, dy):
+        return (c[0] + dx * ca - dy * sa, c[1] + dx * sa + dy * ca)
+
+    n = 16
+    upper = [rot(hw * math.cos(t), -hh * math.sin(t) - clift * math.cos(t) ** 2) for t in np.linspace(0, math.pi, n)]
+    lower = [rot(hw * math.cos(t), -hh * math.sin(t) - clift * math.cos(t) ** 2) for t in np.linspace(math.pi, 2 * math.pi, n)]
+    lip = 0.03 * pose.b + 0.25 * hh
+    outer_u = [rot(1.08 * hw * math.cos(t), -(hh + lip) * math.sin(t) - clift * math.cos(t) ** 2)
+               for t in np.linspace(0, math.pi, n)]
+    outer_l = [rot(1.08 * hw * math.cos(t), -(hh + lip) * math.sin(t) - clift * math.cos(t) ** 2)
+               for t in np.linspace(math.pi, 2 * math.pi, n)]
+    _poly(img, outer_u + outer_l, ident.lips)
+    _poly(img, upper + lower, CAVITY)
+
+
 def render_frame(ident: Identity, motion: np.ndarray, size: int = 128) -> np.ndarray:
     """(len(MOTION_FIELDS),) motion -> (size, size, 3) uint8 RGB."""
     motion = np.asarray(motion, np.float32)
@@ -223,56 +279,9 @@ def render_frame(ident: Identity, motion: np.ndarray, size: int = 128) -> np.nda
 
     _hair(img, ident, pose, front=True)
 
-    # Eyes: white, iris following gaze, eyelid closing with blink.
-    blink, gx, gy = (float(motion[_F[k]]) for k in ("blink", "gaze_x", "gaze_y"))
-    r = 0.11 * pose.a * ident.eye_size
-    for (c, z), su in zip(_eye_centres(ident, pose), (-1, 1)):
-        if z <= 0:
-            continue
-        sx = pose.scale_x(su * ident.eye_gap, -0.12)
-        _ellipse(img, c, (1.3 * r * sx, r), angle, (250, 250, 250))
-        iris_c = c + np.array([0.45 * r * gx * sx, 0.35 * r * gy])
-        _ellipse(img, iris_c, (0.62 * r * sx, 0.62 * r), angle, ident.iris)
-        _ellipse(img, iris_c, (0.3 * r * sx, 0.3 * r), angle, (15, 15, 20))
-        if blink > 0.02:  # upper lid: skin covering the top `blink` fraction of the eye
-            lid_h = 2.1 * r * blink
-            top = c[1] - 1.05 * r
-            x0, x1 = c[0] - 1.45 * r * sx, c[0] + 1.45 * r * sx
-            _poly(img, [(x0, top), (x1, top), (x1, top + lid_h), (x0, top + lid_h)], shade)
-            cv2.line(img, _pt((x0 + 0.2 * r, top + lid_h)), _pt((x1 - 0.2 * r, top + lid_h)), (40, 30, 30),
-                     max(1, int(0.25 * r)), cv2.LINE_AA, 4)
-
-    # Brows: raised with `brow` (0.5 neutral).
-    lift = (float(motion[_F["brow"]]) - 0.5) * 0.2
-    for su in (-1, 1):
-        a, za = pose.point(su * (ident.eye_gap - 0.16), -0.33 - lift)
-        b, zb = pose.point(su * (ident.eye_gap + 0.16), -0.30 - lift)
-        if za > 0 and zb > 0:
-            cv2.line(img, _pt(a), _pt(b), ident.brow, max(1, int(0.06 * pose.a * ident.brow_thick)), cv2.LINE_AA, 4)
-
-    # Nose.
-    n0, _ = pose.point(0.0, 0.05, lift=0.03 * pose.a)
-    n1, _ = pose.point(0.04, 0.3, lift=0.08 * pose.a)
-    cv2.line(img, _pt(n0), _pt(n1), shade, max(1, int(0.05 * pose.a)), cv2.LINE_AA, 4)
-
-    # Mouth: lips around a dark cavity whose height follows mouth_open; corners lift with smile.
-    c, hw, hh, clift = _mouth_shape(ident, motion, pose)
-    ca, sa = math.cos(pose.roll), math.sin(pose.roll)
-
-    def rot(dx, dy):
-        return (c[0] + dx * ca - dy * sa, c[1] + dx * sa + dy * ca)
-
-    n = 16
-    upper = [rot(hw * math.cos(t), -hh * math.sin(t) - clift * math.cos(t) ** 2) for t in np.linspace(0, math.pi, n)]
-    lower = [rot(hw * math.cos(t), -hh * math.sin(t) - clift * math.cos(t) ** 2) for t in np.linspace(math.pi, 2 * math.pi, n)]
-    lip = 0.03 * pose.b + 0.25 * hh
-    outer_u = [rot(1.08 * hw * math.cos(t), -(hh + lip) * math.sin(t) - clift * math.cos(t) ** 2)
-               for t in np.linspace(0, math.pi, n)]
-    outer_l = [rot(1.08 * hw * math.cos(t), -(hh + lip) * math.sin(t) - clift * math.cos(t) ** 2)
-               for t in np.linspace(math.pi, 2 * math.pi, n)]
-    _poly(img, outer_u + outer_l, ident.lips)
-    _poly(img, upper + lower, CAVITY)
-
+    _eyes(img, ident, pose, motion, angle, shade)
+    _brows_and_nose(img, ident, pose, motion, shade)
+    _mouth(img, ident, pose, motion)
     return cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA)
 
 
