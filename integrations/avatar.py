@@ -21,8 +21,9 @@ driving buffer put the 16 kHz copy that drives the lips.
 A barge-in is answered in two steps: `interrupt()` cuts the tape and mutes the queued
 frames at once; the generation worker then discards the unplayed frames and rewinds
 (`GenerationWorker.rewind_unplayed`, between two steps). Speech pushed before that rewind
-has run would land in the stretch the rewind clears, so it is held here and pushed right
-after (a barrier call on the worker thread, which runs its calls in order).
+has run is moved by it (the driving buffer pulls it to the first regenerated frame), which
+the tape, laid when the speech is pushed, would not follow; so it is held here and pushed
+right after (a barrier call on the worker thread, which runs its calls in order).
 """
 
 from __future__ import annotations
@@ -97,11 +98,8 @@ class AvatarHost:
         """Start a stream of `reference` ((H, W, 3) uint8 RGB portrait). audio_rate: the rate of
         the audio `frames()` hands back (None: the rate of the first audio pushed)."""
         stream = await asyncio.wrap_future(self.worker.call(self.engine.start, reference, knobs, seed))
-        placeholder = getattr(stream, "reference_image", None)
-        if placeholder is None:
-            placeholder = np.zeros((self.height, self.width, 3), np.uint8)
         session = LiveSession(f"local-{secrets.token_hex(4)}", self.worker, stream, self.fps, self.driving_rate,
-                              placeholder, options)
+                              stream.reference_image, options)
         return LocalAvatar(session, (self.width, self.height), audio_rate)
 
     def close(self) -> None:

@@ -134,18 +134,7 @@ def step_group(streams: Sequence["Stream"], inputs: Sequence[StepInput | None],
     checked = [s._checked(inp) for s, inp in zip(streams, inputs)]
     s0 = streams[0]
     recipe, knobs = s0.engine.recipe, s0.knobs
-    for s in streams:
-        if s._history is not None:
-            s._history.append(s._snapshot())
-    plans = []
-    try:
-        for s, inp in zip(streams, checked):
-            plans.append(recipe.plan(s.state, s.knobs, inp, s.generator))
-    except Exception:
-        for s in streams:  # as they were
-            if s._history is not None:
-                s.restore(s._history[-1])
-        raise
+    plans = _plan(streams, checked)
     abortable = all(s._history is not None for s in streams)
 
     def abort_if_requested() -> None:
@@ -176,6 +165,21 @@ def step_group(streams: Sequence["Stream"], inputs: Sequence[StepInput | None],
         s.chunks += 1
         s._remake = False
     return frames
+
+
+def _plan(streams: Sequence["Stream"], inputs: Sequence[StepInput]) -> list:
+    """Each stream's recipe plan, after keeping a snapshot where it keeps history; when a
+    plan fails every stream is restored as it was."""
+    for s in streams:
+        if s._history is not None:
+            s._history.append(s._snapshot())
+    try:
+        return [s.engine.recipe.plan(s.state, s.knobs, inp, s.generator) for s, inp in zip(streams, inputs)]
+    except Exception:
+        for s in streams:
+            if s._history is not None:
+                s.restore(s._history[-1])
+        raise
 
 
 def _to_uint8(video: Tensor) -> np.ndarray:

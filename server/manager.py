@@ -241,9 +241,7 @@ class SessionManager:
             self._spawn(self._release(session_id))
             raise
         cfg = self.engine.config
-        placeholder = getattr(stream, "reference_image", None)
-        if placeholder is None:
-            placeholder = np.zeros((cfg.height, cfg.width, 3), np.uint8)
+        placeholder = stream.reference_image
         options = replace(options, ice_servers=self._ice_servers(options.ice_servers, session_id))
         limits = self._new_limits()
         session = LiveSession(session_id, self.worker, stream, cfg.fps, cfg.driving.sample_rate, placeholder,

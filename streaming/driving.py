@@ -137,6 +137,7 @@ class DrivingBuffer:
         self._mic = _Samples()
         self._next_frame = 0          # first frame whose driving has not been generated
         self._speech_end = 0          # sample where the next pushed speech goes
+        self._pushed_since_interrupt: int | None = None  # barge-in floor until the worker's rewind
         self._mic_cursor: int | None = None
         self._segments: list[Segment] = []
         self._ids = itertools.count(1)
@@ -284,24 +285,53 @@ class DrivingBuffer:
     # ----- interrupt ------------------------------------------------------------------
 
     def interrupt(self, from_frame: int | None = None) -> list[Segment]:
-        """Drop pushed speech from `from_frame` on (default: the first frame not generated);
-        returns the segments newly cut short. A frame already generated can be given (the
-        generation will be rewound there); it must be within the kept history."""
+        """Barge-in: drop pushed speech not yet generated; returns the segments newly cut short.
+
+        from_frame: the generation rewinds to that already generated frame (the worker, once
+        it has discarded the unplayed frames; within the kept history). The speech said
+        before the barge-in goes from that frame on; speech pushed since the barge-in (a
+        client answering it before the rewind ran) moves to start there, whole."""
         with self._lock:
-            floor = self.sample_of(self._next_frame if from_frame is None else from_frame)
+            if from_frame is not None:
+                return self._cut_and_pull(self.sample_of(from_frame))
+            floor = self.sample_of(self._next_frame)
             self._speech.zero_from(floor)
-            self._speech_end = min(self._speech_end, floor) if from_frame is not None else floor
-            cut = []
+            self._speech_end = self._pushed_since_interrupt = floor
+            self.stats["interrupts"] += 1
+            return self._cut_segments(floor)
+
+    def _cut_segments(self, at: int, before: int | None = None) -> list[Segment]:
+        """Segments (starting before `before`, when given) reaching past sample `at` end there."""
+        cut = []
+        for seg in self._segments:
+            if seg.end > at and (before is None or seg.start < before):
+                if not seg.interrupted:
+                    cut.append(seg)
+                seg.interrupted = True
+                seg.end = max(seg.start, at)
+                seg.ended = True
+        return cut
+
+    def _cut_and_pull(self, at: int) -> list[Segment]:
+        since = self._pushed_since_interrupt
+        self._pushed_since_interrupt = None
+        if since is None:  # no barge-in pending: everything from `at` on goes
+            since = self._speech_end
+        new = self._speech.read(since, max(0, self._speech_end - since))
+        cut = self._cut_segments(at, before=since)
+        self._speech.zero_from(min(at, since))
+        if len(new):
+            self._speech.write(at, new)
             for seg in self._segments:
-                if seg.end > floor:
-                    if not seg.interrupted:
-                        cut.append(seg)
-                    seg.interrupted = True
-                    seg.end = max(seg.start, floor)
-                    seg.ended = True
-            if from_frame is None:
-                self.stats["interrupts"] += 1
-            return cut
+                if seg.start >= since:
+                    seg.start, seg.end = seg.start + at - since, seg.end + at - since
+            first = self.frame_of(since)
+            self._markers = [Marker(m.frame + self.frame_of(at) - first, m.arrival, m.kind)
+                             if m.kind == "speech" and m.frame >= first else m for m in self._markers]
+            self._speech_end = at + len(new)
+        else:
+            self._speech_end = min(self._speech_end, at)
+        return cut
 
     def rewind(self, frame: int, cut: int | None = None) -> None:
         """Generation goes back to `frame` (the stream was restored to its snapshot of that

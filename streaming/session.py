@@ -29,7 +29,7 @@ from streaming.peer import CandidateError, OfferError, attach_track, check_offer
 from streaming.playout import Playout
 from streaming.tracks import (AvatarAudioTrack, AvatarVideoTrack, Pacer, consume_audio, consume_blackhole,
                               track_task)
-from streaming.worker import Generation, GenerationWorker
+from streaming.worker import Generation, GenerationWorker, SessionStream
 
 log = logging.getLogger("knotstream.session")
 
@@ -39,7 +39,7 @@ __all__ = ["LiveSession", "OfferError", "SessionOptions", "SessionRefused", "che
 class LiveSession:
     """Everything of one live avatar session except HTTP. Create on the event loop."""
 
-    def __init__(self, session_id: str, worker: GenerationWorker, stream, fps: int, sample_rate: int,
+    def __init__(self, session_id: str, worker: GenerationWorker, stream: SessionStream, fps: int, sample_rate: int,
                  placeholder: np.ndarray, options: SessionOptions | None = None,
                  tts: Callable[[str, int], Any] | None = None,
                  on_latency: Callable[[float, str], None] | None = None,
@@ -175,9 +175,8 @@ class LiveSession:
 
     def video_encoder(self):
         """The session's VideoEncoder (cached per codec, preference and frame size)."""
-        cfg = getattr(self.stream, "cfg", None)
-        size = (cfg.width, cfg.height) if cfg is not None else None
-        return choose_video_encoder(self.options.codec, self.options.encoder, size)
+        cfg = self.stream.cfg
+        return choose_video_encoder(self.options.codec, self.options.encoder, (cfg.width, cfg.height))
 
     def _attach(self, pc: RTCPeerConnection) -> None:
         try:
@@ -283,8 +282,7 @@ class LiveSession:
         coalesced = self._rewind is not None and not self._rewind.done()
         if not coalesced:
             # Stop the step in progress (its frames would be discarded anyway), then rewind.
-            if hasattr(self.stream, "request_abort"):
-                self.stream.request_abort()
+            self.stream.request_abort()
             self._rewind = fut = self.worker.rewind_unplayed(self.id)
             fut.add_done_callback(self._on_rewound)
         played = self.driving.sample_of(self._last_gen + 1) if self._last_gen >= 0 else 0

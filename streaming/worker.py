@@ -44,7 +44,8 @@ from typing import Callable, Protocol, Sequence
 
 import numpy as np
 
-from model.timeline import StepInput, StepSpan
+from model.config import ModelConfig, StreamKnobs
+from model.timeline import StepInput, StepSpan, Timeline
 from streaming.driving import DrivingBuffer
 from streaming.playout import Chunk, Playout
 
@@ -74,6 +75,22 @@ class EngineStream(Protocol):
     def clear_abort(self) -> None: ...
 
     def close(self) -> None: ...
+
+
+class SessionStream(EngineStream, Protocol):
+    """What a live session reads of its stream besides the worker's part."""
+
+    timeline: Timeline
+    knobs: StreamKnobs
+    cfg: ModelConfig
+    reference_image: np.ndarray  # the portrait as fitted to the frame: the placeholder before the first frame
+
+    @property
+    def driving_frames(self) -> int:
+        """Video frames of motion the next step reads."""
+
+    def request_abort(self) -> bool:
+        """Stop the step in progress (from another thread); False when nothing could be undone."""
 
 
 class StepEngine(Protocol):
@@ -255,10 +272,12 @@ class GenerationWorker:
         due.sort(key=lambda d: (d[0], d[1]))
         return [g for _, _, g in due[: self.max_batch]]
 
-    def _step(self, batch: list[Generation]) -> None:
+    def _read_driving(self, batch: list[Generation]) -> tuple[list[StepSpan], list[StepInput], list[tuple]]:
+        """Each session's next span, its driving and (playback audio, mutes). A session whose
+        input cannot be read fails alone and leaves `batch`; the thread goes on."""
         spans, inputs, own = [], [], []
         for g in list(batch):
-            try:  # a session whose input cannot be read fails alone; the thread goes on
+            try:
                 span = g.stream.next_span()
                 mutes = g.playout.mutes  # before the driving is read: an interrupt after it mutes this chunk
                 d = g.driving.take(span)
@@ -270,6 +289,10 @@ class GenerationWorker:
             spans.append(span)
             inputs.append(d.input)
             own.append((d.playback, mutes))
+        return spans, inputs, own
+
+    def _step(self, batch: list[Generation]) -> None:
+        spans, inputs, own = self._read_driving(batch)
         if not batch:
             return
         delivered: dict[int, bool] = {}
@@ -311,17 +334,19 @@ class GenerationWorker:
                 continue
             if i not in delivered:  # an engine that does not call on_frames
                 deliver(i, frames)
-            if not delivered[i]:
-                continue
-            g.chunks += 1
-            g.frames += span.frames
-            g.last_step_s = dt
-            self.stats.chunks += 1
-            if g.on_chunk is not None:
-                try:
-                    g.on_chunk(dt, span.frames)
-                except Exception:
-                    log.exception("on_chunk callback of session %s failed", g.id)
+            if delivered[i]:
+                self._count_chunk(g, dt, span.frames)
+
+    def _count_chunk(self, g: Generation, dt: float, frames: int) -> None:
+        g.chunks += 1
+        g.frames += frames
+        g.last_step_s = dt
+        self.stats.chunks += 1
+        if g.on_chunk is not None:
+            try:
+                g.on_chunk(dt, frames)
+            except Exception:
+                log.exception("on_chunk callback of session %s failed", g.id)
 
     def _fail(self, g: Generation, exc: BaseException) -> None:
         g.failed = True

@@ -107,6 +107,40 @@ def test_interrupt_drops_only_speech_not_yet_generated():
     assert seg.start == 13 * SPF
 
 
+def test_speech_pushed_between_a_barge_in_and_its_rewind_plays_from_the_first_regenerated_frame():
+    """A client answers a barge-in with new speech before the worker has rewound: the rewind
+    (interrupt from the first unplayed frame) drops the old speech only, and the new speech
+    moves to that frame, whole, its segment neither cut nor reported as interrupted."""
+    d = DrivingBuffer(TL, history_frames=40)
+    d.push_speech(tone(40 * SPF, 0.5), "old")
+    take(d, 0, 10, 5)
+    take(d, 5, 18, 13)                               # frames 0-17 generated, 0-6 played
+    assert [s.id for s in d.interrupt()] == ["old"]  # the user's barge-in: speech from frame 18 on goes
+    new = d.push_speech(tone(6 * SPF, 0.25), "new", end=True)
+    assert new.start == 18 * SPF
+    d.interrupt(from_frame=7)                        # the worker's rewind: frames 7-17 are regenerated
+    d.rewind(5, cut=7)
+    assert (new.start, new.end) == (7 * SPF, 13 * SPF) and not new.interrupted
+    old = d.segments()[0]
+    assert old.interrupted and old.end == 7 * SPF
+    _, _, playback = take(d, 5, 18, 13)
+    np.testing.assert_array_equal(playback, np.concatenate([tone(2 * SPF, 0.5), tone(6 * SPF, 0.25),
+                                                            tone(5 * SPF, 0.0)]))
+    later = d.push_speech(tone(SPF, 0.1))            # as usual: the first frame not yet generated
+    assert later.start == 18 * SPF and not later.interrupted
+
+
+def test_a_rewind_without_a_barge_in_drops_everything_from_its_frame():
+    d = DrivingBuffer(TL, history_frames=40)
+    d.push_speech(tone(40 * SPF, 0.5), "s")
+    take(d, 0, 10, 5)
+    d.interrupt(from_frame=3)
+    d.rewind(0, cut=3)
+    _, _, playback = take(d, 0, 10, 5)
+    assert playback[:3 * SPF].all() and not playback[3 * SPF:].any()
+    assert d.push_speech(tone(SPF, 0.1)).start == 5 * SPF   # the next frame not generated
+
+
 def test_mic_audio_lands_at_slot_plus_latency_and_stays_contiguous():
     d = DrivingBuffer(TL)
     d.push_mic(tone(SPF, 0.125), slot_now=0, latency_frames=20)
