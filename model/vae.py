@@ -40,6 +40,28 @@ _DEC_MID_BLOCKS = 1
 _LOGVAR_RANGE = (-30.0, 20.0)
 
 
+def _latent_stats(z: Tensor, mean, std) -> tuple[Tensor, Tensor] | None:
+    """Per-channel (mean, std) as (1, C, 1, 1, 1) tensors like `z`, or None when not set.
+
+    Built from the config on each call (a few numbers) rather than kept as buffers, so a
+    VAE's state dict is the same whether or not its statistics are known yet."""
+    if mean is None or std is None:
+        return None
+    return tuple(torch.tensor(v, device=z.device, dtype=z.dtype).view(1, -1, 1, 1, 1) for v in (mean, std))
+
+
+def normalize_latent(z: Tensor, mean, std) -> Tensor:
+    """Raw latent -> (z - mean) / std per channel; `z` itself when the statistics are unset."""
+    stats = _latent_stats(z, mean, std)
+    return z if stats is None else (z - stats[0]) / stats[1]
+
+
+def denormalize_latent(z: Tensor, mean, std) -> Tensor:
+    """Inverse of `normalize_latent`."""
+    stats = _latent_stats(z, mean, std)
+    return z if stats is None else z * stats[1] + stats[0]
+
+
 class _Chain(nn.ModuleList):
     """Blocks applied in order, each called as block(x, state)."""
 
@@ -199,26 +221,13 @@ class CausalVAE(nn.Module):
         if latent.dim() != 5 or latent.shape[1] != self.cfg.z_channels or latent.shape[2] < 1:
             raise ValueError(f"latent must be (B, {self.cfg.z_channels}, F >= 1, h, w), got {tuple(latent.shape)}")
 
-    def _stats(self, like: Tensor) -> tuple[Tensor, Tensor] | None:
-        """Per-channel (mean, std) as (1, z, 1, 1, 1) tensors, or None when not set.
-
-        Built from the config on each call (16 numbers) rather than kept as buffers, so
-        the state dict is the same whether or not the statistics are known yet."""
-        if self.cfg.latent_mean is None:
-            return None
-        mean = torch.tensor(self.cfg.latent_mean, device=like.device, dtype=like.dtype).view(1, -1, 1, 1, 1)
-        std = torch.tensor(self.cfg.latent_std, device=like.device, dtype=like.dtype).view(1, -1, 1, 1, 1)
-        return mean, std
-
     def normalize(self, z: Tensor) -> Tensor:
         """Raw posterior latent -> the normalised latent the DiT sees (identity when stats unset)."""
-        stats = self._stats(z)
-        return z if stats is None else (z - stats[0]) / stats[1]
+        return normalize_latent(z, self.cfg.latent_mean, self.cfg.latent_std)
 
     def denormalize(self, z: Tensor) -> Tensor:
         """Inverse of `normalize`."""
-        stats = self._stats(z)
-        return z if stats is None else z * stats[1] + stats[0]
+        return denormalize_latent(z, self.cfg.latent_mean, self.cfg.latent_std)
 
     # ----- whole clips ----------------------------------------------------------------------
 

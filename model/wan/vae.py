@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from model.vae import denormalize_latent, normalize_latent
+
 # Per-channel statistics of Wan2.1 latents (Wan's `WanVAE.mean` / `.std`): the DiT sees
 # (mu - mean) / std.
 WAN21_LATENT_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
@@ -353,21 +355,11 @@ class WanVAE(nn.Module):
         self.conv2 = CausalConv3d(cfg.z_dim, cfg.z_dim, 1)
         self.decoder = Decoder3d(cfg)
 
-    def _stats(self, like: Tensor) -> tuple[Tensor, Tensor] | None:
-        if self.cfg.latents_mean is None or self.cfg.latents_std is None:
-            return None
-        shape = (1, -1, 1, 1, 1)
-        mean = torch.tensor(self.cfg.latents_mean, dtype=like.dtype, device=like.device).view(shape)
-        std = torch.tensor(self.cfg.latents_std, dtype=like.dtype, device=like.device).view(shape)
-        return mean, std
-
     def normalize(self, mu: Tensor) -> Tensor:
-        stats = self._stats(mu)
-        return mu if stats is None else (mu - stats[0]) / stats[1]
+        return normalize_latent(mu, self.cfg.latents_mean, self.cfg.latents_std)
 
     def denormalize(self, z: Tensor) -> Tensor:
-        stats = self._stats(z)
-        return z if stats is None else z * stats[1] + stats[0]
+        return denormalize_latent(z, self.cfg.latents_mean, self.cfg.latents_std)
 
     def _check_video(self, video: Tensor) -> None:
         s, ts = self.cfg.spatial_stride, self.cfg.temporal_stride
