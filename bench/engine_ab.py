@@ -6,8 +6,9 @@ the run (other jobs, thermal limits) slows both sides alike.
 
 The revision is checked out into a temporary git worktree and imported through PYTHONPATH
 with this checkout's virtual environment (so both sides run the same torch). Prints each
-round's ms/chunk and the ratio of the medians, before / after (> 1: this checkout is
-faster).
+round's ms/chunk and the ratios before / after (> 1: this checkout is faster) of the
+medians and of the best rounds (on a shared machine the best round is the one least
+disturbed by other jobs), and of the CPU seconds each whole run took.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import resource
 import statistics
 import subprocess
 import sys
@@ -25,19 +27,23 @@ ROOT = Path(__file__).resolve().parent.parent
 ROW = re.compile(r"^\| (\d+) \| ([\d.]+) \|", re.M)  # | length | ours ms/chunk | ...
 
 
-def bench_ms(checkout: Path, args: argparse.Namespace) -> dict[int, float]:
-    """ms/chunk per stream length of `knotstream bench engine` run from `checkout`."""
+def bench_ms(checkout: Path, args: argparse.Namespace) -> tuple[dict[int, float], float]:
+    """ms/chunk per stream length of `knotstream bench engine` run from `checkout`, and the
+    CPU seconds the whole run took (loading included: the same for both sides)."""
     cmd = [sys.executable, "-m", "server.cli", "bench", "engine", "--model", args.model,
            "--lengths", args.lengths, "--repeats", str(args.repeats), "--baseline-max-chunks", "0",
            "--threads", str(args.threads)]
     env = dict(os.environ, PYTHONPATH=str(checkout))
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     out = subprocess.run(cmd, cwd=checkout, env=env, capture_output=True, text=True)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
     if out.returncode != 0:
         raise SystemExit(f"engine_ab: the benchmark failed in {checkout}:\n{out.stderr[-2000:]}")
     rows = {int(n): float(ms) for n, ms in ROW.findall(out.stdout)}
     if not rows:
         raise SystemExit(f"engine_ab: no result rows in the output of {checkout}:\n{out.stdout[-2000:]}")
-    return rows
+    return rows, cpu
 
 
 def main() -> int:
@@ -59,23 +65,31 @@ def main() -> int:
             p.error(f"cannot check out {args.before!r}: {add.stderr.strip()}")
         try:
             runs: dict[str, list[dict[int, float]]] = {"before": [], "after": []}
+            cpu: dict[str, list[float]] = {"before": [], "after": []}
             for r in range(args.rounds):
                 for side, checkout in (("before", before), ("after", ROOT)) if r % 2 == 0 else (
                         ("after", ROOT), ("before", before)):
-                    runs[side].append(bench_ms(checkout, args))
-                print(f"round {r + 1}/{args.rounds}: before {runs['before'][-1]} ms/chunk, "
-                      f"after {runs['after'][-1]} ms/chunk", flush=True)
+                    ms, seconds = bench_ms(checkout, args)
+                    runs[side].append(ms)
+                    cpu[side].append(seconds)
+                print(f"round {r + 1}/{args.rounds}: before {runs['before'][-1]} ms/chunk, {cpu['before'][-1]:.1f} CPU s; "
+                      f"after {runs['after'][-1]} ms/chunk, {cpu['after'][-1]:.1f} CPU s", flush=True)
         finally:
             subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(before)],
                            capture_output=True)
     print(f"\nbench engine, {args.model}, torch threads {args.threads or 'default'}, {args.rounds} rounds "
           f"(before = {args.before}, after = this checkout)\n")
-    print("| stream length (chunks) | before ms/chunk (median) | after ms/chunk (median) | before / after |")
-    print("|---|---|---|---|")
+    print("| stream length (chunks) | before ms/chunk median / best | after ms/chunk median / best | "
+          "before / after (medians) | before / after (best) |")
+    print("|---|---|---|---|---|")
     for n in sorted(runs["after"][0]):
-        b = statistics.median(x[n] for x in runs["before"])
-        a = statistics.median(x[n] for x in runs["after"])
-        print(f"| {n} | {b:.1f} | {a:.1f} | {b / a:.3f} |")
+        b = [x[n] for x in runs["before"]]
+        a = [x[n] for x in runs["after"]]
+        bm, am = statistics.median(b), statistics.median(a)
+        print(f"| {n} | {bm:.1f} / {min(b):.1f} | {am:.1f} / {min(a):.1f} | {bm / am:.3f} | {min(b) / min(a):.3f} |")
+    cb, ca = statistics.median(cpu["before"]), statistics.median(cpu["after"])
+    print(f"\nCPU seconds per whole benchmark run (median): before {cb:.1f}, after {ca:.1f}, before / after "
+          f"{cb / ca:.3f} (CPU time is what other jobs on a shared machine take least of)")
     return 0
 
 
