@@ -53,6 +53,27 @@ async def connect_room(url: str, token: str):
     return room
 
 
+async def _serve(entry: dict, req: "JoinRequest", portrait, host,
+                 connect: Callable[[str, str], Awaitable[object]]) -> None:
+    """One avatar's life in its room; `entry` (what GET shows) follows its state."""
+    from integrations.livekit_avatar import serve_room
+
+    room = None
+    try:
+        room = await connect(req.livekit_url, req.livekit_token)
+        entry["state"] = "serving"
+        await serve_room(room, host, portrait, audio_rate=req.audio_rate, sender_identity=req.agent_identity)
+        entry["state"] = "ended"
+    except asyncio.CancelledError:
+        entry["state"] = "ended"
+    except Exception as exc:
+        entry.update(state="failed", error=f"{type(exc).__name__}: {exc}")
+        log.warning("avatar %s failed: %s", entry["id"], entry["error"])
+    finally:
+        if room is not None and hasattr(room, "disconnect"):
+            await room.disconnect()
+
+
 def create_app(host, *, api_keys: list[str] | None = None, max_rooms: int = 4,
                connect: Callable[[str, str], Awaitable[object]] = connect_room):
     """The dispatch app for an integrations.avatar.AvatarHost (see the module docstring)."""
@@ -60,7 +81,6 @@ def create_app(host, *, api_keys: list[str] | None = None, max_rooms: int = 4,
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
 
-    from integrations.livekit_avatar import serve_room
     from server.avatars import avatar_image
 
     avatars: dict[str, dict] = {}
@@ -91,22 +111,6 @@ def create_app(host, *, api_keys: list[str] | None = None, max_rooms: int = 4,
                 return error(401, "unauthorized", "a valid API key is required (X-API-Key or Authorization: Bearer)")
         return await call_next(request)
 
-    async def run(entry: dict, req: JoinRequest, portrait) -> None:
-        room = None
-        try:
-            room = await connect(req.livekit_url, req.livekit_token)
-            entry["state"] = "serving"
-            await serve_room(room, host, portrait, audio_rate=req.audio_rate, sender_identity=req.agent_identity)
-            entry["state"] = "ended"
-        except asyncio.CancelledError:
-            entry["state"] = "ended"
-        except Exception as exc:
-            entry.update(state="failed", error=f"{type(exc).__name__}: {exc}")
-            log.warning("avatar %s failed: %s", entry["id"], entry["error"])
-        finally:
-            if room is not None and hasattr(room, "disconnect"):
-                await room.disconnect()
-
     @app.post("/v1/livekit/avatars", status_code=202)
     async def join(req: JoinRequest):
         try:
@@ -118,7 +122,7 @@ def create_app(host, *, api_keys: list[str] | None = None, max_rooms: int = 4,
         for old in [k for k, a in avatars.items() if a["state"] in ("ended", "failed")][:-100]:
             avatars.pop(old)  # keep the last 100 finished entries for GET
         entry = {"id": secrets.token_hex(8), "state": "joining", "error": None}
-        entry["task"] = asyncio.create_task(run(entry, req, portrait))
+        entry["task"] = asyncio.create_task(_serve(entry, req, portrait, host, connect))
         avatars[entry["id"]] = entry
         return {"id": entry["id"], "state": entry["state"]}
 
