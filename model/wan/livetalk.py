@@ -81,7 +81,6 @@ class LiveTalk:
     """LiveTalk's recipe for one loaded `PhotorealModel` (see the module docstring)."""
 
     name = "livetalk"
-    cache_class = SinkWindow  # bench/gpu.py swaps in LiveTalk's own cache policy (model/wan/baselines.py)
 
     def __init__(self, model, device: torch.device, dtype: torch.dtype):
         self.model = model
@@ -97,10 +96,13 @@ class LiveTalk:
 
     def start(self, reference_latent: Tensor, knobs: StreamKnobs, reference_video: Tensor | None = None) -> LiveTalkState:
         """A new stream: empty caches; the portrait enters as frame 0 of the first block."""
+        return LiveTalkState(self.new_cache(knobs), reference_latent)
+
+    def new_cache(self, knobs: StreamKnobs) -> SinkWindow:
+        """A stream's KV cache (model/wan/baselines.py has LiveTalk's own policy, for the bench)."""
         d = self.cfg.dit
-        cache = self.cache_class(d.num_layers, d.num_heads, self.family.sink_frames, knobs.window_frames,
-                                 self.cfg.tokens_per_frame, d.head_dim, self.dtype, self.device)
-        return LiveTalkState(cache, reference_latent)
+        return SinkWindow(d.num_layers, d.num_heads, self.family.sink_frames, knobs.window_frames,
+                          self.cfg.tokens_per_frame, d.head_dim, self.dtype, self.device)
 
     def span(self, state: LiveTalkState, knobs: StreamKnobs) -> StepSpan:
         return self.timeline.span(state.next_latent, knobs.chunk_frames, knobs.chunk_frames + knobs.knot_frames)
