@@ -42,6 +42,7 @@ BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 sys.path.insert(0, str(BENCH))
 import photoreal  # noqa: E402  (bench/ is a folder of scripts: the photoreal recipes' rows)
+from timing import Timed, cell, failure_note  # noqa: E402
 
 COLUMNS = ("run", "sessions", "first-frame latency ms", "ms per chunk", "frames/s (all sessions)",
            "real-time x per session", "DiT TFLOP/s", "MFU", "vs baseline", "peak mem GiB", "note")
@@ -97,28 +98,17 @@ def baseline_chunk_flops(cfg, knobs, cached_frames: int) -> float:
 
 
 @dataclass
-class Row:
-    run: str
-    sessions: int
-    first_ms: float | None = None
-    chunk_ms: float | None = None
-    fps: float | None = None
-    realtime: float | None = None
+class Row(Timed):
     tflops: float | None = None
     mfu: float | None = None
     vs_baseline: float | None = None
-    mem_gib: float | None = None
-    note: str = ""
 
     def cells(self) -> list[str]:
-        def f(v, fmt):
-            return "-" if v is None else format(v, fmt)
-
         def g(v):  # 3 significant digits without exponent for the GPU's range, exponent for the smoke run
             return "-" if v is None else f"{v:.0f}" if abs(v) >= 100 else f"{v:.3g}"
-        return [self.run, str(self.sessions), f(self.first_ms, ".1f"), f(self.chunk_ms, ".1f"), f(self.fps, ".1f"),
-                f(self.realtime, ".2f"), g(self.tflops), g(self.mfu), f(self.vs_baseline, ".2f"),
-                f(self.mem_gib, ".1f"), self.note]
+        return [self.run, str(self.sessions), cell(self.first_ms, ".1f"), cell(self.chunk_ms, ".1f"),
+                cell(self.fps, ".1f"), cell(self.realtime, ".2f"), g(self.tflops), g(self.mfu),
+                cell(self.vs_baseline, ".2f"), cell(self.mem_gib, ".1f"), self.note]
 
 
 def markdown(rows: list[Row]) -> str:
@@ -211,18 +201,13 @@ class Bench:
             note: str = "") -> Row:
         sec = statistics.median(times)
         rate = flops / sec
-        return Row(name, n, first * 1e3, sec * 1e3, frames / sec, frames / sec / n / self.cfg.fps, rate / 1e12,
-                   rate / self.peak, None, self.memory(), note)
+        return Row(name, n, first_ms=first * 1e3, chunk_ms=sec * 1e3, fps=frames / sec,
+                   realtime=frames / sec / n / self.cfg.fps, tflops=rate / 1e12, mfu=rate / self.peak,
+                   mem_gib=self.memory(), note=note)
 
 
 def failed_row(name: str, n: int, exc: BaseException) -> Row:
-    import torch
-
-    if isinstance(exc, torch.cuda.OutOfMemoryError):
-        note = "out of GPU memory: fewer sessions, or free the GPU"
-    else:
-        note = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:100] if str(exc) else ''}"
-    return Row(name, n, note=note)
+    return Row(name, n, note=failure_note(exc))
 
 
 # ----- set-up ------------------------------------------------------------------------------

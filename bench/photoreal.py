@@ -31,6 +31,8 @@ from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
+sys.path.insert(0, str(BENCH))
+from timing import Timed, cell, failure_note  # noqa: E402  (bench/ is a folder of scripts)
 
 COLUMNS = ("family", "run", "sessions", "first-frame latency ms", "ms per chunk", "frames/s (all sessions)",
            "real-time x per session", "vs own policy", "peak mem GiB", "note")
@@ -38,23 +40,14 @@ OURS, OWN = "ours (knotstream)", "family's own policy"
 
 
 @dataclass
-class Row:
-    family: str
-    run: str
-    sessions: int
-    first_ms: float | None = None
-    chunk_ms: float | None = None
-    fps: float | None = None
-    realtime: float | None = None
+class Row(Timed):
+    family: str = ""
     vs_own: float | None = None
-    mem_gib: float | None = None
-    note: str = ""
 
     def cells(self) -> list[str]:
-        def f(v, fmt):
-            return "-" if v is None else format(v, fmt)
-        return [self.family, self.run, str(self.sessions), f(self.first_ms, ".1f"), f(self.chunk_ms, ".1f"),
-                f(self.fps, ".1f"), f(self.realtime, ".2f"), f(self.vs_own, ".2f"), f(self.mem_gib, ".1f"), self.note]
+        return [self.family, self.run, str(self.sessions), cell(self.first_ms, ".1f"), cell(self.chunk_ms, ".1f"),
+                cell(self.fps, ".1f"), cell(self.realtime, ".2f"), cell(self.vs_own, ".2f"), cell(self.mem_gib, ".1f"),
+                self.note]
 
 
 def markdown(rows: list[Row]) -> str:
@@ -153,8 +146,8 @@ class Runner:
             s.close()
         sec = statistics.median(times)
         mem = torch.cuda.max_memory_allocated() / 2**30 if engine.device.type == "cuda" else None
-        return Row(self.cfg.name, label, n, first * 1e3, sec * 1e3, frames / sec, frames / sec / n / self.cfg.fps,
-                   None, mem)
+        return Row(label, n, first_ms=first * 1e3, chunk_ms=sec * 1e3, fps=frames / sec,
+                   realtime=frames / sec / n / self.cfg.fps, mem_gib=mem, family=self.cfg.name)
 
 
 def family_rows(preset: str, args, device, dtype) -> list[Row]:
@@ -200,11 +193,7 @@ def _guarded(fn, preset: str, label: str, n: int) -> Row:
 
 
 def _failed(preset: str, label: str, n: int, exc: BaseException) -> Row:
-    import torch
-
-    note = ("out of GPU memory" if isinstance(exc, torch.cuda.OutOfMemoryError)
-            else f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:100] if str(exc) else ''}")
-    return Row(preset, label, n, note=note)
+    return Row(label, n, note=failure_note(exc), family=preset)
 
 
 def photoreal_table(args: Plan) -> tuple[str, list[Row]]:

@@ -296,3 +296,23 @@ def test_restore_goes_back_over_whole_steps(family, rebase_every, livetalk, flas
     for a, b in zip(frames[back:], again):
         assert np.abs(a.astype(int) - b.astype(int)).max() <= tolerance
     assert getattr(s.state, "offset", 0) > 0 or rebase_every == 1024
+
+
+@pytest.mark.parametrize("family", ["livetalk", "flashhead"])
+def test_streams_stepped_together_equal_streams_stepped_alone(family, livetalk, flashhead):
+    """Engine.step_many batches the streams of one recipe into each model pass (the prompt's
+    keys/values shared across the batch): the frames are each stream's own."""
+    engine = livetalk if family == "livetalk" else flashhead
+    audios = [speech(5.0, seed=1), speech(5.0, seed=2)]
+    steps = 5 if family == "livetalk" else 2
+    together = [engine.start(portrait(seed=i), seed=20 + i) for i in range(2)]
+    got = [[], []]
+    for _ in range(steps):
+        out = engine.step_many(together, [StepInput.from_clip(s.next_span(), a, None) for s, a in zip(together, audios)])
+        for i, frames in enumerate(out):
+            got[i].append(frames)
+    for i in range(2):
+        alone = engine.start(portrait(seed=i), seed=20 + i)
+        for k in range(steps):
+            want = alone.step(StepInput.from_clip(alone.next_span(), audios[i], None))
+            assert np.abs(want.astype(int) - got[i][k].astype(int)).max() <= 1, (i, k)

@@ -33,8 +33,9 @@ from torch import Tensor
 
 from model.config import StreamKnobs
 from model.dit import FullSequence
-from model.timeline import StepInput, StepSpan, Timeline
+from model.timeline import StepInput, StepSpan
 from model.wan.audio import flashhead_audio_windows
+from model.wan.photoreal import PhotorealModel, PhotorealRecipe
 from model.wan.sampling import flashhead_sigmas
 
 
@@ -60,17 +61,13 @@ class FlashHeadPlan:
     generator: torch.Generator  # fresh noise between passes
 
 
-class FlashHead:
+class FlashHead(PhotorealRecipe):
     """FlashHead's recipe for one loaded `PhotorealModel` (see the module docstring)."""
 
     name = "flashhead"
 
-    def __init__(self, model, device: torch.device, dtype: torch.dtype):
-        self.model = model
-        self.cfg = model.config
-        self.family = model.family
-        self.timeline = Timeline.of(self.cfg)
-        self.device, self.dtype = device, dtype
+    def __init__(self, model: PhotorealModel, device: torch.device, dtype: torch.dtype):
+        super().__init__(model, device, dtype)
         self.buffer_frames = round(self.family.audio_context_s * self.cfg.fps)
 
     def latents(self, knobs: StreamKnobs) -> int:

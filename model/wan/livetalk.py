@@ -40,9 +40,11 @@ from torch import Tensor
 from model.cache import ContextKV
 from model.config import StreamKnobs
 from model.dit import BatchedStreaming
-from model.timeline import StepInput, StepSpan, Timeline
+from model.knot_forcing import KnotForcing
+from model.timeline import StepInput, StepSpan
 from model.wan.audio import livetalk_audio_groups
 from model.wan.dit import livetalk_condition
+from model.wan.photoreal import PhotorealModel, PhotorealRecipe
 from model.wan.sampling import livetalk_sigmas, renoise, x0_from_velocity
 from model.wan.sink import SinkWindow, SinkWindowSnapshot
 
@@ -77,17 +79,13 @@ class LiveTalkPlan:
     generator: torch.Generator  # fresh noise between passes
 
 
-class LiveTalk:
+class LiveTalk(PhotorealRecipe):
     """LiveTalk's recipe for one loaded `PhotorealModel` (see the module docstring)."""
 
     name = "livetalk"
 
-    def __init__(self, model, device: torch.device, dtype: torch.dtype):
-        self.model = model
-        self.cfg = model.config
-        self.family = model.family
-        self.timeline = Timeline.of(self.cfg)
-        self.device, self.dtype = device, dtype
+    def __init__(self, model: PhotorealModel, device: torch.device, dtype: torch.dtype):
+        super().__init__(model, device, dtype)
         self.rope = model.dit.rope
         self.audio = self.family.audio_stream(model.audio)
         self._text: ContextKV | None = None
@@ -178,12 +176,10 @@ class LiveTalk:
                 x0[row:row + 1, :, :kn] = knobs.knot_fusion * p.knot + (1 - knobs.knot_fusion) * x0[row:row + 1, :, :kn]
         return x0
 
-    @staticmethod
-    def finish(state: LiveTalkState, knobs: StreamKnobs, x0: Tensor) -> Tensor:
-        """Keep the knot prediction (when on); the block's own latents are committed."""
-        c = knobs.chunk_frames
-        state.knot = x0[:, :, c:].clone() if knobs.knot_frames else None
-        return x0[:, :, :c]
+    # Knots as in Knot Forcing: the block's own latents are committed, its knot kept (when on)
+    # and dropped when the driving changes before the frames it predicts.
+    finish = staticmethod(KnotForcing.finish)
+    forget_from = KnotForcing.forget_from
 
     def write(self, states: Sequence[LiveTalkState], plans: Sequence[LiveTalkPlan], knobs: StreamKnobs,
               committed: Tensor, decoded: Sequence[Tensor]) -> None:
@@ -203,13 +199,6 @@ class LiveTalk:
                 delta = s.next_latent - s.offset
                 s.cache.move(self.rope, -float(delta))
                 s.offset += delta
-
-    def forget_from(self, state: LiveTalkState, frame: int) -> None:
-        """Drop a knot predicted for frames from `frame` on with the old driving."""
-        if state.knot is not None:
-            knot_end = self.timeline.latent_first_frame(state.next_latent + state.knot.shape[2])
-            if frame < knot_end:
-                state.knot = None
 
     @staticmethod
     def cache_nbytes(state: LiveTalkState) -> int:

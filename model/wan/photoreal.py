@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from model.config import DrivingConfig, ModelConfig, SamplerConfig, StreamKnobs, VAEConfig
+from model.timeline import Timeline
 from model.wan.families import PRESETS, FamilyConfig, FamilyModel, random_family
 from model.wan.motion import MotionChunkVAE
 
@@ -78,6 +79,18 @@ class PhotorealModel(nn.Module):
         if self.family.wav2vec_float32:  # the family's own precision for its audio encoder
             self.wav2vec.float()
         return self
+
+
+class PhotorealRecipe:
+    """What each photoreal recipe (model/wan/livetalk.py, model/wan/flashhead.py) holds: the
+    loaded `PhotorealModel`, its engine config and family config, the timeline, device, dtype."""
+
+    def __init__(self, model: PhotorealModel, device: torch.device, dtype: torch.dtype):
+        self.model = model
+        self.cfg = model.config
+        self.family = model.family
+        self.timeline = Timeline.of(self.cfg)
+        self.device, self.dtype = device, dtype
 
 
 def is_photoreal(name: str) -> bool:
