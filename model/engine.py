@@ -55,11 +55,14 @@ class Engine:
 
     @classmethod
     def from_pretrained(cls, name_or_path: str = "tiny", device: str = "cpu",
-                        dtype: torch.dtype = torch.float32) -> "Engine":
+                        dtype: torch.dtype | None = None) -> "Engine":
         """A preset, a model file, or a photoreal family's folder (`livetalk:DIR`,
-        `flashhead:DIR`): the names of model/sources.py. Nothing is downloaded."""
+        `flashhead:DIR`): the names of model/sources.py. Nothing is downloaded.
+        dtype None: bfloat16 on CUDA, float32 elsewhere (CPU bfloat16 is slower)."""
         from model.sources import open_model
 
+        if dtype is None:
+            dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
         model, trained = open_model(name_or_path, device, dtype)
         return cls(model, device, dtype, trained=trained)
 

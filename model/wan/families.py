@@ -85,6 +85,10 @@ class FamilyConfig:
     def audio_stream(self, encoder: Wav2VecDriving) -> StreamingWav2Vec:
         return encoder.stream(round(self.audio_context_s * self.fps), self.audio_lookahead_frames)
 
+    def wav2vec_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """The audio encoder's dtype for a model in `dtype` (FlashHead keeps float32)."""
+        return torch.float32 if self.wav2vec_float32 else dtype
+
     @property
     def latent_hw(self) -> tuple[int, int]:
         return self.height // self.vae.spatial_stride, self.width // self.vae.spatial_stride
@@ -177,5 +181,5 @@ def random_family(name: str, seed: int = 0, device: str | torch.device = "cpu",
             prompt[:, :cfg.text_len // 4] = torch.randn(1, cfg.text_len // 4, cfg.dit.text_dim)
     to = dict(device=device, dtype=dtype)
     return FamilyModel(cfg, dit.to(**to).eval(), vae.to(**to).eval(),
-                       Wav2VecDriving(wav2vec.to(**to), cfg.audio_layout),
+                       Wav2VecDriving(wav2vec.to(device=device, dtype=cfg.wav2vec_dtype(dtype)), cfg.audio_layout),
                        None if prompt is None else prompt.to(**to))
