@@ -12,7 +12,9 @@ Rows, each measured in the same run:
 - baseline, 1 session: `bench/self_forcing_baseline.py` (dense block-causal attention
   over a growing cache, no window, no knots, same DiT/VAE modules), timed at the same
   stream length;
-- then the attention benchmark (bench/attention.py) as a second table.
+- then the photoreal recipes (bench/photoreal.py: LiveTalk and FlashHead at 512x512, random
+  weights, next to each family's own cache policy) as a second table, `--families ''` skips it;
+- then the attention benchmark (bench/attention.py) as the last table.
 Columns: first-frame latency (starting the N streams until the first step_many returns,
 reference encoding included), ms per chunk (one step_many call, median), frames/s over
 all sessions, real-time factor per session (frames/s / fps), DiT TFLOP/s and MFU: DiT
@@ -38,6 +40,9 @@ from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
+sys.path.insert(0, str(BENCH))
+import photoreal  # noqa: E402  (bench/ is a folder of scripts: the photoreal recipes' rows)
+from timing import Timed, cell, failure_note  # noqa: E402
 
 COLUMNS = ("run", "sessions", "first-frame latency ms", "ms per chunk", "frames/s (all sessions)",
            "real-time x per session", "DiT TFLOP/s", "MFU", "vs baseline", "peak mem GiB", "note")
@@ -93,28 +98,17 @@ def baseline_chunk_flops(cfg, knobs, cached_frames: int) -> float:
 
 
 @dataclass
-class Row:
-    run: str
-    sessions: int
-    first_ms: float | None = None
-    chunk_ms: float | None = None
-    fps: float | None = None
-    realtime: float | None = None
+class Row(Timed):
     tflops: float | None = None
     mfu: float | None = None
     vs_baseline: float | None = None
-    mem_gib: float | None = None
-    note: str = ""
 
     def cells(self) -> list[str]:
-        def f(v, fmt):
-            return "-" if v is None else format(v, fmt)
-
         def g(v):  # 3 significant digits without exponent for the GPU's range, exponent for the smoke run
             return "-" if v is None else f"{v:.0f}" if abs(v) >= 100 else f"{v:.3g}"
-        return [self.run, str(self.sessions), f(self.first_ms, ".1f"), f(self.chunk_ms, ".1f"), f(self.fps, ".1f"),
-                f(self.realtime, ".2f"), g(self.tflops), g(self.mfu), f(self.vs_baseline, ".2f"),
-                f(self.mem_gib, ".1f"), self.note]
+        return [self.run, str(self.sessions), cell(self.first_ms, ".1f"), cell(self.chunk_ms, ".1f"),
+                cell(self.fps, ".1f"), cell(self.realtime, ".2f"), g(self.tflops), g(self.mfu),
+                cell(self.vs_baseline, ".2f"), cell(self.mem_gib, ".1f"), self.note]
 
 
 def markdown(rows: list[Row]) -> str:
@@ -207,18 +201,13 @@ class Bench:
             note: str = "") -> Row:
         sec = statistics.median(times)
         rate = flops / sec
-        return Row(name, n, first * 1e3, sec * 1e3, frames / sec, frames / sec / n / self.cfg.fps, rate / 1e12,
-                   rate / self.peak, None, self.memory(), note)
+        return Row(name, n, first_ms=first * 1e3, chunk_ms=sec * 1e3, fps=frames / sec,
+                   realtime=frames / sec / n / self.cfg.fps, tflops=rate / 1e12, mfu=rate / self.peak,
+                   mem_gib=self.memory(), note=note)
 
 
 def failed_row(name: str, n: int, exc: BaseException) -> Row:
-    import torch
-
-    if isinstance(exc, torch.cuda.OutOfMemoryError):
-        note = "out of GPU memory: fewer sessions, or free the GPU"
-    else:
-        note = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:100] if str(exc) else ''}"
-    return Row(name, n, note=note)
+    return Row(name, n, note=failure_note(exc))
 
 
 # ----- set-up ------------------------------------------------------------------------------
@@ -293,6 +282,9 @@ def parse_args(argv):
     p.add_argument("--attention", choices=["auto", "triton", "sdpa"], default="auto",
                    help="engine attention backend (KNOTSTREAM_ATTENTION; auto = triton on CUDA)")
     p.add_argument("--no-baseline", action="store_true")
+    p.add_argument("--families", default="livetalk,flashhead",
+                   help="photoreal recipes benchmarked after the engine rows (bench/photoreal.py); '' for none")
+    p.add_argument("--family-sessions", default=None, help="sessions of their rows (default 1,4; smoke 1)")
     p.add_argument("--no-attention", action="store_true", help="skip bench/attention.py")
     p.add_argument("--budget-s", type=float, default=450.0, help="whole-run time budget (attention gets the rest)")
     p.add_argument("--seed", type=int, default=0)
@@ -301,25 +293,23 @@ def parse_args(argv):
     args.sessions = [int(x) for x in (args.sessions or ("1,2" if smoke else "1,2,4,8")).split(",")]
     args.chunks = args.chunks or (2 if smoke else 4)
     args.dtype = args.dtype or ("fp32" if smoke else "bf16")
+    try:
+        args.photoreal = photoreal.make_plan(args.families, args.family_sessions, args.chunks, None, args.dtype,
+                                             smoke, args.seed) if args.families else None
+    except ValueError as exc:
+        p.error(str(exc))
     if min(args.sessions) < 1 or args.chunks < 1 or (args.warmup_chunks is not None and args.warmup_chunks < 1):
         p.error("sessions, chunks and warm-up chunks must be >= 1")
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    os.environ["KNOTSTREAM_ATTENTION"] = args.attention
-    if args.cpu_smoke and args.attention == "triton":
-        os.environ["TRITON_INTERPRET"] = "1"  # before triton is first imported
-    sys.path[:0] = [str(REPO), str(BENCH)]  # run from a checkout
+def engine_section(args) -> tuple[str, list[Row]] | int:
+    """The engine rows (ours at 1..N sessions, the baseline) as markdown with their header
+    line, or an exit code when the engine cannot start."""
     import torch
 
     import kernels
 
-    if not args.cpu_smoke and not torch.cuda.is_available():
-        print(f"bench/gpu.py: no CUDA device (torch {torch.__version__} sees none): run on a GPU host, "
-              "or --cpu-smoke for the CPU check", file=sys.stderr)
-        return 2
     t0 = time.perf_counter()
     try:
         engine = build_engine(args)
@@ -343,6 +333,20 @@ def main(argv: list[str] | None = None) -> int:
               f"With attention backend {args.attention!r}; `--attention sdpa` avoids the fused kernels, "
               "fewer `--sessions` or a smaller `--height/--width` need less memory.", file=sys.stderr)
         return 1
+    rows = engine_rows(bench, args)
+    device = torch.cuda.get_device_name() if engine.device.type == "cuda" else "CPU (smoke run)"
+    backend = kernels.choose_backend(torch.empty(1, device=engine.device, dtype=engine.dtype))
+    stream_len = args.warmup_chunks + args.chunks
+    return (f"GPU benchmark on {device}, torch {torch.__version__}, {args.dtype}: model {cfg.name} "
+            f"({cfg.width}x{cfg.height}, {cfg.fps} fps, seeded random weights), chunk {k.chunk_frames} + knot "
+            f"{k.knot_frames} latent frames, window {k.window_frames}, {k.denoise_steps} steps, attention {backend}; "
+            f"{args.warmup_chunks} warm-up + {args.chunks} timed chunks per run (stream length {stream_len} "
+            f"chunks); MFU against {args.peak_tflops:g} TFLOP/s; {time.perf_counter() - t0:.0f} s.\n\n"
+            + markdown(rows) + "\n"), rows
+
+
+def engine_rows(bench: Bench, args) -> list[Row]:
+    import torch
 
     rows: list[Row] = []
     for n in args.sessions:
@@ -361,16 +365,30 @@ def main(argv: list[str] | None = None) -> int:
         for r in rows:
             if base and r.fps:
                 r.vs_baseline = r.fps / base
-    engine_s = time.perf_counter() - t0
+    return rows
 
-    device = torch.cuda.get_device_name() if engine.device.type == "cuda" else "CPU (smoke run)"
-    backend = kernels.choose_backend(torch.empty(1, device=engine.device, dtype=engine.dtype))
-    stream_len = args.warmup_chunks + args.chunks
-    text = (f"GPU benchmark on {device}, torch {torch.__version__}, {args.dtype}: model {cfg.name} "
-            f"({cfg.width}x{cfg.height}, {cfg.fps} fps, seeded random weights), chunk {k.chunk_frames} + knot "
-            f"{k.knot_frames} latent frames, window {k.window_frames}, {k.denoise_steps} steps, attention {backend}; "
-            f"{args.warmup_chunks} warm-up + {args.chunks} timed chunks per run (stream length {stream_len} "
-            f"chunks); MFU against {args.peak_tflops:g} TFLOP/s; {engine_s:.0f} s.\n\n" + markdown(rows) + "\n")
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    os.environ["KNOTSTREAM_ATTENTION"] = args.attention
+    if args.cpu_smoke and args.attention == "triton":
+        os.environ["TRITON_INTERPRET"] = "1"  # before triton is first imported
+    sys.path[:0] = [str(REPO), str(BENCH)]  # run from a checkout
+    import torch
+
+    if not args.cpu_smoke and not torch.cuda.is_available():
+        print(f"bench/gpu.py: no CUDA device (torch {torch.__version__} sees none): run on a GPU host, "
+              "or --cpu-smoke for the CPU check", file=sys.stderr)
+        return 2
+    t0 = time.perf_counter()
+    section = engine_section(args)
+    if isinstance(section, int):
+        return section
+    text, rows = section  # the engine is gone: the photoreal models get the GPU to themselves
+    if args.photoreal is not None:
+        family_text, family_rows = photoreal.photoreal_table(args.photoreal)
+        text += "\n" + family_text
+        rows += family_rows
     if not args.no_attention:
         text += "\n" + attention_table(args, args.budget_s - (time.perf_counter() - t0))
     print(text)

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The prepared GPU benchmark run: bench/gpu.py (engine at wan-1.3b geometry, 832x480, 1/2/4/8
-# sessions, the Self-Forcing-style baseline, then bench/attention.py), capped at 8 minutes.
+# sessions, the Self-Forcing-style baseline; then the photoreal recipes, LiveTalk and FlashHead
+# at 512x512 next to each family's own cache policy, bench/photoreal.py; then
+# bench/attention.py), capped at 8 minutes.
 #
 #   bench/gpu.sh --out gpu-bench.md            # on a GPU host (sized for one H200, < 8 minutes)
 #   bench/gpu.sh --cpu-smoke                   # the CPU check (seconds)
@@ -8,7 +10,8 @@
 # Arguments go to bench/gpu.py (see `python bench/gpu.py --help`). Python: $PYTHON, else the
 # first of .venv/bin/python and python3 whose torch sees a CUDA device, else .venv/bin/python
 # (then bench/gpu.py exits 2 with a message, unless --cpu-smoke). The GPU host's Python
-# needs torch (CUDA build), triton, numpy, scipy, safetensors and opencv-python-headless.
+# needs torch (CUDA build), triton, numpy, scipy, safetensors, opencv-python-headless and, for the
+# photoreal rows, transformers (`--families ''` skips them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

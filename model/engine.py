@@ -20,7 +20,6 @@ import logging
 import threading
 from collections import deque
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
@@ -28,7 +27,7 @@ import torch
 from torch import Tensor
 
 from model.avatar import AvatarModel
-from model.config import PRESETS, ModelConfig, StreamKnobs, from_name
+from model.config import ModelConfig, StreamKnobs
 from model.media import fit_portrait
 from model.recipe import Recipe, recipe_for
 from model.seams import spread_latent_steps
@@ -36,8 +35,6 @@ from model.timeline import StepInput, StepSpan, Timeline
 from model.vae import DecoderSnapshot
 
 log = logging.getLogger("knotstream.engine")
-
-ASSETS = Path(__file__).parent / "assets"
 
 OnFrames = Callable[[int, np.ndarray], None]
 
@@ -58,22 +55,16 @@ class Engine:
 
     @classmethod
     def from_pretrained(cls, name_or_path: str = "tiny", device: str = "cpu",
-                        dtype: torch.dtype = torch.float32) -> "Engine":
-        """A preset name (its bundled weights when shipped, seeded random weights otherwise) or a
-        local safetensors path written by `model.weights.save_model`. Nothing is downloaded."""
-        from model.weights import load_model
+                        dtype: torch.dtype | None = None) -> "Engine":
+        """A preset, a model file, or a photoreal family's folder (`livetalk:DIR`,
+        `flashhead:DIR`): the names of model/sources.py. Nothing is downloaded.
+        dtype None: bfloat16 on CUDA, float32 elsewhere (CPU bfloat16 is slower)."""
+        from model.sources import open_model
 
-        path = Path(name_or_path)
-        if name_or_path in PRESETS:
-            bundled = ASSETS / f"{name_or_path}.safetensors"
-            if bundled.exists():
-                return cls(load_model(bundled, device=device), device, dtype)
-            log.warning("no bundled weights for preset %r: using seeded random weights (untrained)", name_or_path)
-            return cls(AvatarModel.random(from_name(name_or_path)), device, dtype, trained=False)
-        if path.exists():
-            return cls(load_model(path, device=device), device, dtype)
-        raise FileNotFoundError(
-            f"model {name_or_path!r} is neither a preset ({', '.join(sorted(PRESETS))}) nor an existing file")
+        if dtype is None:
+            dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+        model, trained = open_model(name_or_path, device, dtype)
+        return cls(model, device, dtype, trained=trained)
 
     def start(self, reference: np.ndarray, knobs: StreamKnobs | None = None, seed: int = 0) -> "Stream":
         """reference: (H, W, 3) uint8 RGB portrait of any size (cropped/resized to the model's)."""
@@ -225,7 +216,7 @@ class Stream:
             video = torch.from_numpy(image).to(dev, dt).permute(2, 0, 1)[None, :, None] / 127.5 - 1  # (1, 3, 1, H, W)
             reference_latent = m.vae.encode(video)  # (1, z, 1, h, w)
             self.decoder = m.vae.stream_decoder(reference=video)  # a reference-conditioned decoder copies from it
-            self.state = engine.recipe.start(reference_latent, knobs)
+            self.state = engine.recipe.start(reference_latent, knobs, video)
 
     # ----- geometry -------------------------------------------------------------------
 

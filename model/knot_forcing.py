@@ -191,8 +191,9 @@ class KnotForcing:
         self.device, self.dtype = device, dtype
         self.rope = model.dit.rope
 
-    def start(self, reference_latent: Tensor, knobs: StreamKnobs) -> KnotState:
-        """A new stream's state: the reference encoded into its cache, an empty window."""
+    def start(self, reference_latent: Tensor, knobs: StreamKnobs, reference_video: Tensor | None = None) -> KnotState:
+        """A new stream's state: the reference encoded into its cache, an empty window (the
+        portrait's pixels are not needed)."""
         d, T = self.cfg.dit, self.cfg.tokens_per_frame
         dev, dt = self.device, self.dtype
         state = KnotState(ReferenceCache(d.num_layers, 1, d.num_heads, T, d.head_dim, dt, dev),

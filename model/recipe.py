@@ -31,6 +31,8 @@ from model.avatar import AvatarModel
 from model.config import StreamKnobs
 from model.knot_forcing import KnotForcing
 from model.timeline import StepInput, StepSpan
+from model.wan.flashhead import FlashHead
+from model.wan.livetalk import LiveTalk
 
 State = TypeVar("State")
 Plan = TypeVar("Plan")
@@ -40,8 +42,9 @@ Snapshot = TypeVar("Snapshot")
 class Recipe(Protocol[State, Plan, Snapshot]):
     name: str
 
-    def start(self, reference_latent: Tensor, knobs: StreamKnobs) -> State:
-        """A new stream's state, the reference (1, z, 1, h, w) already encoded into its caches."""
+    def start(self, reference_latent: Tensor, knobs: StreamKnobs, reference_video: Tensor | None = None) -> State:
+        """A new stream's state from the portrait's latent (1, z, 1, h, w) (and the portrait
+        itself, (1, 3, 1, H, W) in [-1, 1], for a family that encodes it otherwise)."""
 
     def span(self, state: State, knobs: StreamKnobs) -> StepSpan:
         """The next step's frames and driving on the stream's timeline."""
@@ -76,7 +79,7 @@ class Recipe(Protocol[State, Plan, Snapshot]):
     def cache_nbytes(self, state: State) -> int: ...
 
 
-RECIPES: dict[str, type] = {KnotForcing.name: KnotForcing}
+RECIPES: dict[str, type] = {KnotForcing.name: KnotForcing, LiveTalk.name: LiveTalk, FlashHead.name: FlashHead}
 
 
 def recipe_for(model: AvatarModel, device: torch.device, dtype: torch.dtype) -> Recipe:

@@ -40,7 +40,7 @@ from server.settings import Settings
 from server.store_redis import RedisStore
 from streaming.channel import RateLimit, SessionLimits
 from streaming.codecs import default_codec
-from streaming.encode import EncoderError, choose_video_encoder
+from streaming.encode import EncoderError, choose_video_encoder, default_bitrate
 from streaming.session import LiveSession, OfferError, SessionOptions
 from streaming.worker import GenerationWorker
 
@@ -188,7 +188,8 @@ class SessionManager:
                               ice_servers=s.ice_dicts(), client_ice_servers=client_ice,
                               ice_connect_timeout_s=s.ice_connect_timeout_s, max_ice_candidates=s.max_ice_candidates,
                               max_open_segments=s.max_open_segments, echo_mic=options.echo_mic, encoder=encoder,
-                              bitrate=options.bitrate or s.video_bitrate)
+                              bitrate=options.bitrate or s.video_bitrate
+                              or default_bitrate(cfg.width, cfg.height, cfg.fps))
 
     async def answer(self, session: LiveSession, sdp: str, close_on_error: bool = False) -> str:
         """The session's SDP answer to the client's offer. A refusal is 400 with the offer's code

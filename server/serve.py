@@ -27,7 +27,8 @@ log = logging.getLogger("knotstream.serve")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", help="bind address (default 127.0.0.1, env KNOTSTREAM_HOST)")
     parser.add_argument("--port", type=int, help="port (default 8000, env KNOTSTREAM_PORT)")
-    parser.add_argument("--model", help="preset name or local safetensors path (default tiny)")
+    parser.add_argument("--model", help="preset name, local safetensors path, or a photoreal family: livetalk:DIR, "
+                                        "flashhead:DIR, livetalk-random (default tiny; docs/models.md)")
     parser.add_argument("--device", help="torch device (default cpu)")
     parser.add_argument("--max-sessions", type=int, help="concurrent sessions (default 4)")
     parser.add_argument("--codec", choices=CODECS, help="video codec preference (default vp8)")
@@ -51,6 +52,17 @@ def settings_from_args(args: argparse.Namespace):
         "ice_servers": [{"urls": [u]} for u in args.ice_server] if args.ice_server else None,
     }.items() if v is not None}
     return Settings(**overrides)
+
+
+def check_model_source(name: str) -> None:
+    """Refuse a model that cannot load before the server starts: a message naming each missing
+    file (the CLI prints it, exit code 2), not a failed startup's traceback."""
+    from model.sources import check_model
+
+    try:
+        check_model(name)
+    except ImportError as exc:  # an optional part (transformers for the photoreal families)
+        raise ValueError(str(exc)) from None
 
 
 def shutdown_reserve(drain_timeout_s: float) -> float:
@@ -118,6 +130,7 @@ def run(args: argparse.Namespace) -> int:
     from server.logs import redact_access_log
 
     settings = settings_from_args(args)
+    check_model_source(settings.model)
     app = create_app(settings)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info",
                             timeout_graceful_shutdown=shutdown_reserve(settings.drain_timeout_s) / 2)

@@ -49,7 +49,7 @@ class Settings(BaseSettings):
 
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
-    model: str = "tiny"                      # preset name (bundled weights) or a local safetensors path
+    model: str = "tiny"                      # preset, safetensors path, livetalk:DIR, flashhead:DIR (model/sources.py)
     device: str = "cpu"
     # Weights and activations: auto = bfloat16 on CUDA, float32 elsewhere (CPU bf16 is slower).
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
@@ -67,7 +67,8 @@ class Settings(BaseSettings):
     # Video encoder (streaming/encode.py): auto = NVENC when codec is h264 and NVENC opens, else
     # aiortc's software encoder; nvenc / x264 = pre-encoded H264 (a 422 where it cannot work).
     encoder: EncoderPreference = "auto"
-    # Target bps of the nvenc/x264 paths (None = 1 Mbps); the software encoder adapts to REMB.
+    # Target bps of the nvenc/x264 paths (None = by frame size, streaming/encode.py default_bitrate);
+    # the software encoder adapts to REMB.
     video_bitrate: int | None = Field(None, ge=100_000, le=20_000_000)
     max_sessions: int = Field(4, ge=1)
     max_batch: int = Field(1, ge=1)          # sessions per engine.step_many call

@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
 sys.path.insert(0, str(BENCH))
 import gpu  # bench/ is a folder of scripts, not a package
+import photoreal
 from self_forcing_baseline import BaselineStream
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -45,11 +46,11 @@ def tables(text: str) -> list[list[dict]]:
 def test_cpu_smoke_table(tmp_path):
     out = tmp_path / "bench.md"
     r = subprocess.run([sys.executable, str(BENCH / "gpu.py"), "--cpu-smoke", "--out", str(out)],
-                       capture_output=True, text=True, timeout=120, env=ENV, cwd=tmp_path)
+                       capture_output=True, text=True, timeout=300, env=ENV, cwd=tmp_path)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     text = out.read_text()
     assert text.strip() in r.stdout
-    engine_table, attention = tables(text)[:2]
+    engine_table, families, attention = tables(text)[:3]
     assert list(engine_table[0]) == list(gpu.COLUMNS)
     assert [(row["run"], row["sessions"]) for row in engine_table] == [
         ("ours (knotstream)", "1"), ("ours (knotstream)", "2"), ("self-forcing-style baseline", "1")]
@@ -65,6 +66,26 @@ def test_cpu_smoke_table(tmp_path):
         2 * 12 / (float(two["ms per chunk"]) / 1e3), rel=0.01)
     assert float(one["real-time x per session"]) == pytest.approx(float(one["frames/s (all sessions)"]) / 16, rel=0.01)
     assert "wan-1.3b-smoke" in text and "window 12" in text and "attention sdpa" in text
+    # Both photoreal recipes at their (smoke) geometry, next to each family's own policy.
+    assert list(families[0]) == list(photoreal.COLUMNS)
+    assert [(row["family"], row["run"], row["sessions"]) for row in families] == [
+        ("livetalk-random", photoreal.OURS, "1"), ("livetalk-random", photoreal.OWN, "1"),
+        ("flashhead-random", photoreal.OURS, "1"), ("flashhead-random", photoreal.OWN, "1")]
+    for row in families:
+        for col in ("first-frame latency ms", "ms per chunk", "frames/s (all sessions)", "real-time x per session",
+                    "vs own policy"):
+            v = float(row[col])
+            assert math.isfinite(v) and v > 0, (row["family"], row["run"], col, row[col])
+    livetalk_ours, livetalk_own, flashhead_ours, flashhead_own = families
+    assert float(livetalk_own["vs own policy"]) == 1.0 == float(flashhead_own["vs own policy"])
+    assert livetalk_own["note"] == "shifting KV buffer + SDPA" and "no cache" in flashhead_own["note"]
+    # LiveTalk makes 12 frames per block at 16 fps, FlashHead 28 per chunk at 25 fps.
+    for row, frames, fps in ((livetalk_ours, 12, 16), (flashhead_ours, 28, 25)):
+        assert float(row["frames/s (all sessions)"]) == pytest.approx(frames / (float(row["ms per chunk"]) / 1e3),
+                                                                      rel=0.01)
+        assert float(row["real-time x per session"]) == pytest.approx(float(row["frames/s (all sessions)"]) / fps,
+                                                                      rel=0.01)
+    assert "livetalk 64x64 at 16 fps" in text
     # The attention benchmark ran (bench/attention.py's own table) and its rows are checked.
     assert any(row["method"] == "ours (triton, in place)" and row["ms"] != "-" for row in attention)
 
@@ -78,6 +99,14 @@ def test_gpu_geometry_is_wan_832x480():
     assert (other.width, other.height, other.tokens_per_frame) == (1280, 720, 3600)
     args = gpu.parse_args([])
     assert args.sessions == [1, 2, 4, 8] and args.dtype == "bf16" and args.peak_tflops == 989.0
+    assert args.photoreal.families == ["livetalk", "flashhead"] and args.photoreal.sessions == [1, 4]
+    assert gpu.parse_args(["--families", ""]).photoreal is None
+    # The photoreal rows run the released geometry: 512x512, 1024 tokens per latent frame.
+    from model.wan.families import family_config
+    from model.wan.photoreal import engine_config
+    for name, fps in (("livetalk-1.3b", 16), ("flashhead-1.3b", 25)):
+        fam = engine_config(family_config(name))
+        assert (fam.width, fam.height, fam.fps, fam.tokens_per_frame, fam.dit.num_layers) == (512, 512, fps, 1024, 30)
     # At full size, independently of the formula: 2 FLOPs per weight of every linear layer a video
     # token passes through (the DiT built on the meta device; text cross-attention is not run,
     # driving k/v see driving tokens only), plus 4 * dim per attended key in every layer.
@@ -142,16 +171,17 @@ def test_baseline_attends_to_the_whole_growing_cache():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
 def test_without_cuda_exits_2_with_a_message():
-    r = subprocess.run([sys.executable, str(BENCH / "gpu.py")], capture_output=True, text=True, timeout=60, env=ENV)
-    assert r.returncode == 2
-    assert "no CUDA device" in r.stderr and "--cpu-smoke" in r.stderr
+    for script in ("gpu.py", "photoreal.py"):
+        r = subprocess.run([sys.executable, str(BENCH / script)], capture_output=True, text=True, timeout=60, env=ENV)
+        assert r.returncode == 2
+        assert "no CUDA device" in r.stderr and "--cpu-smoke" in r.stderr
 
 
 def test_gpu_sh_passes_flags_through(tmp_path):
     """gpu.sh hands its flags to gpu.py; here the engine's fused-kernel path (Triton interpreter)."""
     out = tmp_path / "t.md"
     r = subprocess.run(["bash", str(BENCH / "gpu.sh"), "--cpu-smoke", "--attention", "triton", "--no-attention",
-                        "--no-baseline", "--sessions", "1", "--chunks", "1", "--out", str(out)],
+                        "--no-baseline", "--families", "", "--sessions", "1", "--chunks", "1", "--out", str(out)],
                        capture_output=True, text=True, timeout=120, env={**ENV, "PYTHON": sys.executable})
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     text = out.read_text()

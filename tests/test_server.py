@@ -199,7 +199,7 @@ def test_notices_follow_the_model_files_domain_not_the_image():
     from dataclasses import replace
 
     from model.config import ModelConfig, from_name
-    from model.engine import ASSETS
+    from model.sources import ASSETS
     from model.weights import read_metadata
     from server.notices import session_notices
 

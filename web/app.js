@@ -126,6 +126,7 @@ async function doConnect() {
     state.fps = session.video.fps;
     $("stat-model").textContent = `${session.model.name} ${session.video.width}x${session.video.height} ` +
       `${session.video.fps} fps ${session.video.codec}${session.model.trained ? "" : " (untrained)"}`;
+    showFrameSize(session.video);
     log(`session ${session.id}`);
     showNotices(session.notices ?? []);
     await state.conn.opened;
@@ -280,3 +281,14 @@ $("speak-form").addEventListener("submit", speakText);
 window.addEventListener("beforeunload", () => { if (state.conn) api.endSession(state.conn.session); });
 buildSliders();
 loadAvatars();
+
+// The video element takes the model's frame size and aspect: a 512x512 photoreal model
+// shows pixel for pixel, a small one is scaled up to the same width, 832x480 is not squared.
+function showFrameSize({ width, height }) {
+  const video = $("video");
+  video.width = width;
+  video.height = height;
+  video.style.aspectRatio = `${width} / ${height}`;
+  video.style.maxWidth = `${Math.max(width, 512)}px`;
+  video.title = `${width}x${height}`;
+}

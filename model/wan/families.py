@@ -50,6 +50,17 @@ class FamilyConfig:
     # the trained wav2vec2 (bench/wav2vec_context.py --weights DIR does).
     audio_context_s: float = 8.0
     audio_lookahead_frames: int = 0
+    # The chunk loop (model/wan/livetalk.py, model/wan/flashhead.py): new latent frames per
+    # chunk; LiveTalk's pinned sink frames and rolling window of earlier frames (its KV
+    # cache of 15 = 9 sink + 3 window + the 3 of the chunk); FlashHead's motion latents and
+    # the strength of its colour correction.
+    chunk_frames: int = 3
+    window_frames: int = 3
+    sink_frames: int = 9
+    motion_latents: int = 2
+    colour_strength: float = 1.0
+    # FlashHead runs wav2vec2 in float32 whatever the DiT's dtype; LiveTalk in the DiT's.
+    wav2vec_float32: bool = False
 
     def __post_init__(self) -> None:
         AudioLayout(self.family, self.fps, self.sample_rate)  # validates the family and the rates
@@ -73,6 +84,10 @@ class FamilyConfig:
 
     def audio_stream(self, encoder: Wav2VecDriving) -> StreamingWav2Vec:
         return encoder.stream(round(self.audio_context_s * self.fps), self.audio_lookahead_frames)
+
+    def wav2vec_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """The audio encoder's dtype for a model in `dtype` (FlashHead keeps float32)."""
+        return torch.float32 if self.wav2vec_float32 else dtype
 
     @property
     def latent_hw(self) -> tuple[int, int]:
@@ -102,7 +117,8 @@ def _livetalk() -> FamilyConfig:
 def _flashhead() -> FamilyConfig:
     # No text cross-attention, so no norm3 (its name belongs to FlashHead's audio attention).
     dit = _wan13b(text_dim=0, drive_dim=1536, cond_mask_channels=0, cross_attn_norm=False)
-    return FamilyConfig("flashhead-1.3b", "flashhead", dit, fps=25)
+    return FamilyConfig("flashhead-1.3b", "flashhead", dit, fps=25, chunk_frames=7, window_frames=0,
+                        wav2vec_float32=True)
 
 
 _TINY_VAE = WanVAEConfig(base_dim=8, z_dim=16, dim_mult=(1, 2, 2, 2), num_res_blocks=1)
@@ -120,7 +136,8 @@ def _flashhead_random() -> FamilyConfig:
     dit = DiTConfig(dim=64, ffn_dim=128, num_heads=2, num_layers=4, freq_dim=32, text_dim=0, drive_dim=64,
                     cond_mask_channels=0, latent_channels=16, cross_attn_norm=False)
     return FamilyConfig("flashhead-random", "flashhead", dit, vae=_TINY_VAE, wav2vec=dict(WAV2VEC2_TINY),
-                        height=64, width=64, fps=25, audio_tokens=4, audio_intermediate=32)
+                        height=64, width=64, fps=25, audio_tokens=4, audio_intermediate=32, chunk_frames=7,
+                        window_frames=0, wav2vec_float32=True)
 
 
 PRESETS = {"livetalk-1.3b": _livetalk, "flashhead-1.3b": _flashhead,
@@ -164,5 +181,5 @@ def random_family(name: str, seed: int = 0, device: str | torch.device = "cpu",
             prompt[:, :cfg.text_len // 4] = torch.randn(1, cfg.text_len // 4, cfg.dit.text_dim)
     to = dict(device=device, dtype=dtype)
     return FamilyModel(cfg, dit.to(**to).eval(), vae.to(**to).eval(),
-                       Wav2VecDriving(wav2vec.to(**to), cfg.audio_layout),
+                       Wav2VecDriving(wav2vec.to(device=device, dtype=cfg.wav2vec_dtype(dtype)), cfg.audio_layout),
                        None if prompt is None else prompt.to(**to))

@@ -117,7 +117,7 @@ def _bundle(cfg: FamilyConfig, state: dict[str, Tensor], source: Path, vae_path:
     assign_weights(dit, state, source)
     to = dict(device=device, dtype=dtype)
     return FamilyModel(cfg, dit.to(**to).eval().requires_grad_(False), load_wan_vae(vae_path, device, dtype, cfg.vae),
-                       Wav2VecDriving.from_pretrained(wav2vec, cfg.audio_layout, device, dtype),
+                       Wav2VecDriving.from_pretrained(wav2vec, cfg.audio_layout, device, cfg.wav2vec_dtype(dtype)),
                        None if prompt is None else prompt.to(**to))
 
 

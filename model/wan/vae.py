@@ -392,7 +392,9 @@ class WanVAE(nn.Module):
         if latent.dim() != 5 or latent.shape[1] != self.cfg.z_dim or latent.shape[2] < 1:
             raise ValueError(f"latent must be (B, {self.cfg.z_dim}, F >= 1, h, w), got {tuple(latent.shape)}")
 
-    def stream_decoder(self) -> "StreamingWanDecoder":
+    def stream_decoder(self, reference: Tensor | None = None) -> "StreamingWanDecoder":
+        """A streaming decoder for one stream (`reference`, the portrait, is not read: Wan's
+        decoder sees only latents; the argument is the engine's decoder interface)."""
         return StreamingWanDecoder(self)
 
 
