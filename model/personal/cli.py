@@ -127,8 +127,7 @@ def fit_step(args, prepared, name: str, started: float, progress: ProgressFile) 
     """Step 2: fit, then write the avatar file (also when the time limit cut the fit)."""
     import torch
 
-    from model.personal import avatar_file, speech_mouth
-    from model.personal.fit import FitPlan, fit
+    from model.personal.fit import FitPlan, fit, write_avatar
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -144,11 +143,7 @@ def fit_step(args, prepared, name: str, started: float, progress: ProgressFile) 
     result = fit(prepared, args.model, ckpt, plan, minutes,
                  on_progress=lambda stage, step, total, loss: progress.update(stage=stage, step=step, total=total,
                                                                               loss=loss))
-    model = result.model
-    model.config.speech_mouth = speech_mouth.gains(prepared.motion[:prepared.fit_frames])
-    info = {"source": prepared.meta.get("source"), "fit_frames": prepared.fit_frames,
-            "decoder_steps": result.decoder_step, "dit_steps": result.dit_step, "complete": result.complete}
-    avatar_file.save(model, prepared.portrait, args.out, name, info)
+    write_avatar(result, prepared, args.out, name)
     total = (time.time() - started) / 60
     print(f"wrote {args.out}: avatar {name!r} (decoder {result.decoder_step}/{plan.decoder_steps}, DiT "
           f"{result.dit_step}/{plan.dit_steps} steps; {total:.1f} min in this run)", file=sys.stderr)

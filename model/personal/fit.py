@@ -40,8 +40,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 DECODER_SHARE = 0.3   # of the time limit, at most, for the decoder stage
-POOL_PER_TILE = 1.5   # latent-pool clips per distinct clip-length stretch of the fitting frames
-MAX_POOL = 400
+POOL_PER_TILE = 1.0   # latent-pool clips per distinct clip-length stretch of the fitting frames
+MAX_POOL = 96        # encoding the pool is a large share of a short fit on a CPU
 
 
 @dataclass
@@ -151,3 +151,15 @@ def _base_file(base: str) -> str:
         raise FileNotFoundError(f"model file not found: {base}")
     return base
 
+
+def write_avatar(result: FitResult, prepared, path: str | Path, name: str) -> None:
+    """The fitted model as an avatar file: its speech -> mouth gains from the person's own
+    mouth (the fitting frames), the portrait, and what the fit did."""
+    from model.personal import avatar_file, speech_mouth
+
+    model = result.model
+    model.config.speech_mouth = speech_mouth.gains(prepared.motion[:prepared.fit_frames])
+    info = {"source": prepared.meta.get("source"), "fit_frames": prepared.fit_frames,
+            "decoder_steps": result.decoder_step, "dit_steps": result.dit_step, "complete": result.complete,
+            "run_minutes": round(result.minutes, 1)}  # the last run of a resumed fit
+    avatar_file.save(model, prepared.portrait, path, name, info)
