@@ -183,3 +183,66 @@ def test_a_model_file_that_is_not_an_avatar_is_refused(tmp_path):
     assert avatar_file.name_from_path("My Avatar!.safetensors") == "my-avatar"
     with pytest.raises(ValueError):
         avatar_file.name_from_path("???.safetensors")
+
+
+# ------------------------------------------------------------------------------------------
+# The fitted avatar in the personal eval
+# ------------------------------------------------------------------------------------------
+
+
+def test_av_sync_finds_the_lag_of_a_delayed_mouth():
+    from model.personal.speech_eval import av_sync, envelope
+
+    rng = np.random.default_rng(1)
+    env = np.convolve(rng.standard_normal(300), np.ones(5) / 5, mode="same")
+    late = np.r_[np.zeros(3), env[:-3]]          # the mouth follows the sound by 3 frames
+    s = av_sync(late, env)
+    assert s["lag"] == 3 and s["r_best"] > 0.99 and s["r"] < s["r_best"]
+    early = av_sync(env[2:], env[:-2])           # ... or leads it by 2
+    assert early["lag"] == -2
+    with_gaps = late.copy()
+    with_gaps[::7] = np.nan                      # frames without a face are left out
+    assert av_sync(with_gaps, env)["lag"] == 3
+    tone = _tone_after_silence()
+    db = envelope(tone, FPS, SR, 25)
+    assert db[:11].max() == pytest.approx(-60.0) and db[14:].min() > -15
+
+
+def test_personal_eval_scores_a_fitted_avatar(prepared, tmp_path):
+    """evaluate_clip with the fitted avatar (a fit cut short by its time limit): its row has
+    every metric, and the speech-driven, drift and fit records are there."""
+    import argparse
+
+    from model.personal.evaluate import METRICS, REPEAT, WARP, evaluate_clip, report
+    from model.personal.evaluate_fit import AUDIO_PATH, FITTED, ROUTED
+
+    path, _, _ = prepared
+    speech = [("tone", _tone_after_silence(1.0, 0.4))]
+    options = argparse.Namespace(fit_minutes=0.05, speech=speech, long_seconds=2.0, drift_seconds=0.5,
+                                 progress=lambda n: None)
+    r = evaluate_clip(path, tmp_path, 128, FPS, SR, lambda n: None, options)
+    assert set(r["rows"]) == {REPEAT, WARP, FITTED}
+    row = r["rows"][FITTED]
+    assert set(METRICS) <= set(row) and all(np.isfinite(row[m]) for m in METRICS) and row["jitter / real"] > 0
+    fit = r["fitted"]
+    assert (tmp_path / f"{path.stem}.avatar.safetensors").is_file() and fit["fit"]["complete"] is False
+    assert set(fit["speech"]["tone"]) == {ROUTED, AUDIO_PATH}
+    for s in fit["speech"]["tone"].values():
+        assert -1 <= s["r"] <= 1 and abs(s["lag"]) <= 10
+    assert fit["drift"]["seconds"] == 2.0 and np.isfinite(fit["drift"]["change"])
+    text = report([r], "knotstream eval --personal ...", 1.0)
+    assert "## Fitted avatars" in text and ROUTED in text and "Identity drift" in text
+    assert r["strip"].shape[0] == 4 * 128   # real, two baselines, the fitted avatar
+
+
+def test_speech_that_ends_before_the_frames_reads_as_silence():
+    from model.config import from_name
+    from model.personal.speech_mouth import fill
+    from model.timeline import Timeline
+
+    tl = Timeline.of(from_name("tiny"))
+    audio = _tone_after_silence(0.6, 0.0)                        # 15 frames of sound for 25 frames
+    out = fill(np.zeros((25, 2 * _N), np.float32), audio, 0, 0, tl, (0.6, 0.3))
+    assert out[5:14, _F["mouth_open"]].min() > 0.5 and out[18:, _F["mouth_open"]].max() < 0.1
+    short = fill(np.zeros((25, 2 * _N), np.float32), audio[:100], 0, 0, tl, (0.6, 0.3))
+    assert short.shape == (25, 2 * _N) and short[5:, _F["mouth_open"]].max() < 0.05  # then released

@@ -48,8 +48,10 @@ MAX_POOL = 96        # encoding the pool is a large share of a short fit on a CP
 class FitPlan:
     """What one fit runs; the defaults are the shipped ones (docs/personal-avatars.md)."""
 
-    decoder_steps: int = 400
-    dit_steps: int = 1200
+    # Sized so that preparing and fitting a 2-minute clip takes at most 30 minutes of one CPU
+    # core (docs/benchmarks.md), whatever the time limit.
+    decoder_steps: int = 300
+    dit_steps: int = 800
     batch: int = 8
     decoder_lr: float = 3e-4
     dit_lr: float = 2e-4
@@ -66,7 +68,8 @@ class FitResult:
     decoder_step: int
     dit_step: int
     complete: bool         # both stages reached their steps (not cut by the time limit)
-    minutes: float
+    minutes: float         # wall time of this call
+    cpu_minutes: float     # CPU time of this process during the call (all its threads)
 
 
 def trainer_args(plan: FitPlan, base: str, pool: int, clip_latents: int,
@@ -114,7 +117,7 @@ def fit(prepared, base: str, out: str | Path, plan: FitPlan | None = None, max_m
     plan = plan or FitPlan()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
+    t0, cpu0 = time.time(), time.process_time()
     deadline = t0 + 60 * max_minutes if max_minutes else None
     base_path = _base_file(base)
     probe = trainer_args(plan, base_path, 0, plan.clip_latents, on_progress)
@@ -134,7 +137,7 @@ def fit(prepared, base: str, out: str | Path, plan: FitPlan | None = None, max_m
     trainer.train_dit(model, data, args, out, deadline, "dit")
     dec, dit = _stage_step(out, "decoder"), _stage_step(out, "dit")
     return FitResult(model.eval(), dec, dit, dec >= plan.decoder_steps and dit >= plan.dit_steps,
-                     (time.time() - t0) / 60)
+                     (time.time() - t0) / 60, (time.process_time() - cpu0) / 60)
 
 
 def _base_file(base: str) -> str:
@@ -161,5 +164,5 @@ def write_avatar(result: FitResult, prepared, path: str | Path, name: str) -> No
     model.config.speech_mouth = speech_mouth.gains(prepared.motion[:prepared.fit_frames])
     info = {"source": prepared.meta.get("source"), "fit_frames": prepared.fit_frames,
             "decoder_steps": result.decoder_step, "dit_steps": result.dit_step, "complete": result.complete,
-            "run_minutes": round(result.minutes, 1)}  # the last run of a resumed fit
+            "run_minutes": round(result.minutes, 1), "run_cpu_minutes": round(result.cpu_minutes, 1)}
     avatar_file.save(model, prepared.portrait, path, name, info)

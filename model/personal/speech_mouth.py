@@ -49,6 +49,8 @@ def fill(motion: np.ndarray, audio: np.ndarray | None, audio_from: int, first_fr
         shift = timeline.sample_of(first_frame) - audio_from
         a = np.asarray(audio, np.float32)
         a = a[shift:] if shift >= 0 else np.concatenate([np.zeros(-shift, np.float32), a])
+        # Audio not known yet (a stream's input may end early) reads as silence.
+        a = np.pad(a, (0, max(0, timeline.sample_of(len(out) + 1) - len(a))))
         track = mouth_track(a, timeline.fps, timeline.sample_rate, n_frames=len(out))
     for k, (field, gain) in enumerate(zip((_OPEN, _WIDE), mouth_gains)):
         free = (out[:, _N + field] == 0) & started
