@@ -164,3 +164,16 @@ def test_fit_job_makes_an_avatar_sessions_can_open(http, server, synthetic_clip)
     assert r.status_code == 201, r.text
     assert r.json()["model"]["domain"] == "personal"
     assert http.delete(r.json()["location"], headers={"Authorization": f"Bearer {r.json()['token']}"}).status_code == 204
+
+
+def test_an_avatar_must_match_the_servers_model():
+    from dataclasses import replace
+
+    from model.config import from_name
+    from server.personal import check_compatible
+
+    tiny = from_name("tiny")
+    check_compatible(replace(tiny, domain="personal"), tiny)
+    for other in (replace(tiny, fps=30), replace(tiny, height=256, width=256), from_name("wan-1.3b")):
+        with pytest.raises(ValueError, match="fit it to the server's model"):
+            check_compatible(other, tiny)
