@@ -32,8 +32,9 @@ def _time(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def _ours(engine, lengths: list[int], repeats: int) -> dict[int, tuple[float, float]]:
-    """One stream, timed at each requested length: length -> (ms per chunk, frames/s)."""
+def _ours(engine, lengths: list[int], repeats: int) -> dict[int, tuple[float, float, float]]:
+    """One stream, timed at each requested length: length -> (ms per chunk, frames/s, CPU ms
+    per chunk of this process: on a CPU other jobs share, the wall time says little alone)."""
     import numpy as np
 
     from model.timeline import StepInput
@@ -54,12 +55,12 @@ def _ours(engine, lengths: list[int], repeats: int) -> dict[int, tuple[float, fl
         per = []
         for _ in range(repeats):
             driving = noise_driving()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             frames = stream.step(driving)
-            per.append((time.perf_counter() - t0, len(frames)))
+            per.append((time.perf_counter() - t0, len(frames), time.process_time() - c0))
             done += 1
         ms = statistics.median(p[0] for p in per) * 1000
-        ours[n] = (ms, per[-1][1] / (ms / 1000))
+        ours[n] = (ms, per[-1][1] / (ms / 1000), statistics.median(p[2] for p in per) * 1000)
     return ours
 
 
@@ -113,12 +114,12 @@ def run(args: argparse.Namespace) -> int:
           f"knot {knobs.knot_frames}, {knobs.denoise_steps} steps, torch threads {torch.get_num_threads()}"
           + ("" if engine.trained else ", seeded random weights"))
     print()
-    print("| stream length (chunks) | ours ms/chunk | ours frames/s | real-time factor | "
+    print("| stream length (chunks) | ours ms/chunk | ours CPU ms/chunk | ours frames/s | real-time factor | "
           "no-cache baseline ms/chunk | baseline frames/s | ours / baseline speed |")
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for n in lengths:
-        ms, fs = ours[n]
+        ms, fs, cpu = ours[n]
         b = base.get(n)
         bcol = f"{b[0]:.1f} | {b[1]:.1f} | {b[0] / ms:.2f}x" if b else "not run (quadratic) | - | -"
-        print(f"| {n} | {ms:.1f} | {fs:.1f} | {fs / fps:.2f}x | {bcol} |")
+        print(f"| {n} | {ms:.1f} | {cpu:.1f} | {fs:.1f} | {fs / fps:.2f}x | {bcol} |")
     return 0

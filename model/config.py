@@ -192,6 +192,10 @@ class ModelConfig:
     domain: str = "cartoon"
     # The model family's chunk step (model/recipe.py RECIPES).
     recipe: str = "knot-forcing"
+    # Personal avatars: speech drives the mouth through the motion fields, with these
+    # (mouth_open, mouth_wide) gains, wherever a session gives no mouth of its own
+    # (model/personal/speech_mouth.py). None: the mouth comes from the model's audio path.
+    speech_mouth: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
         if self.domain not in TRAINING_DOMAINS:
@@ -201,6 +205,10 @@ class ModelConfig:
             raise ValueError(f"{self.name}: {self.height}x{self.width} is not a multiple of {s}")
         if self.dit.latent_channels != self.vae.z_channels:
             raise ValueError("dit.latent_channels must equal vae.z_channels")
+        if self.speech_mouth is not None:
+            self.speech_mouth = tuple(float(g) for g in self.speech_mouth)
+            if len(self.speech_mouth) != 2 or not all(0 <= g <= 1 for g in self.speech_mouth):
+                raise ValueError(f"{self.name}: speech_mouth must be two gains in [0, 1], got {self.speech_mouth}")
 
     @property
     def latent_hw(self) -> tuple[int, int]:
@@ -239,6 +247,7 @@ class ModelConfig:
             # A file without the field is one of the project's own procedural-world models (the bundled tiny).
             domain=d.get("domain", "cartoon"),
             recipe=d.get("recipe", "knot-forcing"),
+            speech_mouth=d.get("speech_mouth"),
         )
 
 

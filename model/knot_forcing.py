@@ -244,6 +244,9 @@ class KnotForcing:
         if inp.motion is not None:  # rows from the span's first frame; the first group starts before it
             rows = inp.motion[: len(motion[0]) - (inp.span.frame - first)]
             motion[0, inp.span.frame - first:inp.span.frame - first + len(rows)] = rows
+        if self.cfg.speech_mouth is not None:  # a personal avatar: speech -> mouth fields
+            from model.personal.speech_mouth import fill
+            motion[0] = fill(motion[0], inp.audio, inp.span.audio_from, first, tl, self.cfg.speech_mouth)
         dev, dt = self.device, self.dtype
         return latent_driving_tokens(self.model.driving, self.cfg, mel.to(dev, dt), inp.span.audio_from // dc.hop_length,
                                      torch.from_numpy(motion).to(dev, dt), first_latent, n_latents)

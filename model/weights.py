@@ -20,20 +20,25 @@ from model.config import DiTConfig, ModelConfig
 from model.dit import DiT
 
 FORMAT = "knotstream-avatar-v1"
+# Tensors stored beside the model's own, not parameters of it (a personal avatar's
+# portrait): named with this prefix, skipped by `load_model`, read by `read_aux`.
+AUX_PREFIX = "aux."
 
 
 def save_model(model: "AvatarModel", path: str | Path, extra: dict | None = None,
-               dtype: torch.dtype | None = None) -> None:
+               dtype: torch.dtype | None = None, aux: dict[str, Tensor] | None = None) -> None:
     """Write all parameters and persistent buffers plus the config to `path`.
 
     dtype (e.g. torch.float16) stores floating tensors in that type: the bundled model
-    ships in fp16 (half the size); the engine casts to its compute dtype on load."""
+    ships in fp16 (half the size); the engine casts to its compute dtype on load.
+    aux: further tensors kept in the file as they are (see AUX_PREFIX)."""
     meta = {"format": FORMAT, "config": json.dumps(model.config.to_dict())}
     if extra:
         meta["extra"] = json.dumps(extra)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     if dtype is not None:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    state.update({AUX_PREFIX + k: v.detach().contiguous().cpu() for k, v in (aux or {}).items()})
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     save_file(state, str(path), metadata=meta)
 
@@ -49,6 +54,12 @@ def read_metadata(path: str | Path) -> dict:
     return out
 
 
+def read_aux(path: str | Path) -> dict[str, Tensor]:
+    """The auxiliary tensors of a model file (names without AUX_PREFIX); {} when it has none."""
+    with safe_open(str(path), framework="pt") as f:
+        return {k[len(AUX_PREFIX):]: f.get_tensor(k) for k in f.keys() if k.startswith(AUX_PREFIX)}
+
+
 def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> "AvatarModel":
     """Build on the meta device, then assign the stored tensors (cast to `dtype`)."""
     from model.avatar import AvatarModel  # the converter below does not need the VAE/driving parts
@@ -57,7 +68,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     if not path.is_file():
         raise FileNotFoundError(f"model file not found: {path}")
     config = read_metadata(path)["config"]
-    state = load_file(str(path), device=str(device))
+    state = {k: v for k, v in load_file(str(path), device=str(device)).items() if not k.startswith(AUX_PREFIX)}
     with torch.device("meta"):
         model = AvatarModel(config)
     model.load_state_dict(state, strict=True, assign=True)

@@ -16,7 +16,7 @@ from fastapi import FastAPI, Header, Query, Request, Response
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 
-from server import avatars, bodies, errors, spec
+from server import bodies, errors, spec
 from server.auth import ApiKeys
 from server.bodies import PCM_TYPES, CreateOptions, Offer, SpeakRequest
 from server.errors import ApiError, refusals
@@ -144,23 +144,9 @@ def create_app(settings: Settings | None = None, engine=None, store: SessionStor
         await session.close("deleted by client")
         return Response(status_code=204)
 
-    @app.get("/v1/avatars", summary="Bundled avatars")
-    async def list_avatars():
-        return {"avatars": avatars.list_avatars()}
-
-    @app.get("/v1/avatars/{name}.png", summary="A bundled avatar's portrait (PNG)")
-    async def avatar_png(name: str):
-        import io
-
-        from PIL import Image
-
-        try:
-            image = await asyncio.to_thread(avatars.avatar_image, name)
-        except KeyError:
-            raise ApiError(404, "avatar_not_found", f"no bundled avatar {name!r}") from None
-        buf = io.BytesIO()
-        Image.fromarray(image).save(buf, format="PNG")
-        return Response(buf.getvalue(), media_type="image/png", headers={"Cache-Control": "max-age=3600"})
+    # Bundled and personal avatars, their portraits, fit jobs (server/avatar_routes.py).
+    from server import avatar_routes
+    avatar_routes.install(app)
 
     # ----- operations -----------------------------------------------------------------
 
@@ -211,6 +197,8 @@ def _lifespan(settings: Settings, api_keys: ApiKeys, engine, store: SessionStore
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        from server.fitjobs import FitJobs
+        from server.personal import PersonalAvatars, load_configured
         from streaming.tts import Synthesizer, available_engine
         from streaming.worker import GenerationWorker
 
@@ -229,8 +217,13 @@ def _lifespan(settings: Settings, api_keys: ApiKeys, engine, store: SessionStore
         app.state.worker = worker
         app.state.metrics = metrics = Metrics(lambda: list(app.state.manager.sessions.values()))
         app.state.store = the_store = store or open_store(settings)
+        app.state.personal = personal = PersonalAvatars(eng, settings.max_lead_frames, settings.device,
+                                                        settings.torch_dtype())
+        await asyncio.to_thread(load_configured, personal, settings.avatars, settings.avatar_dir.expanduser())
+        app.state.fitjobs = fitjobs = FitJobs(settings, personal) if settings.fit_jobs else None
         manager = SessionManager(settings, eng, worker, the_store, metrics,
-                                 tts=Synthesizer(settings.tts_concurrency) if available_engine() else None)
+                                 tts=Synthesizer(settings.tts_concurrency) if available_engine() else None,
+                                 personal=personal)
         try:
             await manager.start()
         except Exception:
@@ -243,6 +236,8 @@ def _lifespan(settings: Settings, api_keys: ApiKeys, engine, store: SessionStore
         try:
             yield
         finally:
+            if fitjobs is not None:
+                await fitjobs.close()
             await manager.shutdown()
             await asyncio.to_thread(worker.stop)
             if store is None:

@@ -17,7 +17,9 @@ Codes used by the API (stable; clients and tests match on them):
   bad_text (400), too_many_segments (409), too_many_candidates (409), sdpfrag_too_large (413),
   speak_in_progress (429, Retry-After), quota_exceeded (429, Retry-After), tts_busy (503,
   Retry-After), tts_failed (502), forbidden_host / forbidden_origin (403: no API keys and a
-  foreign Host or Origin), forwarded_refused (403). A 500 internal_error carries an `id`
+  foreign Host or Origin), forwarded_refused (403), invalid_name (422), avatar_exists (409),
+  fit_busy (409, Retry-After), video_too_large (413), video_too_long / video_too_short /
+  video_unreadable (422), job_not_found (404), fitting_disabled (403). A 500 internal_error carries an `id`
   that the server log has next to the exception; never the exception's text.
 """
 

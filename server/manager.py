@@ -72,9 +72,10 @@ async def _within(what: str, coros: list, timeout_s: float | None = None) -> Non
 
 class SessionManager:
     def __init__(self, settings: Settings, engine, worker: GenerationWorker, store: SessionStore,
-                 metrics: Metrics, tts=None):
+                 metrics: Metrics, tts=None, personal=None):
         self.settings = settings
         self.engine = engine
+        self.personal = personal   # server/personal.py PersonalAvatars: avatars with their own models
         self.knobs = KnobPolicy(engine.config, settings.max_lead_frames)   # what clients may set on it
         self.worker = worker
         self.store = store
@@ -152,22 +153,34 @@ class SessionManager:
         under this server's policy (before anything is allocated for it), the owner's quota,
         the portrait, the gateway options (video encoder probed), the engine stream, and the
         answer when the request carried an offer."""
-        knobs = self.knobs.stream_knobs(request.options.knobs)
-        lead_frames = self.knobs.lead_frames(request.options.lead_frames) or self.settings.lead_frames
+        personal = self._personal_avatar(request)
+        engine, policy = (personal.engine, personal.knobs) if personal else (self.engine, self.knobs)
+        knobs = policy.stream_knobs(request.options.knobs)
+        lead_frames = policy.lead_frames(request.options.lead_frames) or self.settings.lead_frames
         self.check_quota(owner)
-        reference, avatar = await bodies.reference(request.image, request.avatar, self.settings.max_image_pixels)
+        if personal:
+            reference, avatar = personal.portrait, personal.name
+        else:
+            reference, avatar = await bodies.reference(request.image, request.avatar, self.settings.max_image_pixels)
         options = await self._gateway_options(request.options, lead_frames)
-        session, token = await self.create(reference, knobs, request.options.seed, options, avatar, owner=owner)
+        session, token = await self.create(reference, knobs, request.options.seed, options, avatar, owner=owner,
+                                           engine=engine)
         answer = None
         if request.offer is not None:
             answer = await self.answer(session, request.offer, close_on_error=True)
-        cfg = self.engine.config
+        cfg = engine.config
         return {"id": session.id, "token": token, "location": f"/v1/sessions/{session.id}",
                 "answer": {"type": "answer", "sdp": answer} if answer else None,
                 "ice_servers": session.options.ice_for_client,
                 "video": {"width": cfg.width, "height": cfg.height, "fps": cfg.fps, "codec": options.codec},
-                "model": {"name": cfg.name, "trained": self.engine.trained, "domain": cfg.domain},
+                "model": {"name": cfg.name, "trained": engine.trained, "domain": cfg.domain},
                 "notices": session_notices(cfg, uploaded=avatar is None)}
+
+    def _personal_avatar(self, request: CreateRequest):
+        """The personal avatar a request names (no upload with it), or None."""
+        if self.personal is None or request.image is not None or not isinstance(request.avatar, str):
+            return None
+        return self.personal.get(request.avatar)
 
     async def _gateway_options(self, options: CreateOptions, lead_frames: int | None) -> SessionOptions:
         """The gateway options of a new session. The video encoder is probed once per frame size
@@ -204,7 +217,9 @@ class SessionManager:
             raise ApiError(status, exc.code, str(exc)) from None
 
     async def create(self, reference: np.ndarray, knobs: StreamKnobs, seed: int, options: SessionOptions,
-                     avatar: str | None = None, owner: str | None = None) -> tuple[LiveSession, str]:
+                     avatar: str | None = None, owner: str | None = None, engine=None) -> tuple[LiveSession, str]:
+        """engine: the model the session streams (a personal avatar's; default the server's)."""
+        engine = engine or self.engine
         if self.draining:
             raise ApiError(503, "draining", "this server is shutting down; try another or again later",
                            headers={"Retry-After": str(self.settings.retry_after_s)})
@@ -235,13 +250,13 @@ class SessionManager:
                            f"this server runs at most {self.settings.max_sessions} sessions; try again later",
                            headers={"Retry-After": str(self.settings.retry_after_s)})
         try:
-            fut = self.worker.call(self.engine.start, reference, knobs, seed)
+            fut = self.worker.call(engine.start, reference, knobs, seed)
             stream = await asyncio.wrap_future(fut)
         except BaseException:
             self._forget(session_id)
             self._spawn(self._release(session_id))
             raise
-        cfg = self.engine.config
+        cfg = engine.config
         placeholder = stream.reference_image
         options = replace(options, ice_servers=self._ice_servers(options.ice_servers, session_id))
         limits = self._new_limits()

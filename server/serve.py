@@ -40,6 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--public-url", help="this worker's address as other workers reach it "
                                              "(default http://<host>:<port>)")
     parser.add_argument("--drain-timeout", type=float, help="seconds running sessions get on SIGTERM (default 30)")
+    parser.add_argument("--avatar", action="append", metavar="FILE",
+                        help="a personal avatar to serve (`knotstream avatar create`; repeatable)")
 
 
 def settings_from_args(args: argparse.Namespace):
@@ -50,6 +52,7 @@ def settings_from_args(args: argparse.Namespace):
         "max_sessions": args.max_sessions, "codec": args.codec, "loopback_ice": args.loopback_ice,
         "redis_url": args.redis_url, "public_url": args.public_url, "drain_timeout_s": args.drain_timeout,
         "ice_servers": [{"urls": [u]} for u in args.ice_server] if args.ice_server else None,
+        "avatars": args.avatar,
     }.items() if v is not None}
     return Settings(**overrides)
 
@@ -123,6 +126,26 @@ def draining_server(config, app, drain_timeout_s: float):
     return DrainingServer(config)
 
 
+def check_avatars(settings) -> None:
+    """The personal avatars asked for exist, are avatars and fit the server's model: a clear
+    error (exit 2) before the server starts, not a failed startup."""
+    from model.config import PRESETS, from_name
+    from model.personal.avatar_file import read
+    from model.weights import read_metadata
+    from server.personal import check_compatible
+
+    if not settings.avatars:
+        return
+    base = from_name(settings.model) if settings.model in PRESETS else read_metadata(settings.model)["config"]
+    names = {}
+    for path in settings.avatars:
+        avatar = read(path)
+        check_compatible(read_metadata(path)["config"], base)
+        if avatar.name in names:
+            raise ValueError(f"{path} and {names[avatar.name]} are both avatar {avatar.name!r}")
+        names[avatar.name] = path
+
+
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -131,6 +154,7 @@ def run(args: argparse.Namespace) -> int:
 
     settings = settings_from_args(args)
     check_model_source(settings.model)
+    check_avatars(settings)
     app = create_app(settings)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info",
                             timeout_graceful_shutdown=shutdown_reserve(settings.drain_timeout_s) / 2)

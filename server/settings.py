@@ -132,7 +132,19 @@ class Settings(BaseSettings):
     # aioice skips 127.0.0.1 when gathering candidates; turn on in a namespace with only `lo`.
     loopback_ice: bool = False
 
-    @field_validator("api_keys", "cors_origins", "turn_urls", "allowed_hosts", mode="before")
+    # Personal avatars (server/personal.py): files to serve (`--avatar`, repeatable), and the
+    # folder the server's fit jobs write to and loads at start (server/fitjobs.py).
+    avatars: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    avatar_dir: Path = Path("~/.local/share/knotstream/avatars")
+    fit_jobs: bool = True                                # POST /v1/avatars: fit an avatar from an uploaded clip
+    fit_max_upload_bytes: int = Field(300_000_000, ge=1024)
+    fit_max_video_s: float = Field(300.0, gt=0)          # longest clip a fit job takes
+    fit_max_minutes: float = Field(30.0, gt=0)           # a fit job's time limit
+    fit_threads: int = Field(1, ge=1)                    # torch threads of the fit process
+    fit_decoder_steps: int | None = Field(None, ge=0)    # None: the fit's defaults (model/personal/fit.py)
+    fit_dit_steps: int | None = Field(None, ge=0)
+
+    @field_validator("api_keys", "cors_origins", "turn_urls", "allowed_hosts", "avatars", mode="before")
     @classmethod
     def _split_commas(cls, value):
         if isinstance(value, str):

@@ -16,6 +16,7 @@ import pytest
 from server.settings import Settings
 from server.testing import LiveServer
 from streaming.ice import allow_loopback, has_non_loopback_ipv4
+from tests.test_personal import synthetic_clip  # noqa: F401  (the clip fixture)
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(180)]
 
@@ -199,3 +200,41 @@ def test_demo_shows_the_cartoon_model_notice_for_an_uploaded_photo_and_none_for_
     _connect(page)
     assert page.is_hidden("#notices") and page.query_selector("#notices .notice") is None
     page.click("#disconnect")
+
+
+def test_demo_fit_form_shows_the_servers_refusal(page, tmp_path):
+    junk = tmp_path / "clip.mp4"
+    junk.write_bytes(b"not a video" * 50)
+    page.set_input_files("#fit-video", str(junk))
+    page.fill("#fit-name", "mine")
+    page.click("#fit-start")
+    page.wait_for_selector("#error:not([hidden])")
+    assert "video_unreadable" in page.text_content("#error")
+    assert not page.is_disabled("#fit-start")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_demo_fits_an_avatar_from_an_uploaded_clip_and_streams_it(page, server, synthetic_clip, tmp_path):  # noqa: F811
+    """The demo's whole flow: upload a clip, watch the job's progress, the avatar appears in
+    the list, a session on it plays (a fit of one step per stage: the flow, not the quality)."""
+    settings = server.app.state.settings
+    saved = settings.fit_decoder_steps, settings.fit_dit_steps, settings.avatar_dir
+    settings.fit_decoder_steps, settings.fit_dit_steps, settings.avatar_dir = 1, 1, tmp_path
+    try:
+        page.set_input_files("#fit-video", str(synthetic_clip[0]))
+        page.fill("#fit-name", "mine")
+        page.click("#fit-start")
+        page.wait_for_function("() => document.getElementById('fit-status').textContent.includes('running')")
+        page.wait_for_function("() => document.getElementById('log').textContent.includes('avatar mine is ready')",
+                               timeout=600_000)
+        assert page.evaluate("() => document.getElementById('fit-progress').value") == 1
+        page.wait_for_selector('input[name="avatar"][value="mine"]:checked', state="attached")
+        page.click("#connect")
+        page.wait_for_function("() => window.knot.conn && window.knot.conn.channel.readyState === 'open'")
+        page.wait_for_function("() => document.getElementById('video').videoWidth > 0")
+        session_id = page.evaluate("() => window.knot.conn.session.id")
+        assert server.manager.sessions[session_id].stream.engine is server.app.state.personal.get("mine").engine
+        assert page.is_hidden("#error"), page.text_content("#error")
+    finally:
+        settings.fit_decoder_steps, settings.fit_dit_steps, settings.avatar_dir = saved

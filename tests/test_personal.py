@@ -196,18 +196,6 @@ def test_avatar_create_prepares_the_clip(synthetic_clip, tmp_path):
     assert p.boxes[:, 2].std() < 0.02 * side  # smoothed: the crop does not breathe with the mouth
 
 
-def test_avatar_create_says_fitting_is_missing(synthetic_clip, tmp_path, capsys):
-    from model.personal.cli import FITTING_MISSING_EXIT
-    from server.cli import main
-
-    path, _ = synthetic_clip
-    out = tmp_path / "me.safetensors"
-    assert main(["avatar", "create", "--video", str(path), "-o", str(out)]) == FITTING_MISSING_EXIT
-    err = capsys.readouterr().err
-    assert "not available in this build" in err and "NOT written" in err
-    assert not out.exists() and (tmp_path / "me.prepared.safetensors").is_file()
-
-
 def test_avatar_create_bad_input_exits_2(tmp_path, capsys):
     from server.cli import main
 

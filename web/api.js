@@ -28,6 +28,22 @@ export async function listAvatars() {
 
 export const avatarUrl = (name) => `/v1/avatars/${encodeURIComponent(name)}.png`;
 
+/** Start fitting a personal avatar to a video (server/fitjobs.py); returns the job. */
+export async function createAvatar(file, name) {
+  const key = apiKey();
+  const r = await check(await fetch(`/v1/avatars?name=${encodeURIComponent(name)}`, {
+    method: "POST", body: file,
+    headers: { "Content-Type": file.type || "application/octet-stream", ...(key ? { "X-API-Key": key } : {}) },
+  }));
+  return r.json();
+}
+
+/** A fit job as it is now: state, stage, step/total, loss, progress (0-1), error. */
+export async function fitJob(location) {
+  const r = await check(await fetch(location));
+  return r.json();
+}
+
 /**
  * Create a session (the offer follows with `sendOffer`, once the page knows the session's ICE
  * servers: TURN credentials are minted per session). `portrait` (a File) wins over `avatar`.

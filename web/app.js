@@ -3,6 +3,7 @@
 
 import * as api from "./api.js";
 import { connect, openMic } from "./rtc.js";
+import { initFit } from "./fit.js";
 
 const $ = (id) => document.getElementById(id);
 const SLIDERS = [  // field, min, max (model/driving.py MOTION_RANGES)
@@ -53,12 +54,15 @@ function setConnected(on) {
 
 // ----- avatar picker ------------------------------------------------------------------
 
-async function loadAvatars() {
+/** The avatar list (bundled and personal); `select` is checked, else the first. */
+async function loadAvatars(select) {
   try {
     const names = await api.listAvatars();
+    $("avatars").replaceChildren();
     names.forEach((name, i) => {
       const label = document.createElement("label");
-      label.innerHTML = `<input type="radio" name="avatar" value="${name}"${i === 0 ? " checked" : ""}>` +
+      const checked = select ? name === select : i === 0;
+      label.innerHTML = `<input type="radio" name="avatar" value="${name}"${checked ? " checked" : ""}>` +
         `<img alt="${name}" src="${api.avatarUrl(name)}"><span>${name}</span>`;
       $("avatars").append(label);
     });
@@ -281,6 +285,7 @@ $("speak-form").addEventListener("submit", speakText);
 window.addEventListener("beforeunload", () => { if (state.conn) api.endSession(state.conn.session); });
 buildSliders();
 loadAvatars();
+initFit({ log, showError, onAvatar: (name) => loadAvatars(name) });
 
 // The video element takes the model's frame size and aspect: a 512x512 photoreal model
 // shows pixel for pixel, a small one is scaled up to the same width, 832x480 is not squared.

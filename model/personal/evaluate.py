@@ -16,6 +16,10 @@ clip's calibration, |mouth_open| difference in motion units and the angle betwee
 two head rotations in degrees, over the frames where both have a face ("tracked" says
 how many of the generated frames had one).
 
+With --fit-minutes, each clip also gets a personal avatar fitted on its first 80 % and
+scored the same way, plus speech-driven, drift and chunk-border scores
+(`evaluate_fit`).
+
 Writes report.md and strip.png (real vs each system; the clips' faces are not ours to
 publish: never commit it) to --out.
 """
@@ -96,8 +100,9 @@ def systems(prepared, held: slice) -> dict[str, np.ndarray]:
     return {REPEAT: np.broadcast_to(still, p.frames[held].shape), WARP: warped}
 
 
-def evaluate_clip(video: Path, out: Path, size: int, fps: int, sample_rate: int, progress) -> dict:
-    """Prepare (or reuse the prepared file in `out`), run every system, score it."""
+def evaluate_clip(video: Path, out: Path, size: int, fps: int, sample_rate: int, progress, fitted=None) -> dict:
+    """Prepare (or reuse the prepared file in `out`), run every system, score it. fitted:
+    the options of the fitted avatar's scores (`evaluate_fit.evaluate`), None to skip them."""
     from model.personal import prepare as P
 
     cached = out / f"{video.stem}.prepared.safetensors"
@@ -116,9 +121,17 @@ def evaluate_clip(video: Path, out: Path, size: int, fps: int, sample_rate: int,
     real_measure = measured(real, prepared.calibration)
     gens = systems(prepared, held)
     rows = {name: score(gen, real, boxes, real_measure, prepared.calibration) for name, gen in gens.items()}
+    result = {"name": video.name, "frames": len(prepared.frames), "held": len(real), "rows": rows,
+              "tracked real": float(real_measure[2].mean())}
+    if fitted is not None:
+        from model.personal import evaluate_fit
+
+        fit = evaluate_fit.evaluate(prepared, held, real, boxes, real_measure, out, video.stem, fitted)
+        rows[evaluate_fit.FITTED], gens[evaluate_fit.FITTED] = fit.pop("row"), fit.pop("frames")
+        result["fitted"] = fit
+    result["strip"] = strip(real, gens)
     progress(1)
-    return {"name": video.name, "frames": len(prepared.frames), "held": len(real), "rows": rows,
-            "tracked real": float(real_measure[2].mean()), "strip": strip(real, gens)}
+    return result
 
 
 def strip(real: np.ndarray, gens: dict[str, np.ndarray], n: int = 8) -> np.ndarray:
@@ -140,11 +153,38 @@ def report(results: list[dict], command: str, wall: float) -> str:
     for name in names:
         mean = {m: np.nanmean([r["rows"][name][m] for r in results]) for m in METRICS}
         lines.append(f"| mean | {name} | " + " | ".join(f"{mean[m]:.3f}" for m in METRICS) + " |")
+    if results and "fitted" in results[0]:
+        from model.personal.evaluate_fit import report_lines
+
+        lines += report_lines(results)
     lines += ["", "Better: " + ", ".join(f"{m} {b}" for m, b in _BETTER.items()) + ". The landmark model found a "
               "face in " + ", ".join(f"{100 * r['tracked real']:.0f} %" for r in results)
               + " of the real held-out frames (same order as the clips).",
               "", "strip.png rows: real, then each system (not for publishing: the clips' faces are not ours)."]
     return "\n".join(lines) + "\n"
+
+
+def fitted_options(args: argparse.Namespace, cfg):
+    """The fitted avatar's eval options from the command line, None without --fit-minutes."""
+    from model.media import load_audio
+    from model.personal.speech_eval import tts_speech
+
+    if getattr(args, "fit_minutes", None) is None:
+        if getattr(args, "speech", None):
+            raise ValueError("--speech needs --fit-minutes (the speech drives the fitted avatars)")
+        return None
+    if args.fit_minutes < 0:
+        raise ValueError("--fit-minutes must not be negative (0 = no limit)")
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
+    sr = cfg.driving.sample_rate
+    seconds = args.seconds   # of each speech clip
+    speech = [(Path(p).name, load_audio(p, sample_rate=sr)[:int(seconds * sr)]) for p in args.speech or ()]
+    speech.append(("TTS (espeak-ng/flite)", tts_speech(seconds, sr)))
+    drift_seconds = min(args.drift_seconds, args.long_seconds / 2)
+    return argparse.Namespace(fit_minutes=args.fit_minutes, speech=speech, long_seconds=args.long_seconds,
+                              drift_seconds=drift_seconds, progress=lambda n: None)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -164,11 +204,15 @@ def run(args: argparse.Namespace) -> int:
     cfg = read_metadata(args.model)["config"] if str(args.model).endswith(".safetensors") else from_name(args.model)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    fitted = fitted_options(args, cfg)
     t0, results = time.perf_counter(), []
     with tqdm(total=len(videos), unit="clip", desc="eval --personal", file=sys.stderr) as bar:
         for v in videos:
-            results.append(evaluate_clip(v, out, cfg.height, cfg.fps, cfg.driving.sample_rate, bar.update))
+            results.append(evaluate_clip(v, out, cfg.height, cfg.fps, cfg.driving.sample_rate, bar.update, fitted))
     command = f"knotstream eval --personal --model {args.model} --out {args.out} --videos " + " ".join(map(str, videos))
+    if fitted is not None:
+        command += (f" --fit-minutes {args.fit_minutes:g} --seconds {args.seconds:g} --long-seconds {args.long_seconds:g}"
+                    + (" --speech " + " ".join(args.speech) if args.speech else ""))
     text = report(results, command, time.perf_counter() - t0)
     (out / "report.md").write_text(text)
     image = np.concatenate([r["strip"] for r in results], 0)

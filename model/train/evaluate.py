@@ -61,7 +61,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default="runs/data", help="speech bank folder (generated with espeak-ng/flite when missing)")
     p.add_argument("--clips", type=int, default=8,
                    help=f"held-out clips per system (1-{HELD_OUT_IDENTITIES}; intervals need at least 2)")
-    p.add_argument("--seconds", type=float, default=20.0, help="length of each clip")
+    p.add_argument("--seconds", type=float, default=20.0,
+                   help="length of each clip (--personal --fit-minutes: of each speech clip)")
     p.add_argument("--long-seconds", type=float, default=300.0, help="length of the drift run (0 = skip)")
     p.add_argument("--drift-seconds", type=float, default=60.0,
                    help="window averaged at the start and the end of the long run (at most half of it)")
@@ -74,6 +75,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--personal", action="store_true",
                    help="score personal avatars on real clips instead (model/personal/evaluate.py; needs --videos)")
     p.add_argument("--videos", nargs="+", default=None, help="--personal: clips of real people talking")
+    p.add_argument("--fit-minutes", type=float, default=None, metavar="M",
+                   help="--personal: also fit an avatar to each clip's first 80%% (within M minutes) and score it")
+    p.add_argument("--speech", nargs="+", default=None, metavar="WAV",
+                   help="--personal --fit-minutes: unseen real speech to drive each avatar with (besides a TTS voice)")
     p.add_argument("--quick", action="store_true",
                    help=f"CI mode: {QUICK['clips']} clips of {QUICK['seconds']:g} s, a {QUICK['long_seconds']:g} s long run")
 

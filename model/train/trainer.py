@@ -84,6 +84,9 @@ class Loop:
         self.ema = loss if self.ema is None else 0.98 * self.ema + 0.02 * loss
         self.bar.set_postfix(loss=f"{self.ema:.4f}", **{k: f"{v:.4g}" for k, v in info.items()})
         self.bar.update(1)
+        hook = getattr(self.args, "on_progress", None)  # a caller's own report (the server's fit job)
+        if hook is not None:
+            hook(self.stage, self.step, self.total, self.ema)
 
     @property
     def done(self) -> bool:
@@ -299,7 +302,7 @@ def train_dit(model, data, args, out: Path, deadline, stage: str) -> None:
     model.vae.eval().requires_grad_(False)
     trainer = ChunkTrainer(model)
     knobs = model.config.stream
-    warmup = 300
+    warmup = getattr(args, "warmup_steps", 300)  # a short fine-tune (model/personal/fit.py) warms up faster
     loop = Loop(stage, steps, start, args, deadline)
     while not loop.done and not loop.out_of_time:
         for g in opt.param_groups:  # linear warm-up, cosine decay to 10%

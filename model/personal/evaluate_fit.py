@@ -1,0 +1,138 @@
+"""The fitted personal avatar in `knotstream eval --personal --fit`.
+
+Per clip: the avatar is fitted on the clip's first 80 % (the fit a user gets: `fit.fit`
+with the time limit of `--fit-minutes`; an avatar file already in the output folder is
+reused, delete it to fit again) and then scored on the held-out 20 %:
+
+- reenactment: driven by the held-out frames' measured motion (every field given, the
+  clip's own audio or silence), scored by `evaluate.score` beside the two baselines, plus
+  the chunk-border jitter of the generated frames over the real frames' with the same borders;
+- speech-driven: unseen speech alone (no motion) drives the avatar, through the shipped
+  route (speech -> mouth fields) and, for comparison, through the DiT's own audio path
+  (`speech_mouth` off); `speech_eval.av_sync` of the measured mouth with the envelope;
+- identity drift: a long run driven by the held-out motion looped, PSNR to the looped real
+  frames over the first vs the last `drift_seconds` (same driving, same targets: only the
+  stream's age differs).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+FITTED = "fitted avatar"
+ROUTED, AUDIO_PATH = "speech -> mouth fields (shipped)", "DiT audio path"
+
+
+def ensure_avatar(prepared, out: Path, stem: str, minutes: float, model: str = "tiny") -> tuple[Path, dict]:
+    """The clip's fitted avatar file in `out` (fitted now when missing) and its fit record."""
+    from model.personal import avatar_file
+    from model.personal.fit import fit, write_avatar
+
+    path = out / f"{stem}.avatar.safetensors"
+    if not path.is_file():
+        result = fit(prepared, model, out / f"{stem}.fit", max_minutes=minutes)
+        write_avatar(result, prepared, path, avatar_file.name_from_path(stem))
+    return path, avatar_file.read(path).info
+
+
+def reenactment(engine, prepared, held: slice, real, boxes, real_measure) -> tuple[dict, np.ndarray]:
+    """The avatar's row of the reenactment table (+ "jitter / real") and its frames."""
+    from model.personal.drive import generate
+    from model.personal.evaluate import score
+    from model.personal.fit_data import driving_motion
+    from model.train.metrics import boundary_jitter
+
+    audio = None
+    if prepared.audio is not None:
+        audio = prepared.audio[round(held.start * prepared.sample_rate / prepared.fps):]
+    gen, starts = generate(engine, prepared.portrait, driving_motion(prepared.motion[held]), audio, len(real))
+    row = score(gen, real, boxes, real_measure, prepared.calibration)
+    row["jitter / real"] = boundary_jitter(gen, starts) / boundary_jitter(real, starts)
+    return row, gen
+
+
+def speech_driven(engine, prepared, speech: list[tuple[str, np.ndarray]]) -> dict[str, dict[str, dict]]:
+    """{speech name: {ROUTED | AUDIO_PATH: av_sync scores}} of the avatar driven by each
+    speech clip alone."""
+    from model.personal.drive import generate
+    from model.personal.evaluate import measured
+    from model.personal.speech_eval import av_sync, envelope
+
+    cfg = engine.config
+    routed_gains, out = cfg.speech_mouth, {}
+    for name, audio in speech:
+        n = int(len(audio) * cfg.fps / cfg.driving.sample_rate)
+        env = envelope(audio, cfg.fps, cfg.driving.sample_rate, n)
+        out[name] = {}
+        for system, gains in ((ROUTED, routed_gains), (AUDIO_PATH, None)):
+            cfg.speech_mouth = gains
+            try:
+                frames, _ = generate(engine, prepared.portrait, None, audio, n)
+            finally:
+                cfg.speech_mouth = routed_gains
+            mouth, _, found = measured(frames, prepared.calibration)
+            out[name][system] = {**av_sync(np.where(found, mouth, np.nan), env), "tracked": float(found.mean())}
+    return out
+
+
+def drift(engine, prepared, held: slice, seconds: float, window_s: float, progress) -> dict[str, float]:
+    """PSNR over the first and the last `window_s` of a `seconds` run driven by the held-out
+    motion looped, against the looped real frames; and the still portrait's over the same."""
+    from model.personal.drive import chunks, looped
+    from model.personal.fit_data import driving_motion
+    from model.train.metrics import identity_drift, psnr_frames
+
+    fps = prepared.fps
+    n = int(seconds * fps)
+    motion = looped(driving_motion(prepared.motion[held]), n)
+    real = prepared.frames[held]
+    idx = np.arange(n) % len(real)
+    per_frame = []
+    for f0, frames in chunks(engine, prepared.portrait, motion, None, n):
+        per_frame.append(psnr_frames(frames, real[idx[f0:f0 + len(frames)]]))
+        progress(len(frames))
+    d = identity_drift(np.concatenate(per_frame), int(window_s * fps))
+    return {"seconds": seconds, "first": d.first, "last": d.last, "change": d.change}
+
+
+def evaluate(prepared, held: slice, real, boxes, real_measure, out: Path, stem: str, options) -> dict:
+    """Every fitted-avatar result of one clip (see the module docstring). options: fit_minutes,
+    speech [(name, audio)], long_seconds, drift_seconds, progress."""
+    from model.engine import Engine
+
+    path, fit_info = ensure_avatar(prepared, out, stem, options.fit_minutes)
+    engine = Engine.from_pretrained(str(path))
+    row, gen = reenactment(engine, prepared, held, real, boxes, real_measure)
+    result = {"row": row, "frames": gen, "fit": fit_info, "speech": speech_driven(engine, prepared, options.speech)}
+    if options.long_seconds:
+        result["drift"] = drift(engine, prepared, held, options.long_seconds, options.drift_seconds, options.progress)
+    return result
+
+
+def report_lines(results: list[dict]) -> list[str]:
+    """The report's sections on the fitted avatars (after the reenactment table)."""
+    lines = ["", "## Fitted avatars", "", "| clip | decoder steps | DiT steps | complete | fit wall minutes "
+             "| fit CPU minutes | jitter / real |", "|---|---|---|---|---|---|---|"]
+    for r in results:
+        f, row = r["fitted"]["fit"], r["rows"][FITTED]
+        lines.append(f"| {r['name']} | {f.get('decoder_steps')} | {f.get('dit_steps')} | {f.get('complete')} | "
+                     f"{f.get('run_minutes', '-')} | {f.get('run_cpu_minutes', '-')} | {row['jitter / real']:.3f} |")
+    lines += ["", "Speech-driven (speech alone, no motion): correlation of the mouth opening measured on the "
+              "generated frames with the speech envelope, at lag 0 and at the best lag (positive: the mouth "
+              "follows the sound; 1 frame = 40 ms).", "",
+              "| clip | speech | route | r | best lag (ms) | r at best lag | tracked |", "|---|---|---|---|---|---|---|"]
+    for r in results:
+        for speech, systems in r["fitted"]["speech"].items():
+            for system, s in systems.items():
+                lines.append(f"| {r['name']} | {speech} | {system} | {s['r']:.3f} | {40 * s['lag']:+.0f} | "
+                             f"{s['r_best']:.3f} | {s['tracked']:.2f} |")
+    drifts = [(r["name"], r["fitted"]["drift"]) for r in results if "drift" in r["fitted"]]
+    if drifts:
+        lines += ["", "Identity drift: a long run driven by the held-out motion looped, PSNR (dB) to the looped "
+                  "real frames over the first vs the last window.", "",
+                  "| clip | run (s) | first | last | change |", "|---|---|---|---|---|"]
+        lines += [f"| {name} | {d['seconds']:g} | {d['first']:.2f} | {d['last']:.2f} | {d['change']:+.2f} |"
+                  for name, d in drifts]
+    return lines

@@ -1,0 +1,168 @@
+"""Fitting the bundled model to one person: step 2 of `knotstream avatar create`.
+
+The person's prepared clip (`prepare`) goes through the bundled model's own training
+stages (model/train/trainer.py), fed by `fit_data.PersonData` instead of the procedural
+world, starting from the bundled weights:
+
+1. decoder: the reference-conditioned VAE decoder on the person's frames, the encoder
+   frozen (the DiT's latent space stays valid). Cheap, and it carries most of the identity:
+   the bundled decoder draws cartoon skin; a hundred steps on a real face raise the
+   held-out reconstruction by about 6 dB (docs/benchmarks.md).
+2. dit: the DiT and the driving encoder, teacher-forced on the person's latents (a latent
+   pool of the clip), driven by the measured motion with every field given (the bundled
+   model never had the mouth given: it learns the mouth fields here) and the clip's audio.
+
+Speech reaches the mouth through the motion fields, not through the DiT's audio path: the
+procedural world's mouth is a fixed function of the speech (`train.speech.mouth_track`),
+which the engine evaluates on the session's audio and hands to the model as mouth_open /
+mouth_wide wherever the client gives no mouth (`speech_mouth`), scaled to this person's
+mouth (`speech_mouth.gains`). The person's clip teaches motion -> face, which it has data
+for (a silent clip included); the comparison with the DiT's own audio path is in
+docs/benchmarks.md.
+
+Knots: the avatar streams with `knot_frames=0` (written into its stream defaults and used
+in training). Chained knot predictions drift in colour on real faces as they do on the
+bundled model (docs/benchmarks.md); a fit of a few hundred steps cannot train that out.
+
+Resumable: the trainer's checkpoints (model, optimiser, step, RNG) and the latent pool live
+in the checkpoint folder; the same command continues where a stopped one ended. The time
+limit is shared between the stages (`DECODER_SHARE` of it for the decoder), and when it
+runs out the avatar is still written from where the fit got to (and says so).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+DECODER_SHARE = 0.3   # of the time limit, at most, for the decoder stage
+POOL_PER_TILE = 1.0   # latent-pool clips per distinct clip-length stretch of the fitting frames
+MAX_POOL = 96        # encoding the pool is a large share of a short fit on a CPU
+
+
+@dataclass
+class FitPlan:
+    """What one fit runs; the defaults are the shipped ones (docs/personal-avatars.md)."""
+
+    # Sized so that preparing and fitting a 2-minute clip takes at most 30 minutes of one CPU
+    # core (docs/benchmarks.md), whatever the time limit.
+    decoder_steps: int = 300
+    dit_steps: int = 800
+    batch: int = 8
+    decoder_lr: float = 3e-4
+    dit_lr: float = 2e-4
+    warmup_steps: int = 50
+    clip_latents: int = 8
+    knot_frames: int = 0
+    seed: int = 0
+    save_every: int = 50
+
+
+@dataclass
+class FitResult:
+    model: object          # the fitted AvatarModel
+    decoder_step: int
+    dit_step: int
+    complete: bool         # both stages reached their steps (not cut by the time limit)
+    minutes: float         # wall time of this call
+    cpu_minutes: float     # CPU time of this process during the call (all its threads)
+
+
+def trainer_args(plan: FitPlan, base: str, pool: int, clip_latents: int,
+                 on_progress: Callable | None) -> argparse.Namespace:
+    """The namespace the trainer's stages read (model/train/trainer.py add_arguments)."""
+    return argparse.Namespace(
+        model=base, seed=plan.seed, batch=plan.batch, save_every=plan.save_every,
+        decoder_steps=plan.decoder_steps, reference_decoder=False, temporal_weight=1.0,
+        dit_steps=plan.dit_steps, rollout_steps=0, rollout_context="last", clip_latents=clip_latents,
+        pool=pool, warmup_steps=plan.warmup_steps, lr=plan.decoder_lr, on_progress=on_progress)
+
+
+def pool_size(data, clip_latents: int) -> int:
+    tiles = len(data.frames) / data.clip_frames(clip_latents)
+    return int(min(MAX_POOL, max(8, math.ceil(POOL_PER_TILE * tiles))))
+
+
+def fitted_clip_latents(data, wanted: int) -> int:
+    """The longest clip (in latents, at most `wanted`) the fitting frames hold; a short clip
+    gets shorter training clips. ValueError when not even one chunk fits."""
+    for n in range(wanted, 1, -1):
+        if len(data.frames) >= data.clip_frames(n):
+            return n
+    raise ValueError(f"the clip has {len(data.frames)} fitting frames; fitting needs at least "
+                     f"{data.clip_frames(2)}: record a longer clip")
+
+
+def _stage_step(out: Path, stage: str) -> int:
+    from model.train.trainer import load_checkpoint
+
+    ck = out / f"{stage}.pt"
+    return int(load_checkpoint(ck)["step"]) if ck.exists() else 0
+
+
+def fit(prepared, base: str, out: str | Path, plan: FitPlan | None = None, max_minutes: float = 0,
+        on_progress: Callable | None = None) -> FitResult:
+    """Fit the model `base` (a preset name or a model file) to `prepared`, checkpointing in
+    `out`. max_minutes: the time limit of this call (0 = none). on_progress(stage, step,
+    total, loss): called after every training step."""
+    import torch
+
+    from model.personal.fit_data import PersonData
+    from model.train import trainer
+
+    plan = plan or FitPlan()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0, cpu0 = time.time(), time.process_time()
+    deadline = t0 + 60 * max_minutes if max_minutes else None
+    base_path = _base_file(base)
+    probe = trainer_args(plan, base_path, 0, plan.clip_latents, on_progress)
+    model = trainer._build_model(probe, out)  # the newest checkpoint in `out`, else the base weights
+    torch.manual_seed(plan.seed)
+    data = PersonData(prepared, model.config)
+    clip_latents = fitted_clip_latents(data, plan.clip_latents)
+    args = trainer_args(plan, base_path, pool_size(data, clip_latents), clip_latents, on_progress)
+
+    share = None if deadline is None else t0 + DECODER_SHARE * (deadline - t0)
+    trainer.train_decoder(model, data, args, out, share)
+    model.config.domain = "personal"
+    model.config.stream = model.config.stream.replace(knot_frames=plan.knot_frames)
+    args.lr = plan.dit_lr
+    if on_progress is not None:
+        on_progress("encode", 0, 1, None)  # the latent pool is encoded first (minutes for a long clip)
+    trainer.train_dit(model, data, args, out, deadline, "dit")
+    dec, dit = _stage_step(out, "decoder"), _stage_step(out, "dit")
+    return FitResult(model.eval(), dec, dit, dec >= plan.decoder_steps and dit >= plan.dit_steps,
+                     (time.time() - t0) / 60, (time.process_time() - cpu0) / 60)
+
+
+def _base_file(base: str) -> str:
+    """A model file the trainer can start from: a path as given, a preset's bundled weights."""
+    from model.config import PRESETS
+    from model.engine import ASSETS
+
+    if base in PRESETS:
+        bundled = ASSETS / f"{base}.safetensors"
+        if not bundled.is_file():
+            raise ValueError(f"preset {base!r} has no bundled weights to fit")
+        return str(bundled)
+    if not Path(base).is_file():
+        raise FileNotFoundError(f"model file not found: {base}")
+    return base
+
+
+def write_avatar(result: FitResult, prepared, path: str | Path, name: str) -> None:
+    """The fitted model as an avatar file: its speech -> mouth gains from the person's own
+    mouth (the fitting frames), the portrait, and what the fit did."""
+    from model.personal import avatar_file, speech_mouth
+
+    model = result.model
+    model.config.speech_mouth = speech_mouth.gains(prepared.motion[:prepared.fit_frames])
+    info = {"source": prepared.meta.get("source"), "fit_frames": prepared.fit_frames,
+            "decoder_steps": result.decoder_step, "dit_steps": result.dit_step, "complete": result.complete,
+            "run_minutes": round(result.minutes, 1), "run_cpu_minutes": round(result.cpu_minutes, 1)}
+    avatar_file.save(model, prepared.portrait, path, name, info)
