@@ -40,7 +40,7 @@ def ensure_avatar(prepared, out: Path, stem: str, minutes: float, model: str = "
 def reenactment(engine, prepared, held: slice, real, boxes, real_measure) -> tuple[dict, np.ndarray]:
     """The avatar's row of the reenactment table (+ "jitter / real") and its frames."""
     from model.personal.drive import generate
-    from model.personal.evaluate import score
+    from model.personal.scoring import score
     from model.personal.fit_data import driving_motion
     from model.train.metrics import boundary_jitter
 
@@ -57,7 +57,7 @@ def speech_driven(engine, prepared, speech: list[tuple[str, np.ndarray]]) -> dic
     """{speech name: {ROUTED | AUDIO_PATH: av_sync scores}} of the avatar driven by each
     speech clip alone."""
     from model.personal.drive import generate
-    from model.personal.evaluate import measured
+    from model.personal.scoring import measured
     from model.personal.speech_eval import av_sync, envelope
 
     cfg = engine.config

@@ -50,7 +50,7 @@ def region_weights(landmarks: np.ndarray, size: int) -> np.ndarray:
     """(T, 478, 3) crop-pixel landmarks -> (T, size, size) float32 loss weights: 1, the eye
     boxes EYE_WEIGHT, the mouth box (evaluate.mouth_boxes, as the mouth PSNR) MOUTH_WEIGHT."""
     from model.personal import landmarks as L
-    from model.personal.evaluate import mouth_boxes
+    from model.personal.scoring import mouth_boxes
 
     w = np.ones((len(landmarks), size, size), np.float32)
     for t, pts in enumerate(landmarks):
