@@ -27,7 +27,6 @@ publish: never commit it) to --out.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from pathlib import Path

@@ -5,6 +5,8 @@ avatar's eval use them without importing the eval that runs them."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 MOUTH_MARGIN = 0.3

@@ -43,7 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
-from model.train.eval_results import METRICS, MODEL, REFERENCE, ZEROED, ClipResult, EvalClip, window_name
+from model.train.eval_results import METRICS, MODEL, REFERENCE, ZEROED, ClipResult, EvalClip, window_name  # noqa: F401  (re-exported)
 
 ABLATION_WINDOWS = (2, 6, 12)
 # data.draw_clip(held_out=True) draws its identities from this many seeds.
