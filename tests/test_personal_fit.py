@@ -133,7 +133,8 @@ def test_engine_routes_speech_through_the_mouth_fields(tmp_path):
 
 
 def test_avatar_create_fits_writes_an_avatar_and_resumes(prepared, capsys):
-    from model.engine import ASSETS, Engine
+    from model.engine import Engine
+    from model.sources import ASSETS
     from model.personal import avatar_file, speech_mouth
     from model.train.trainer import load_checkpoint
     from model.weights import load_model, read_metadata
@@ -173,7 +174,7 @@ def test_avatar_create_fits_writes_an_avatar_and_resumes(prepared, capsys):
 
 
 def test_a_model_file_that_is_not_an_avatar_is_refused(tmp_path):
-    from model.engine import ASSETS
+    from model.sources import ASSETS
     from model.personal import avatar_file
 
     with pytest.raises(ValueError, match="not a personal avatar"):

@@ -24,7 +24,7 @@ from tests.test_server import assert_error
 def make_avatar(path, name: str, seed: int = 11) -> np.ndarray:
     """An avatar file without a fit (the bundled weights as a personal model): serving does not
     care how the weights were made. Returns its portrait."""
-    from model.engine import ASSETS
+    from model.sources import ASSETS
     from model.personal import avatar_file
     from model.train import world
     from model.weights import load_model
@@ -97,7 +97,7 @@ async def test_a_session_on_the_avatar_streams_its_own_model_and_face(server, av
 
 
 def test_serve_refuses_bad_avatars_before_starting(tmp_path, avatar, capsys):
-    from model.engine import ASSETS
+    from model.sources import ASSETS
     from server.cli import main
     from server.personal import PersonalAvatars
 

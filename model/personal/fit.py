@@ -143,7 +143,7 @@ def fit(prepared, base: str, out: str | Path, plan: FitPlan | None = None, max_m
 def _base_file(base: str) -> str:
     """A model file the trainer can start from: a path as given, a preset's bundled weights."""
     from model.config import PRESETS
-    from model.engine import ASSETS
+    from model.sources import ASSETS
 
     if base in PRESETS:
         bundled = ASSETS / f"{base}.safetensors"
