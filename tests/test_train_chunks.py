@@ -129,6 +129,9 @@ def test_plan_chunk_on_the_engine_grid():
     assert all(0 <= p.ref_lead <= 4 for p in plans)
     with pytest.raises(ValueError):
         plan_chunk(2, knobs, g)
+    assert {p.knobs.window_frames for p in plans} == {knobs.window_frames}
+    windows = {plan_chunk(8, knobs, g, windows=(2, 12)).knobs.window_frames for _ in range(200)}
+    assert windows == set(range(2, 13))
 
 
 def live_model(cfg, seed=0):

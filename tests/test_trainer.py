@@ -20,7 +20,7 @@ def args_for(tmp_path, **kw):
                 reference_decoder=False, temporal_weight=1.0, knob=[], batch=2, lr=1e-3,
                 clip_latents=5, pool=4, threads=0, seed=0, save_every=1, max_minutes=0,
                 export=str(tmp_path / "out.safetensors"), context_steps=0, replay_steps=3, replay_every=2,
-                replay_chains=4, chain_chunks=1, teacher_forced=0.3, windows=None)
+                replay_chains=4, chain_chunks=1, teacher_forced=0.3, windows=None, keep_every=0)
     base.update(kw)
     return argparse.Namespace(**base)
 
@@ -86,10 +86,10 @@ def test_replay_stage_fine_tunes_a_model_file_resumes_and_exports(tmp_path):
     random window lengths, checkpoints, resumes from its step and exports a model that streams."""
     small_setup(tmp_path)
     args = args_for(tmp_path, stage="replay", clip_latents=7, chain_chunks=2, windows=(2, 4), batch=2,
-                    replay_chains=4, replay_every=2, replay_steps=3, pool=6)
+                    replay_chains=4, replay_every=2, replay_steps=3, pool=6, keep_every=2)
     assert trainer.run(args) == 0
     ck = tmp_path / "ck"
-    assert sorted(p.name for p in ck.glob("*.pt")) == ["latent_pool_7.pt", "replay.pt"]
+    assert sorted(p.name for p in ck.glob("*.pt")) == ["latent_pool_7.pt", "replay.pt", "replay_2.pt"]
     state = torch.load(ck / "replay.pt", weights_only=False)
     start = AvatarModel.random(small_config(), seed=0).state_dict()
     assert state["step"] == 3
@@ -100,6 +100,14 @@ def test_replay_stage_fine_tunes_a_model_file_resumes_and_exports(tmp_path):
     assert torch.load(ck / "replay.pt", weights_only=False)["step"] == 4
     frames = Engine.from_pretrained(str(tmp_path / "out.safetensors")).start(np.full((32, 32, 3), 128, np.uint8)).step()
     assert frames.shape[1:] == (32, 32, 3)
+    # A kept checkpoint exports on its own (a run evaluated part way), with stream knobs.
+    assert trainer.run(args_for(tmp_path, stage="replay", replay_steps=0, model=str(ck / "replay_2.pt"),
+                                out=str(tmp_path / "ck2"), knob=["knot_frames=0"])) == 0
+    part = Engine.from_pretrained(str(tmp_path / "out.safetensors"))
+    kept = torch.load(ck / "replay_2.pt", weights_only=False)["model"]
+    assert part.config.stream.knot_frames == 0
+    exported = part.model.state_dict()
+    assert all(torch.equal(exported[k], v.half().float()) for k, v in kept.items() if k.startswith("dit."))
     with pytest.raises(ValueError):  # a buffer of 3 chains cannot be split into groups of one batch (2)
         trainer.run(args_for(tmp_path, stage="replay", replay_chains=3, replay_steps=9, clip_latents=7,
                              chain_chunks=2, pool=6))

@@ -24,7 +24,8 @@ EXTRA_STAGES = ("replay",)  # run only when asked by name
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stage", choices=STAGES + EXTRA_STAGES + ("all",), default="all")
-    p.add_argument("--model", default="tiny", help="preset to train (or a .safetensors file to start from)")
+    p.add_argument("--model", default="tiny",
+                   help="preset to train, or a .safetensors file or a checkpoint (.pt) to start from")
     p.add_argument("--out", default="runs/train", help="checkpoint folder (kept out of git)")
     p.add_argument("--data", default="runs/data", help="dataset folder (generated when missing)")
     p.add_argument("--vae-steps", type=int, default=3000)
@@ -58,6 +59,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-every", type=int, default=200)
+    p.add_argument("--keep-every", type=int, default=0,
+                   help="DiT stages: also keep the checkpoint of every N-th step as <stage>_<step>.pt (0 = only the "
+                        "latest), e.g. to evaluate a run part way (--model <stage>_<step>.pt --export ...)")
     p.add_argument("--max-minutes", type=float, default=0, help="stop (checkpointed) after this long; 0 = no limit")
     p.add_argument("--export", help="write the trained model here (e.g. model/assets/tiny.safetensors)")
     p.add_argument("--knob", action="append", default=[], metavar="NAME=VALUE",
@@ -137,14 +141,18 @@ def _resume(ck: Path, opt, gen) -> int:
 
 
 def _build_model(args, out: Path):
-    """The model to train: from the latest checkpoint of any stage, else fresh/preset/file."""
+    """The model to train: from the latest checkpoint of any stage, else the given checkpoint
+    (.pt) or model file, else a fresh preset."""
     from model.avatar import AvatarModel
     from model.config import ModelConfig, from_name
     from model.weights import load_model
 
     existing = [_checkpoint_path(out, s) for s in STAGES + EXTRA_STAGES if _checkpoint_path(out, s).exists()]
-    for ck in sorted(existing, key=lambda p: p.stat().st_mtime, reverse=True)[:1]:  # the newest weights
-        state = load_checkpoint(ck)
+    newest = max(existing, key=lambda p: p.stat().st_mtime, default=None)  # the newest weights
+    if newest is None and Path(args.model).is_file() and args.model.endswith(".pt"):
+        newest = Path(args.model)
+    if newest is not None:
+        state = load_checkpoint(newest)
         model = AvatarModel(ModelConfig.from_dict(state["config"]))
         model.load_state_dict(state["model"])
         return model
@@ -337,7 +345,11 @@ def _sampler(model, pool, trainer, args, stage: str):
 
     def sample(step: int, gen):
         if not buffer.groups or step % args.replay_every == 0:
+            t = time.time()
             buffer.refresh(gen)
+            windows_now = sorted(g.knobs.window_frames for g in buffer.groups)
+            print(f"replay step {step}: {args.replay_chains} chains regenerated in {time.time() - t:.1f} s "
+                  f"(windows {windows_now})", file=sys.stderr)
         s = buffer.sample(gen)
         return s.batch, s.plan, s.context, None
 
@@ -384,6 +396,8 @@ def train_dit(model, data, args, out: Path, deadline, stage: str) -> None:
         loop.update(loss.item(), gnorm=float(gn))
         if loop.step % args.save_every == 0:
             save_checkpoint(ck, model, opt, loop.step, gen)
+        if args.keep_every and loop.step % args.keep_every == 0:
+            save_checkpoint(out / f"{stage}_{loop.step}.pt", model, opt, loop.step, gen)
     loop.close()
     save_checkpoint(ck, model, opt, loop.step, gen)
 
