@@ -43,7 +43,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--teacher-forced", type=float, default=0.3,
                    help="replay stage: fraction of samples with the ground-truth context")
     p.add_argument("--windows", type=_window_range, default=None, metavar="LO,HI",
-                   help="rollout and replay stages: window length drawn per sample (replay: per chain group) "
+                   help="DiT stages: window length drawn per sample (replay: per chain group) "
                         "from [LO, HI]; default the model's window_frames")
     p.add_argument("--decoder-steps", type=int, default=3000,
                    help="decoder stage: VAE decoder alone, encoder frozen (the DiT's latents stay valid)")
@@ -328,14 +328,15 @@ def latent_pool(model, data, args, out: Path):
 
 def _sampler(model, pool, trainer, args, stage: str):
     """step, gen -> (ClipBatch, ChunkPlan, Context | None, rollout) for one training step of `stage`."""
+    from tqdm import tqdm
+
     from model.train.chunks import plan_chunk
     from model.train.replay import ReplayBuffer
 
     knobs = model.config.stream
     if stage != "replay":
         rollout = args.rollout_context if stage == "rollout" else None
-        windows = args.windows if stage == "rollout" else None
-        return lambda step, gen: (pool.clips(args.batch, gen), plan_chunk(args.clip_latents, knobs, gen, windows),
+        return lambda step, gen: (pool.clips(args.batch, gen), plan_chunk(args.clip_latents, knobs, gen, args.windows),
                                   None, rollout)
     if args.replay_chains % args.batch:
         raise ValueError(f"--replay-chains {args.replay_chains} is not a multiple of --batch {args.batch}")
@@ -343,13 +344,15 @@ def _sampler(model, pool, trainer, args, stage: str):
     buffer = ReplayBuffer(trainer, pool, knobs, args.chain_chunks, args.batch, args.replay_chains // args.batch,
                           windows, args.teacher_forced)
 
+    refreshed = [None]  # the step of the last refresh (a resumed run refreshes at once)
+
     def sample(step: int, gen):
-        if not buffer.groups or step % args.replay_every == 0:
-            t = time.time()
+        if refreshed[0] is None or step - refreshed[0] >= args.replay_every:
+            t, refreshed[0] = time.time(), step
             buffer.refresh(gen)
             windows_now = sorted(g.knobs.window_frames for g in buffer.groups)
-            print(f"replay step {step}: {args.replay_chains} chains regenerated in {time.time() - t:.1f} s "
-                  f"(windows {windows_now})", file=sys.stderr)
+            tqdm.write(f"replay step {step}: {args.replay_chains} chains regenerated in {time.time() - t:.1f} s "
+                       f"(windows {windows_now})", file=sys.stderr)  # a line of its own beside the bar
         s = buffer.sample(gen)
         return s.batch, s.plan, s.context, None
 
