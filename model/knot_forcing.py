@@ -83,6 +83,22 @@ def positions(first_latent: int, n: int, offset: int = 0) -> Tensor:
     return torch.arange(n, dtype=torch.float64) + (first_latent + 1 - offset)
 
 
+def reference_position(knobs: StreamKnobs, first_latent: int) -> float:
+    """Where running ahead has put the reference's temporal position when a stream (from
+    latent 0, before any rebase) denoises the chunk starting at latent `first_latent`: it
+    starts `ahead_frames` past the first chunk's end and moves by `ahead_frames` whenever a
+    chunk would pass it (`KnotForcing.start` / `plan`). 0 with running ahead off."""
+    ahead = knobs.ahead_frames
+    if not ahead:
+        return 0.0
+    span = knobs.chunk_frames + knobs.knot_frames
+    position = 1 + span + ahead
+    for first in range(0, first_latent + 1, knobs.chunk_frames):
+        while first + 1 + span > position:
+            position += ahead
+    return float(position)
+
+
 def timesteps(sigma: float | Tensor, batch: int, frames: int, num_train_timesteps: int,
               device: torch.device) -> Tensor:
     """(batch, frames) model timesteps of noise level `sigma` (a float, or (batch,) one per
@@ -200,8 +216,7 @@ class KnotForcing:
                           WindowCache(d.num_layers, 1, d.num_heads, knobs.window_frames, T, d.head_dim, dt, dev),
                           reference_latent)
         # Running ahead off: the reference sits at position 0 and frames start at 1.
-        state.reference.position = float(self._span_end(state, knobs) + knobs.ahead_frames) if knobs.ahead_frames \
-            else 0.0
+        state.reference.position = reference_position(knobs, 0)
         encode_reference(self.model.dit, reference_latent, state.reference)
         return state
 

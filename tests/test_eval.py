@@ -211,6 +211,10 @@ def test_systems_toggle_what_the_preset_ships():
     assert on["running ahead off (ahead_frames=0)"].knobs.ahead_frames == 0
     assert on["seam blend off (seam_blend=0)"].knobs.seam_blend == 0
     assert "window 6 (window_frames=6)" not in on and on["window 12 (window_frames=12)"].knobs.window_frames == 12
+    some = E.systems(StreamKnobs(), ("knots", "window12"))
+    assert list(some) == [E.MODEL, "knots off (knot_frames=0)", "window 12 (window_frames=12)"]
+    with pytest.raises(ValueError):
+        E.systems(StreamKnobs(), ("knots", "window 12"))
     off = E.systems(StreamKnobs(knot_frames=0, ahead_frames=0, window_frames=12))
     assert off["knots on (knot_frames=1)"].knobs.knot_frames == 1
     assert off["running ahead on (ahead_frames=4)"].knobs.ahead_frames == 4

@@ -166,3 +166,50 @@ def test_difference_table_stars_only_resolved_cells():
     assert "*" not in twin and twin.count("+0.000 ± 0.000") == 5      # a system against itself: exactly 0
     ref = next(line for line in table if line.startswith(f"| {E.REFERENCE}"))
     assert "-10.00 ± 0.00*" in ref  # PSNR 20 vs 30 on every clip
+
+
+def test_bars_of_a_subset_of_systems_judge_only_the_rows_that_ran():
+    """`--systems knots,window12`: no audio-zeroed or running-ahead row, so no bar about
+    them; the reference is always there."""
+    from model.config import StreamKnobs
+    from model.train import eval_report as R
+    from model.train import evaluate as E
+
+    base = StreamKnobs()
+    names = list(E.systems(base, ("knots", "window12"))) + [E.REFERENCE]
+    per_clip = [{n: dict(GOOD, PSNR=25.0 + e) for n in names} for e in (0.1, -0.2, 0.3)]
+    lines = R.bars(results(per_clip), names, base, None)
+    # beats the reference x4, lip sync, jitter (no seam-blend row), knots x2, window 12 vs 6 x2
+    assert len(lines) == 4 + 1 + 1 + 2 + 2, lines
+    assert not any(E.ZEROED in x or "running ahead" in x for x in lines)
+
+
+def test_compare_pairs_two_runs_by_clip_seed(tmp_path):
+    """`eval --compare`: new - old per system both scored, over the clips both ran (by seed)."""
+    import json
+
+    from model.train.eval_compare import compare, load
+    from server.cli import main
+
+    def run(psnr_by_seed, extra_system=False):
+        clips = []
+        for seed, p in psnr_by_seed.items():
+            scores = {"model": dict(GOOD, PSNR=p)}
+            if extra_system:
+                scores["window 2 (window_frames=2)"] = dict(GOOD)
+            clips.append({"seed": seed, "frames": 500, "scores": scores})
+        return {"command": "knotstream eval", "clips": clips}
+
+    old = run({0: 20.0, 1: 22.0, 2: 24.0, 7: 30.0})
+    new = run({0: 21.0, 1: 23.1, 2: 24.9}, extra_system=True)
+    table = compare(old, new)
+    assert "Paired over 3 clips (seeds 0, 1, 2)" in table
+    row = next(x for x in table.splitlines() if x.startswith("| model |"))
+    assert row.split(" | ")[1].startswith("+1.00 ± ") and row.split(" | ")[1].endswith("*")
+    assert "window 2" not in table  # only the new run scored it
+    (tmp_path / "a.json").write_text(json.dumps(old))
+    (tmp_path / "b.json").write_text(json.dumps(new))
+    assert load(tmp_path / "a.json") == old
+    assert main(["eval", "--compare", str(tmp_path / "a.json"), str(tmp_path / "b.json")]) == 0
+    with pytest.raises(ValueError):
+        compare(old, run({5: 1.0}))

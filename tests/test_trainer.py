@@ -3,6 +3,7 @@
 import argparse
 
 import numpy as np
+import pytest
 import torch
 
 from model.avatar import AvatarModel
@@ -18,17 +19,23 @@ def args_for(tmp_path, **kw):
                 data=str(tmp_path / "data"), vae_steps=3, dit_steps=3, rollout_steps=2, rollout_context="all", decoder_steps=2,
                 reference_decoder=False, temporal_weight=1.0, knob=[], batch=2, lr=1e-3,
                 clip_latents=5, pool=4, threads=0, seed=0, save_every=1, max_minutes=0,
-                export=str(tmp_path / "out.safetensors"))
+                export=str(tmp_path / "out.safetensors"), context_steps=0, replay_steps=3, replay_every=2,
+                replay_chains=4, chain_chunks=1, teacher_forced=0.3, windows=None, keep_every=0)
     base.update(kw)
     return argparse.Namespace(**base)
 
 
-def test_train_all_stages_resume_and_export(tmp_path):
+def small_setup(tmp_path):
+    """A small start model and a two-sentence speech bank in tmp_path."""
     save_model(AvatarModel.random(small_config(), seed=0), tmp_path / "start.safetensors")
     t = np.arange(16000) / 16000
     bank = SpeechBank((0.2 * np.sin(2 * np.pi * 150 * t)).astype(np.float32), np.array([0, 8000, 16000]), ["a", "b"])
     (tmp_path / "data").mkdir()
     bank.save(tmp_path / "data" / "speech_bank.npz")
+
+
+def test_train_all_stages_resume_and_export(tmp_path):
+    small_setup(tmp_path)
 
     assert trainer.run(args_for(tmp_path)) == 0
     ck = tmp_path / "ck"
@@ -72,3 +79,35 @@ def test_train_all_stages_resume_and_export(tmp_path):
     engine = Engine.from_pretrained(str(tmp_path / "out.safetensors"))
     assert engine.config.vae.reference_decoder and engine.config.stream.denoise_steps == 2  # --knob exported
     assert engine.start(np.full((32, 32, 3), 128, np.uint8)).step().shape[1:] == (32, 32, 3)
+
+
+def test_replay_stage_fine_tunes_a_model_file_resumes_and_exports(tmp_path):
+    """`--stage replay` (not part of `all`): fine-tunes the given file on replayed chains with
+    random window lengths, checkpoints, resumes from its step and exports a model that streams."""
+    small_setup(tmp_path)
+    args = args_for(tmp_path, stage="replay", clip_latents=7, chain_chunks=2, windows=(2, 4), batch=2,
+                    replay_chains=4, replay_every=2, replay_steps=3, pool=6, keep_every=2)
+    assert trainer.run(args) == 0
+    ck = tmp_path / "ck"
+    assert sorted(p.name for p in ck.glob("*.pt")) == ["latent_pool_7.pt", "replay.pt", "replay_2.pt"]
+    state = torch.load(ck / "replay.pt", weights_only=False)
+    start = AvatarModel.random(small_config(), seed=0).state_dict()
+    assert state["step"] == 3
+    assert any(not torch.equal(start[k], v) for k, v in state["model"].items() if k.startswith("dit."))
+    assert all(torch.equal(start[k], v) for k, v in state["model"].items() if k.startswith("vae."))
+    args.replay_steps = 4
+    assert trainer.run(args) == 0
+    assert torch.load(ck / "replay.pt", weights_only=False)["step"] == 4
+    frames = Engine.from_pretrained(str(tmp_path / "out.safetensors")).start(np.full((32, 32, 3), 128, np.uint8)).step()
+    assert frames.shape[1:] == (32, 32, 3)
+    # A kept checkpoint exports on its own (a run evaluated part way), with stream knobs.
+    assert trainer.run(args_for(tmp_path, stage="replay", replay_steps=0, model=str(ck / "replay_2.pt"),
+                                out=str(tmp_path / "ck2"), knob=["knot_frames=0"])) == 0
+    part = Engine.from_pretrained(str(tmp_path / "out.safetensors"))
+    kept = torch.load(ck / "replay_2.pt", weights_only=False)["model"]
+    assert part.config.stream.knot_frames == 0
+    exported = part.model.state_dict()
+    assert all(torch.equal(exported[k], v.half().float()) for k, v in kept.items() if k.startswith("dit."))
+    with pytest.raises(ValueError):  # a buffer of 3 chains cannot be split into groups of one batch (2)
+        trainer.run(args_for(tmp_path, stage="replay", replay_chains=3, replay_steps=9, clip_latents=7,
+                             chain_chunks=2, pool=6))

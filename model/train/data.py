@@ -195,9 +195,12 @@ class LatentPool:
         return cls(torch.load(path, map_location="cpu"))
 
     def clips(self, batch: int, gen: torch.Generator):
+        return self.take(torch.randint(len(self), (batch,), generator=gen))
+
+    def take(self, idx: torch.Tensor):
+        """The pool's clips `idx` (B,) as a `ClipBatch` (float32)."""
         from model.train.chunks import ClipBatch
 
-        idx = torch.randint(len(self), (batch,), generator=gen)
         t = {k: self.t[k][idx].float() for k in ("audio", "motion", "latents", "ref_latent", "latent_weight")}
         return ClipBatch(frames=None, reference=None, audio=t["audio"], motion=t["motion"], weight=None,
                          latents=t["latents"], ref_latent=t["ref_latent"], latent_weight=t["latent_weight"])

@@ -136,7 +136,7 @@ def bars(results: Sequence[ClipResult], names: Sequence[str], base, drift: dict 
     names: the systems present; base: the model's StreamKnobs."""
     lines = []
     for m in BEAT_METRICS:
-        for baseline in (REFERENCE, ZEROED):
+        for baseline in (b for b in (REFERENCE, ZEROED) if b in names):
             d = difference(results, MODEL, baseline, m)
             lines.append(f"- {_verdict(d.low > 0, d.defined)}: model beats {baseline} on {m} (lower bound of "
                          f"model - baseline > 0): {_shown(d, _digits(m))}")
@@ -154,7 +154,7 @@ def bars(results: Sequence[ClipResult], names: Sequence[str], base, drift: dict 
         lines.append(f"- {_verdict(abs(d.change) <= DRIFT_DB)}: PSNR at the end of the {drift['seconds']:g} s run "
                      f"within {DRIFT_DB:g} dB of the start (one run, seed {drift['seed']}): {d.change:+.3f} dB")
     for label, knob in SHIPPED_MECHANISMS:
-        if getattr(base, knob):
+        if getattr(base, knob) and f"{label} off ({knob}=0)" in names:
             lines += not_negative(results, MODEL, f"{label} off ({knob}=0)", f"{label} on (shipped) - off")
     if base.window_frames > SHORT_WINDOW and window_name(SHORT_WINDOW) in names:
         lines += not_negative(results, MODEL, window_name(SHORT_WINDOW),
@@ -176,6 +176,7 @@ def render(command: str, title: str, setup: str, results: Sequence[ClipResult], 
     """report.md. names: the engine-driven systems (the model first); setup: a paragraph on
     the clips, knobs and wall time."""
     ablations = [n for n in names if n not in (MODEL, ZEROED)]
+    baselines = [REFERENCE] + [ZEROED] * (ZEROED in names)
     truth = t_interval([r.truth_jitter for r in results])
     pct = f"{CONFIDENCE:.0%}"
     lines = [f"# knotstream eval: {title}", "", f"Command: `{command}`", "", setup, "",
@@ -185,10 +186,10 @@ def render(command: str, title: str, setup: str, results: Sequence[ClipResult], 
              "differences (systems with the model's chunk geometry draw identical noise; toggling the knot "
              "changes how many latent frames each chunk draws, so that row gets other noise from the same "
              f"seed). The ground truth's own jitter with the same chunk borders: {truth.format()}.", "",
-             "## Model and baselines", "", *summary_table(results, [MODEL, REFERENCE, ZEROED]), "",
+             "## Model and baselines", "", *summary_table(results, [MODEL, *baselines]), "",
              "## Ablations", "", *summary_table(results, ablations), "",
              "## Paired differences against the model (* = interval excludes 0)", "",
-             *difference_table(results, [REFERENCE, ZEROED] + ablations), "",
+             *difference_table(results, baselines + ablations), "",
              "PSNR (dB) / SSIM against the ground-truth render, whole frame and inside the mouth box: higher is "
              "better. lip-sync r: correlation of the mouth opening measured in generated vs ground-truth frames "
              "(0 for a mouth that never moves). jitter: frame-difference energy across chunk borders / inside "
@@ -198,7 +199,7 @@ def render(command: str, title: str, setup: str, results: Sequence[ClipResult], 
              "reference can correlate by chance as its box slides over lips and skin.", "",
              "## Clips", "", *clip_table(results)]
     if results[0].prefixes:
-        lines += ["", *length_section(results, [MODEL, REFERENCE, ZEROED] + ablations, base, fps)]
+        lines += ["", *length_section(results, [MODEL, *baselines] + ablations, base, fps)]
     if drift is not None:
         lines += ["", f"## Identity drift over one {drift['seconds']:g} s run (seed {drift['seed']})", "",
                   f"| system | PSNR first {drift['window']:g} s | PSNR last {drift['window']:g} s | change (dB) |",

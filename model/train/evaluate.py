@@ -40,6 +40,7 @@ import dataclasses
 import sys
 import time
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -79,8 +80,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="--personal: also fit an avatar to each clip's first 80%% (within M minutes) and score it")
     p.add_argument("--speech", nargs="+", default=None, metavar="WAV",
                    help="--personal --fit-minutes: unseen real speech to drive each avatar with (besides a TTS voice)")
+    p.add_argument("--systems", type=_keys, default=SYSTEM_KEYS, metavar="KEY,KEY,...",
+                   help=f"systems besides the model (default all: {','.join(SYSTEM_KEYS)}); fewer run faster "
+                        "(an early look at new weights), bars whose rows are missing are left out")
+    p.add_argument("--compare", nargs=2, metavar=("OLD", "NEW"), default=None,
+                   help="compare two runs' scores.json (new weights against old, paired by clip seed) and exit")
     p.add_argument("--quick", action="store_true",
                    help=f"CI mode: {QUICK['clips']} clips of {QUICK['seconds']:g} s, a {QUICK['long_seconds']:g} s long run")
+
+
+def _keys(text: str) -> tuple[str, ...]:
+    keys = tuple(k.strip() for k in text.split(",") if k.strip())
+    unknown = set(keys) - set(SYSTEM_KEYS)
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown systems {sorted(unknown)}; choose from {','.join(SYSTEM_KEYS)}")
+    return keys
 
 
 def _seconds_list(text: str) -> tuple[float, ...]:
@@ -154,18 +168,28 @@ def toggled(base, knob: str, on_value) -> tuple[str, object]:
     return f"{'off' if value else 'on'} ({knob}={new:g})", base.replace(**{knob: new})
 
 
-# Mechanisms that are toggled in the ablations: (label, knob, value used to switch it on).
-MECHANISMS = (("knots", "knot_frames", 1), ("running ahead", "ahead_frames", 4), ("seam blend", "seam_blend", 0.7))
+# Mechanisms that are toggled in the ablations: (--systems key, label, knob, value used to switch it on).
+MECHANISMS = (("knots", "knots", "knot_frames", 1), ("ahead", "running ahead", "ahead_frames", 4),
+              ("blend", "seam blend", "seam_blend", 0.7))
+# Every key `--systems` accepts, in report order (the model always runs).
+SYSTEM_KEYS = ("zeroed", *(m[0] for m in MECHANISMS), *(f"window{w}" for w in ABLATION_WINDOWS))
 
 
-def systems(base) -> dict[str, System]:
-    """name -> System for every engine-driven system; the model first."""
-    out = {MODEL: System(base), ZEROED: System(base, zero_audio=True)}
-    for label, knob, on_value in MECHANISMS:
-        suffix, knobs = toggled(base, knob, on_value)
-        out[f"{label} {suffix}"] = System(knobs)
+def systems(base, keys: Sequence[str] = SYSTEM_KEYS) -> dict[str, System]:
+    """name -> System for the model (first) and the engine-driven systems of `keys`
+    (SYSTEM_KEYS; a window key equal to the model's window adds nothing)."""
+    unknown = set(keys) - set(SYSTEM_KEYS)
+    if unknown:
+        raise ValueError(f"unknown systems {sorted(unknown)}; choose from {', '.join(SYSTEM_KEYS)}")
+    out = {MODEL: System(base)}
+    if "zeroed" in keys:
+        out[ZEROED] = System(base, zero_audio=True)
+    for key, label, knob, on_value in MECHANISMS:
+        if key in keys:
+            suffix, knobs = toggled(base, knob, on_value)
+            out[f"{label} {suffix}"] = System(knobs)
     for w in ABLATION_WINDOWS:
-        if w != base.window_frames:
+        if w != base.window_frames and f"window{w}" in keys:
             out[window_name(w)] = System(base.replace(window_frames=w))
     return out
 
@@ -293,6 +317,8 @@ def command_line(args: argparse.Namespace) -> str:
         parts.append("--prefix-seconds " + ",".join(f"{x:g}" for x in args.prefix_seconds))
     if args.threads:
         parts.append(f"--threads {args.threads}")
+    if tuple(args.systems) != SYSTEM_KEYS:
+        parts.append("--systems " + ",".join(args.systems))
     return " ".join(parts)
 
 
@@ -336,6 +362,11 @@ def run(args: argparse.Namespace) -> int:
         from model.personal.evaluate import run as run_personal
 
         return run_personal(args)
+    if getattr(args, "compare", None):
+        from model.train.eval_compare import compare, load
+
+        print(compare(load(args.compare[0]), load(args.compare[1])))
+        return 0
     check_arguments(args)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -346,7 +377,7 @@ def run(args: argparse.Namespace) -> int:
     prefixes = tuple(sorted({int(round(x * fps)) for x in args.prefix_seconds}))
     if min((n_frames, *prefixes)) < engine.timeline.frames_for_latents(cfg.stream.chunk_frames, first=False) + 2:
         raise ValueError("--seconds and --prefix-seconds must be at least two chunks long; chunk borders cannot be scored")
-    runs = systems(cfg.stream)
+    runs = systems(cfg.stream, args.systems)
     bank = speech_bank(args.data)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

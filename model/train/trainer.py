@@ -1,5 +1,6 @@
 """`knotstream train`: VAE stage, DiT stage (teacher forcing), rollout stage (exposure bias),
-decoder stage (sharper VAE decoder on the frozen latent space).
+decoder stage (sharper VAE decoder on the frozen latent space), replay stage (fine-tuning on
+the model's own chains of chunks, `model/train/replay.py`; not part of `all`).
 
 Resumable: every stage keeps a checkpoint (model, optimiser, step, RNG) in `--out`
 and continues from it when run again with the same command. Seeded. A progress bar
@@ -18,18 +19,32 @@ from pathlib import Path
 log = logging.getLogger("knotstream.train")
 
 STAGES = ("vae", "dit", "rollout", "decoder")
+EXTRA_STAGES = ("replay",)  # run only when asked by name
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--stage", choices=STAGES + ("all",), default="all")
-    p.add_argument("--model", default="tiny", help="preset to train (or a .safetensors file to start from)")
+    p.add_argument("--stage", choices=STAGES + EXTRA_STAGES + ("all",), default="all")
+    p.add_argument("--model", default="tiny",
+                   help="preset to train, or a .safetensors file or a checkpoint (.pt) to start from")
     p.add_argument("--out", default="runs/train", help="checkpoint folder (kept out of git)")
     p.add_argument("--data", default="runs/data", help="dataset folder (generated when missing)")
     p.add_argument("--vae-steps", type=int, default=3000)
     p.add_argument("--dit-steps", type=int, default=20000)
     p.add_argument("--rollout-steps", type=int, default=4000)
-    p.add_argument("--rollout-context", choices=("all", "last"), default="all",
+    p.add_argument("--rollout-context", choices=("all", "last", "truncated"), default="all",
                    help="rollout stage: generate every context chunk, or only the last one before the trained chunk")
+    p.add_argument("--context-steps", type=int, default=0,
+                   help="rollout stage: Euler steps of the generated context chunks (0 = the stream's denoise_steps)")
+    p.add_argument("--replay-steps", type=int, default=2000)
+    p.add_argument("--replay-every", type=int, default=25, help="replay stage: regenerate the chains every N steps")
+    p.add_argument("--replay-chains", type=int, default=32,
+                   help="replay stage: chains in the buffer (a multiple of --batch: one group per batch)")
+    p.add_argument("--chain-chunks", type=int, default=6, help="replay stage: chunks per chain")
+    p.add_argument("--teacher-forced", type=float, default=0.3,
+                   help="replay stage: fraction of samples with the ground-truth context")
+    p.add_argument("--windows", type=_window_range, default=None, metavar="LO,HI",
+                   help="DiT stages: window length drawn per sample (replay: per chain group) "
+                        "from [LO, HI]; default the model's window_frames")
     p.add_argument("--decoder-steps", type=int, default=3000,
                    help="decoder stage: VAE decoder alone, encoder frozen (the DiT's latents stay valid)")
     p.add_argument("--reference-decoder", action="store_true",
@@ -44,10 +59,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-every", type=int, default=200)
+    p.add_argument("--keep-every", type=int, default=0,
+                   help="DiT stages: also keep the checkpoint of every N-th step as <stage>_<step>.pt (0 = only the "
+                        "latest), e.g. to evaluate a run part way (--model <stage>_<step>.pt --export ...)")
     p.add_argument("--max-minutes", type=float, default=0, help="stop (checkpointed) after this long; 0 = no limit")
     p.add_argument("--export", help="write the trained model here (e.g. model/assets/tiny.safetensors)")
     p.add_argument("--knob", action="append", default=[], metavar="NAME=VALUE",
                    help="stream default written into the exported file (repeatable), e.g. denoise_steps=2")
+
+
+def _window_range(text: str) -> tuple[int, int]:
+    try:
+        lo, hi = (int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LO,HI window lengths, got {text!r}") from None
+    if not 1 <= lo <= hi:
+        raise argparse.ArgumentTypeError(f"window lengths need 1 <= LO <= HI, got {text!r}")
+    return lo, hi
 
 
 def _checkpoint_path(out: Path, stage: str) -> Path:
@@ -87,6 +115,11 @@ class Loop:
         hook = getattr(self.args, "on_progress", None)  # a caller's own report (the server's fit job)
         if hook is not None:
             hook(self.stage, self.step, self.total, self.ema)
+        if self.step % self.args.save_every == 0:  # a plain line for logs (the bar rewrites itself)
+            rate = self.bar.format_dict.get("rate") or 0.0
+            self.bar.write(f"{self.stage} step {self.step}/{self.total} loss {self.ema:.4f} "
+                           f"{1 / rate if rate else float('nan'):.2f} s/step {time.strftime('%H:%M:%S')}",
+                           file=sys.stderr)
 
     @property
     def done(self) -> bool:
@@ -111,14 +144,18 @@ def _resume(ck: Path, opt, gen) -> int:
 
 
 def _build_model(args, out: Path):
-    """The model to train: from the latest checkpoint of any stage, else fresh/preset/file."""
+    """The model to train: from the latest checkpoint of any stage, else the given checkpoint
+    (.pt) or model file, else a fresh preset."""
     from model.avatar import AvatarModel
     from model.config import ModelConfig, from_name
     from model.weights import load_model
 
-    existing = [_checkpoint_path(out, s) for s in STAGES if _checkpoint_path(out, s).exists()]
-    for ck in sorted(existing, key=lambda p: p.stat().st_mtime, reverse=True)[:1]:  # the newest weights
-        state = load_checkpoint(ck)
+    existing = [_checkpoint_path(out, s) for s in STAGES + EXTRA_STAGES if _checkpoint_path(out, s).exists()]
+    newest = max(existing, key=lambda p: p.stat().st_mtime, default=None)  # the newest weights
+    if newest is None and Path(args.model).is_file() and args.model.endswith(".pt"):
+        newest = Path(args.model)
+    if newest is not None:
+        state = load_checkpoint(newest)
         model = AvatarModel(ModelConfig.from_dict(state["config"]))
         model.load_state_dict(state["model"])
         return model
@@ -273,22 +310,13 @@ def vae_fingerprint(vae):
     return torch.tensor([float(sum(sums)), float(sums[0]), float(sums[-1]), *stats], dtype=torch.float64)
 
 
-def train_dit(model, data, args, out: Path, deadline, stage: str) -> None:
+def latent_pool(model, data, args, out: Path):
+    """The DiT stages' pool of VAE-encoded clips (`--pool` clips of `--clip-latents`), saved in
+    `out`; encoded again when the VAE changed or the pool is smaller than asked."""
     import torch
 
-    from model.train.chunks import ChunkTrainer, plan_chunk, sample_sigma
     from model.train.data import LatentPool
-    from model.train.losses import x0_loss
 
-    steps = args.dit_steps if stage == "dit" else args.rollout_steps
-    ck = _checkpoint_path(out, stage)
-    gen = torch.Generator().manual_seed(args.seed + (2 if stage == "dit" else 3))
-    params = list(model.dit.parameters()) + list(model.driving.parameters())
-    lr = args.lr if stage == "dit" else args.lr / 3
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
-    start = _resume(ck, opt, gen)
-    if start >= steps:
-        return
     pool_path = out / f"latent_pool_{args.clip_latents}.pt"
     pool = LatentPool.load(pool_path) if pool_path.exists() else None
     fingerprint = vae_fingerprint(model.vae)
@@ -298,20 +326,74 @@ def train_dit(model, data, args, out: Path, deadline, stage: str) -> None:
         pool = LatentPool.build(data, model.vae, args.pool, args.clip_latents, torch.Generator().manual_seed(args.seed))
         pool.t["vae_fingerprint"] = fingerprint
         pool.save(pool_path)
+    return pool
+
+
+def _sampler(model, pool, trainer, args, stage: str):
+    """step, gen -> (ClipBatch, ChunkPlan, Context | None, rollout) for one training step of `stage`."""
+    from tqdm import tqdm
+
+    from model.train.chunks import plan_chunk
+    from model.train.replay import ReplayBuffer
+
+    knobs = model.config.stream
+    if stage != "replay":
+        rollout = args.rollout_context if stage == "rollout" else None
+        return lambda step, gen: (pool.clips(args.batch, gen), plan_chunk(args.clip_latents, knobs, gen, args.windows),
+                                  None, rollout)
+    if args.replay_chains % args.batch:
+        raise ValueError(f"--replay-chains {args.replay_chains} is not a multiple of --batch {args.batch}")
+    windows = args.windows or (knobs.window_frames, knobs.window_frames)
+    buffer = ReplayBuffer(trainer, pool, knobs, args.chain_chunks, args.batch, args.replay_chains // args.batch,
+                          windows, args.teacher_forced)
+
+    refreshed = [None]  # the step of the last refresh (a resumed run refreshes at once)
+
+    def sample(step: int, gen):
+        if refreshed[0] is None or step - refreshed[0] >= args.replay_every:
+            t, refreshed[0] = time.time(), step
+            buffer.refresh(gen)
+            windows_now = sorted(g.knobs.window_frames for g in buffer.groups)
+            tqdm.write(f"replay step {step}: {args.replay_chains} chains regenerated in {time.time() - t:.1f} s "
+                       f"(windows {windows_now})", file=sys.stderr)  # a line of its own beside the bar
+        s = buffer.sample(gen)
+        return s.batch, s.plan, s.context, None
+
+    return sample
+
+
+def train_dit(model, data, args, out: Path, deadline, stage: str) -> None:
+    """The DiT stages: teacher forcing ("dit"), rollout contexts ("rollout"), replayed chains ("replay")."""
+    import torch
+
+    from model.train.chunks import ChunkTrainer, sample_sigma
+    from model.train.losses import x0_loss
+
+    steps = {"dit": args.dit_steps, "rollout": args.rollout_steps, "replay": args.replay_steps}[stage]
+    ck = _checkpoint_path(out, stage)
+    gen = torch.Generator().manual_seed(args.seed + {"dit": 2, "rollout": 3, "replay": 5}[stage])
+    params = list(model.dit.parameters()) + list(model.driving.parameters())
+    lr = args.lr if stage == "dit" else args.lr / 3
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+    start = _resume(ck, opt, gen)
+    if start >= steps:
+        return
+    pool = latent_pool(model, data, args, out)
     model.train()
     model.vae.eval().requires_grad_(False)
     trainer = ChunkTrainer(model)
-    knobs = model.config.stream
-    warmup = getattr(args, "warmup_steps", 300)  # a short fine-tune (model/personal/fit.py) warms up faster
+    sample = _sampler(model, pool, trainer, args, stage)
+    # A short fine-tune (model/personal/fit.py) sets its own, shorter warm-up.
+    warmup = getattr(args, "warmup_steps", None) or min(300, max(1, steps // 10))
     loop = Loop(stage, steps, start, args, deadline)
     while not loop.done and not loop.out_of_time:
         for g in opt.param_groups:  # linear warm-up, cosine decay to 10%
             p = loop.step / max(1, steps)
             g["lr"] = lr * min(1.0, (loop.step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
-        batch = pool.clips(args.batch, gen)
-        plan = plan_chunk(args.clip_latents, knobs, gen)
-        sigma = sample_sigma(args.batch, model.config.sampler.shift, gen)
-        out_ = trainer.forward(batch, plan, sigma, gen, rollout=args.rollout_context if stage == "rollout" else None)
+        batch, plan, context, rollout = sample(loop.step, gen)
+        sigma = sample_sigma(len(batch.audio), model.config.sampler.shift, gen)
+        out_ = trainer.forward(batch, plan, sigma, gen, rollout=rollout, context=context,
+                               context_steps=args.context_steps or None)
         w = batch.latent_weight[:, :, plan.start:plan.start + out_["x0"].shape[2]]
         loss = x0_loss(out_["x0_pred"], out_["x0"], w)
         opt.zero_grad(set_to_none=True)
@@ -321,6 +403,8 @@ def train_dit(model, data, args, out: Path, deadline, stage: str) -> None:
         loop.update(loss.item(), gnorm=float(gn))
         if loop.step % args.save_every == 0:
             save_checkpoint(ck, model, opt, loop.step, gen)
+        if args.keep_every and loop.step % args.keep_every == 0:
+            save_checkpoint(out / f"{stage}_{loop.step}.pt", model, opt, loop.step, gen)
     loop.close()
     save_checkpoint(ck, model, opt, loop.step, gen)
 
