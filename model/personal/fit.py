@@ -74,12 +74,20 @@ class FitResult:
 
 def trainer_args(plan: FitPlan, base: str, pool: int, clip_latents: int,
                  on_progress: Callable | None) -> argparse.Namespace:
-    """The namespace the trainer's stages read (model/train/trainer.py add_arguments)."""
-    return argparse.Namespace(
+    """The namespace the trainer's stages read: the trainer's own defaults
+    (model/train/trainer.py add_arguments), so a stage's new option has its default here
+    too, with the fit's plan over them."""
+    from model.train.trainer import add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args([])
+    vars(args).update(
         model=base, seed=plan.seed, batch=plan.batch, save_every=plan.save_every,
         decoder_steps=plan.decoder_steps, reference_decoder=False, temporal_weight=1.0,
         dit_steps=plan.dit_steps, rollout_steps=0, rollout_context="last", clip_latents=clip_latents,
         pool=pool, warmup_steps=plan.warmup_steps, lr=plan.decoder_lr, on_progress=on_progress)
+    return args
 
 
 def pool_size(data, clip_latents: int) -> int:
