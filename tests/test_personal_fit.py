@@ -150,7 +150,7 @@ def test_avatar_create_fits_writes_an_avatar_and_resumes(prepared, capsys):
     assert avatar.name == "me" and np.array_equal(avatar.portrait, p.portrait)
     assert avatar.info["decoder_steps"] == 2 and avatar.info["dit_steps"] == 2 and avatar.info["complete"]
     cfg = read_metadata(out)["config"]
-    assert cfg.domain == "personal" and cfg.stream.knot_frames == 0
+    assert cfg.domain == "personal" and cfg.stream.knot_frames == 0 and cfg.stream.window_frames == 2
     assert cfg.speech_mouth == pytest.approx(speech_mouth.gains(p.motion))
     # The file is the fitted model (the last checkpoint, stored in fp16 as the bundled weights).
     ckpt = folder / "me.fit"

@@ -20,9 +20,11 @@ mouth (`speech_mouth.gains`). The person's clip teaches motion -> face, which it
 for (a silent clip included); the comparison with the DiT's own audio path is in
 docs/benchmarks.md.
 
-Knots: the avatar streams with `knot_frames=0` (written into its stream defaults and used
-in training). Chained knot predictions drift in colour on real faces as they do on the
-bundled model (docs/benchmarks.md); a fit of a few hundred steps cannot train that out.
+Knots and window: the avatar streams with `knot_frames=0` and a window of 2 latent frames
+(written into its stream defaults and used in training). Chained knot predictions drift
+in colour on real faces as they do on the bundled model, and a 6-frame window of its own
+generated frames lets a moving face fall apart within seconds (docs/benchmarks.md); a fit
+of a few hundred steps cannot train that out, a model leaning on its reference can.
 
 Resumable: the trainer's checkpoints (model, optimiser, step, RNG) and the latent pool live
 in the checkpoint folder; the same command continues where a stopped one ended. The time
@@ -58,6 +60,7 @@ class FitPlan:
     warmup_steps: int = 50
     clip_latents: int = 8
     knot_frames: int = 0
+    window_frames: int = 2
     seed: int = 0
     save_every: int = 50
 
@@ -138,7 +141,7 @@ def fit(prepared, base: str, out: str | Path, plan: FitPlan | None = None, max_m
     share = None if deadline is None else t0 + DECODER_SHARE * (deadline - t0)
     trainer.train_decoder(model, data, args, out, share)
     model.config.domain = "personal"
-    model.config.stream = model.config.stream.replace(knot_frames=plan.knot_frames)
+    model.config.stream = model.config.stream.replace(knot_frames=plan.knot_frames, window_frames=plan.window_frames)
     args.lr = plan.dit_lr
     if on_progress is not None:
         on_progress("encode", 0, 1, None)  # the latent pool is encoded first (minutes for a long clip)
