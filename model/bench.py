@@ -21,6 +21,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="longest history the quadratic baseline is run at (longer: not run)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    p.add_argument("--size", type=int, default=0,
+                   help="frame size N (N x N) to measure instead of the model's: the model's architecture "
+                        "and stream knobs with seeded random weights (the cost does not depend on the weights)")
 
 
 def _time(fn, repeats: int) -> float:
@@ -95,6 +98,20 @@ def _baseline(engine, lengths: list[int], repeats: int, max_chunks: int) -> dict
     return base
 
 
+def _resized(engine, size: int):
+    """The engine's architecture at size x size, seeded random weights (`--size`)."""
+    import dataclasses
+
+    from model.avatar import AvatarModel
+    from model.engine import Engine
+
+    stride = engine.config.vae.spatial_stride * engine.config.dit.patch_size[1]
+    if not 0 < size <= 1024 or size % stride:
+        raise ValueError(f"--size must be a multiple of {stride} up to 1024, got {size}")
+    config = dataclasses.replace(engine.config, height=size, width=size)
+    return Engine(AvatarModel.random(config), trained=False)
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -104,6 +121,8 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     lengths = sorted({int(x) for x in args.lengths.split(",")})
     engine = Engine.from_pretrained(args.model)
+    if args.size:
+        engine = _resized(engine, args.size)
     cfg, knobs = engine.config, engine.config.stream
     c, fps, stride = knobs.chunk_frames, cfg.fps, engine.timeline.temporal_stride
     ours = _ours(engine, lengths, args.repeats)

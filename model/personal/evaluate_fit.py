@@ -113,13 +113,15 @@ def evaluate(prepared, held: slice, real, boxes, real_measure, out: Path, stem: 
 
 def report_lines(results: list[dict]) -> list[str]:
     """The report's sections on the fitted avatars (after the reenactment table)."""
-    lines = ["", "## Fitted avatars", "", "| clip | decoder steps | DiT steps | complete | fit wall minutes "
-             "| fit CPU minutes | jitter / real |", "|---|---|---|---|---|---|---|"]
+    lines = ["", "## Fitted avatars", "", "| clip | decoder steps | DiT steps | complete | last fit run, wall minutes "
+             "| last fit run, CPU minutes | jitter / real |", "|---|---|---|---|---|---|---|"]
     for r in results:
         f, row = r["fitted"]["fit"], r["rows"][FITTED]
         lines.append(f"| {r['name']} | {f.get('decoder_steps')} | {f.get('dit_steps')} | {f.get('complete')} | "
                      f"{f.get('run_minutes', '-')} | {f.get('run_cpu_minutes', '-')} | {row['jitter / real']:.3f} |")
-    lines += ["", "Speech-driven (speech alone, no motion): correlation of the mouth opening measured on the "
+    lines += ["", "The fit minutes are those of the run that finished the fit: a fit resumed from its "
+              "checkpoints counts only its last run.",
+              "", "Speech-driven (speech alone, no motion): correlation of the mouth opening measured on the "
               "generated frames with the speech envelope, at lag 0 and at the best lag (positive: the mouth "
               "follows the sound; 1 frame = 40 ms).", "",
               "| clip | speech | route | r | best lag (ms) | r at best lag | tracked |", "|---|---|---|---|---|---|---|"]
