@@ -4,7 +4,8 @@ played and regenerates them without the speech, continuing from the last frame s
 Reference: a second stream of the same seed driven directly with the speech cut where the
 interrupt cut it (full recomputation): the regenerated frames must be the same frames.
 No wall clock: the playout is consumed by hand (the media clock is never started).
-Every recipe: the bundled model (Knot Forcing), LiveTalk and FlashHead (random presets)."""
+Every recipe: the bundled model (Knot Forcing; its shipped defaults and with a knot, which
+it ships off), LiveTalk and FlashHead (random presets)."""
 
 import time
 
@@ -21,11 +22,14 @@ from streaming.worker import Generation, GenerationWorker
 SR, LEAD = 16000, 20
 
 
-@pytest.fixture(scope="module", params=["tiny", "livetalk-random", "flashhead-random"])
+@pytest.fixture(scope="module", params=["tiny", "tiny+knot", "livetalk-random", "flashhead-random"])
 def engine(request):
-    if request.param != "tiny":
+    if not request.param.startswith("tiny"):
         pytest.importorskip("transformers")
-    return Engine.from_pretrained(request.param)
+    engine = Engine.from_pretrained(request.param.removesuffix("+knot"))
+    if request.param.endswith("+knot"):  # a rewind into a chunk's knot, which the shipped defaults leave out
+        engine.config.stream = engine.config.stream.replace(knot_frames=1)
+    return engine
 
 
 def portrait():
