@@ -32,7 +32,7 @@ import itertools
 import threading
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import numpy as np
@@ -66,6 +66,24 @@ class Segment:
     interrupted: bool = False
     started_event: bool = False  # playback_started already reported
     finished_event: bool = False
+    # (timeline sample, length) of the segment's own audio. Audio that arrives after its frames
+    # were made goes on at the next frame, so [start, end) may hold gaps of silence that are
+    # not the client's: positions reported back count the client's samples only.
+    pieces: list[tuple[int, int]] = field(default_factory=list)
+
+    def add_piece(self, at: int, n: int) -> None:
+        if self.pieces and sum(self.pieces[-1]) == at:
+            self.pieces[-1] = (self.pieces[-1][0], self.pieces[-1][1] + n)
+        elif n:
+            self.pieces.append((at, n))
+
+    def audio_before(self, sample: int) -> int:
+        """Samples of the segment's own audio placed before timeline sample `sample`."""
+        return sum(min(max(sample - at, 0), n) for at, n in self.pieces)
+
+    def shift(self, delta: int) -> None:
+        self.start, self.end = self.start + delta, self.end + delta
+        self.pieces = [(at + delta, n) for at, n in self.pieces]
 
 
 @dataclass
@@ -184,6 +202,7 @@ class DrivingBuffer:
                 self._markers.append(Marker(self.frame_of(start), self.now(), "speech"))
             self._speech.write(start, samples)
             self._speech_end = start + len(samples)
+            seg.add_piece(start, len(samples))
             seg.end = self._speech_end
             seg.ended = seg.ended or end
             self.stats["speech_samples"] += len(samples)
@@ -324,7 +343,7 @@ class DrivingBuffer:
             self._speech.write(at, new)
             for seg in self._segments:
                 if seg.start >= since:
-                    seg.start, seg.end = seg.start + at - since, seg.end + at - since
+                    seg.shift(at - since)
             first = self.frame_of(since)
             self._markers = [Marker(m.frame + self.frame_of(at) - first, m.arrival, m.kind)
                              if m.kind == "speech" and m.frame >= first else m for m in self._markers]

@@ -289,7 +289,7 @@ class LiveSession:
         for seg in cut:
             if not seg.finished_event:
                 seg.finished_event = True
-                pos = max(0, min(played, seg.end) - seg.start)
+                pos = seg.audio_before(min(played, seg.end))
                 self._emit({"type": "playback_finished", "segment": seg.id, "interrupted": True,
                             "position_ms": round(1000 * pos / self.sample_rate)})
         return {"interrupted_segments": [s.id for s in cut], "muted_frames": muted, "coalesced": coalesced}
@@ -371,7 +371,7 @@ class LiveSession:
                 seg.finished_event = True
                 self.loop.call_soon(self._emit, {
                     "type": "playback_finished", "segment": seg.id, "interrupted": False,
-                    "position_ms": round(1000 * (seg.end - seg.start) / self.sample_rate)})
+                    "position_ms": round(1000 * seg.audio_before(seg.end) / self.sample_rate)})
         if slot % 250 == 0:
             self.driving.forget_segments(lo)
 

@@ -95,6 +95,24 @@ def test_open_segment_grows_and_buffer_limit_refuses():
         d.push_speech(np.array([np.nan], np.float32))
 
 
+def test_a_segment_whose_audio_came_late_counts_only_its_own_samples():
+    """Audio that arrives after its frames were generated goes on at the next frame: the
+    segment spans a gap of silence that the client never sent, and the positions reported
+    back (playback_finished, the push response) count the client's samples only. A CI run
+    under load saw a 1.5 s segment reported as 1.7 s."""
+    d = DrivingBuffer(TL)
+    seg = d.push_speech(tone(2 * SPF, 0.5), "a")           # frames 0-1
+    take(d, 0, 6, 4)                                         # generation runs ahead to frame 4
+    assert d.push_speech(tone(SPF, 0.5), "a") is seg        # late: lands at frame 4
+    assert (seg.start, seg.end) == (0, 5 * SPF)
+    assert seg.pieces == [(0, 2 * SPF), (4 * SPF, SPF)]
+    assert seg.audio_before(seg.end) == 3 * SPF             # not 5 frames' worth
+    assert seg.audio_before(3 * SPF) == 2 * SPF and seg.audio_before(SPF) == SPF
+    assert d.push_speech(tone(SPF, 0.5), "a") is seg and seg.pieces[-1] == (4 * SPF, 2 * SPF)  # contiguous: merged
+    cut = d.interrupt()                                      # the pieces' samples before the cut still count
+    assert cut == [seg] and seg.audio_before(seg.end) == 2 * SPF
+
+
 def test_interrupt_drops_only_speech_not_yet_generated():
     d = DrivingBuffer(TL)
     d.push_speech(tone(20 * SPF, 0.5), "long")
