@@ -123,7 +123,7 @@ def create_app(settings: Settings | None = None, engine=None, store: SessionStor
         m.check_rate(session_id)
         with refusals():
             seg = await session.speak(check_text(body.text))
-        return {"segment": seg.id, "seconds": round(seg.audio_before(seg.end) / session.sample_rate, 3)}
+        return {"segment": seg.id, "seconds": round((seg.end - seg.start) / session.sample_rate, 3)}  # one push: no gaps
 
     @app.post("/v1/sessions/{session_id}/interrupt", summary="Barge-in: drop queued speech")
     async def interrupt(session_id: str, request: Request, authorization: str | None = Header(None)):
