@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from model.train.eval_report import difference_cell
 from model.train.eval_results import METRICS
 from model.train.stats import paired_difference
 
@@ -39,11 +40,7 @@ def compare(old: dict, new: dict) -> str:
              "each cell new - old, mean ± half-width of the 95 % t-interval (* = excludes 0).", "",
              "| system (new - old) | " + " | ".join(METRICS) + " |", "|---" * (len(METRICS) + 1) + "|"]
     for name in systems:
-        cells = []
-        for m in METRICS:
-            d = paired_difference([b["scores"][name][m] for _, b in pairs], [a["scores"][name][m] for a, _ in pairs])
-            digits = 2 if "PSNR" in m else 3
-            star = "*" if d.defined and (d.low > 0 or d.high < 0) else ""
-            cells.append(("+" if d.mean >= 0 else "") + d.format(digits) + star)
+        cells = [difference_cell(paired_difference([b["scores"][name][m] for _, b in pairs],
+                                                   [a["scores"][name][m] for a, _ in pairs]), m) for m in METRICS]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

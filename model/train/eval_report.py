@@ -62,18 +62,19 @@ def summary_table(results, names: list[str]) -> list[str]:
     return _header("system") + [_summary_row(name, results, name) for name in names]
 
 
+def difference_cell(d: Interval, metric: str) -> str:
+    """A paired difference as a table cell: signed mean ± half-width, starred when its
+    interval excludes 0."""
+    star = "*" if d.defined and (d.low > 0 or d.high < 0) else ""
+    return ("+" if d.mean >= 0 else "") + d.format(_digits(metric)) + star
+
+
 def difference_table(results, names: list[str]) -> list[str]:
     """One row per system: its paired difference to the model (system - model). A cell
     whose interval excludes 0 is starred."""
-    lines = _header("system - model")
-    for name in names:
-        cells = []
-        for m in METRICS:
-            d = difference(results, name, MODEL, m)
-            star = "*" if d.defined and (d.low > 0 or d.high < 0) else ""
-            cells.append(("+" if d.mean >= 0 else "") + d.format(_digits(m)) + star)
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return lines
+    return _header("system - model") + [
+        f"| {name} | " + " | ".join(difference_cell(difference(results, name, MODEL, m), m) for m in METRICS) + " |"
+        for name in names]
 
 
 def clip_table(results) -> list[str]:

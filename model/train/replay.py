@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from model.config import StreamKnobs
-from model.train.chunks import Chain, ChunkPlan, ChunkTrainer, ClipBatch, Context
+from model.train.chunks import Chain, ChunkPlan, ChunkTrainer, ClipBatch, Context, random_window
 from model.train.data import LatentPool
 
 
@@ -81,12 +81,11 @@ class ReplayBuffer:
 
     def refresh(self, gen: torch.Generator) -> None:
         """Every group regenerated from fresh clips, seeds and window lengths."""
-        lo, hi = self.windows
         groups = []
         for _ in range(self.n_groups):
             clips = torch.randint(len(self.pool), (self.group,), generator=gen)
             seeds = [int(s) for s in torch.randint(2**62, (self.group,), generator=gen)]
-            groups.append(self.generate(clips, seeds, lo + int(torch.randint(hi - lo + 1, (1,), generator=gen))))
+            groups.append(self.generate(clips, seeds, random_window(self.knobs, self.windows, gen).window_frames))
         self.groups = groups
 
     def sample(self, gen: torch.Generator) -> Sample:
