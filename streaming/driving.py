@@ -33,7 +33,7 @@ import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import numpy as np
 
@@ -69,13 +69,19 @@ class Segment:
     # (timeline sample, length) of the segment's own audio. Audio that arrives after its frames
     # were made goes on at the next frame, so [start, end) may hold gaps of silence that are
     # not the client's: positions reported back count the client's samples only.
+    # A segment stays open as long as its client keeps pushing, so the list is bounded: past
+    # MAX_PIECES the two oldest pieces fold into one that counts the gap between them.
     pieces: list[tuple[int, int]] = field(default_factory=list)
+    MAX_PIECES: ClassVar[int] = 256
 
     def add_piece(self, at: int, n: int) -> None:
         if self.pieces and sum(self.pieces[-1]) == at:
             self.pieces[-1] = (self.pieces[-1][0], self.pieces[-1][1] + n)
         elif n:
             self.pieces.append((at, n))
+            if len(self.pieces) > self.MAX_PIECES:
+                (a, _), (b, m) = self.pieces[:2]
+                self.pieces[:2] = [(a, b + m - a)]
 
     def audio_before(self, sample: int) -> int:
         """Samples of the segment's own audio placed before timeline sample `sample`."""

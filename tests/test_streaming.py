@@ -113,6 +113,20 @@ def test_a_segment_whose_audio_came_late_counts_only_its_own_samples():
     assert cut == [seg] and seg.audio_before(seg.end) == 2 * SPF
 
 
+def test_a_segment_keeps_a_bounded_number_of_pieces():
+    """A client pushing late chunk after chunk into one open segment: the pieces stay
+    bounded, the oldest fold together (their gap then counts), the newest stay exact."""
+    from streaming.driving import Segment
+
+    seg = Segment("s", 0, 0)
+    for i in range(Segment.MAX_PIECES + 10):
+        seg.add_piece(i * 2 * SPF, SPF)   # one frame of audio, one frame of gap
+    assert len(seg.pieces) == Segment.MAX_PIECES
+    assert seg.pieces[0] == (0, 21 * SPF)  # 11 pieces and their 10 gaps folded
+    last = (Segment.MAX_PIECES + 9) * 2 * SPF
+    assert seg.audio_before(last + SPF) - seg.audio_before(last) == SPF  # recent pieces exact
+
+
 def test_interrupt_drops_only_speech_not_yet_generated():
     d = DrivingBuffer(TL)
     d.push_speech(tone(20 * SPF, 0.5), "long")
