@@ -90,6 +90,14 @@ async def started(output) -> None:
     await asyncio.wait_for(fut, 30)
 
 
+async def playing(gen: Recording, after: int, timeout: float = 30.0) -> None:
+    """Until the generator has handed out more than `after` audio samples."""
+    deadline = time.monotonic() + timeout
+    while len(gen.audio()) <= after:
+        assert time.monotonic() < deadline, "the generator put out no audio of the new segment"
+        await asyncio.sleep(0.02)
+
+
 async def test_generator_under_the_avatar_runner(host, portrait):
     avatar = await host.open(portrait, audio_rate=RATE)
     gen = Recording(avatar)
@@ -113,7 +121,10 @@ async def test_generator_under_the_avatar_runner(host, portrait):
         two = speech(4.0, -1, 2)
         feeding = asyncio.ensure_future(say(audio, two, speedup=10, flush=False))
         await started(audio)
-        await asyncio.sleep(1.0)
+        # Cut once the generator has put out some of segment two (how long that takes depends on
+        # the machine's speed, so no fixed sleep), then let a little more play.
+        await playing(gen, after=len(one))
+        await asyncio.sleep(0.3)
         t_clear = time.monotonic()
         audio.clear_buffer()
         ev = await asyncio.wait_for(audio.wait_for_playout(), 5)
