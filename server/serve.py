@@ -68,6 +68,13 @@ def check_model_source(name: str) -> None:
         raise ValueError(str(exc)) from None
 
 
+# How long an idle HTTP connection stays open. Longer than the idle timeout of common load
+# balancers (60 s) and of HTTP clients' pools (httpx: 5 s, uvicorn's own default), so the client
+# side always closes first: with equal timeouts a request sent as the server closes the
+# connection is lost ("server disconnected without sending a response").
+KEEP_ALIVE_S = 65
+
+
 def shutdown_reserve(drain_timeout_s: float) -> float:
     """Of the drain timeout, the part kept for stopping after the sessions' time is up (closing
     peers, finishing requests, unregistering from the store)."""
@@ -157,6 +164,7 @@ def run(args: argparse.Namespace) -> int:
     check_avatars(settings)
     app = create_app(settings)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info",
+                            timeout_keep_alive=KEEP_ALIVE_S,
                             timeout_graceful_shutdown=shutdown_reserve(settings.drain_timeout_s) / 2)
     redact_access_log()  # after uvicorn.Config, which sets up its loggers
     draining_server(config, app, settings.drain_timeout_s).run()

@@ -85,13 +85,15 @@ class LiveServer:
         import uvicorn
 
         from server.app import create_app
+        from server.serve import KEEP_ALIVE_S
         from server.settings import Settings
 
         self.settings = (settings or Settings()).model_copy(update={"port": free_port()})
         self.app = create_app(self.settings, engine=engine, store=store)
         # As `knotstream serve`: a connection that never finishes cannot hold up the shutdown.
         config = uvicorn.Config(self.app, host="127.0.0.1", port=self.settings.port, log_level="warning",
-                                lifespan="on", timeout_graceful_shutdown=10)
+                                lifespan="on", timeout_graceful_shutdown=10,
+                                timeout_keep_alive=KEEP_ALIVE_S)
         self.server = uvicorn.Server(config)
         self.start_timeout_s = start_timeout_s
         self.thread = threading.Thread(target=self.server.run, name="knotstream-test-server", daemon=True)

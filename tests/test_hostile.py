@@ -4,7 +4,7 @@ Every request of the battery is a 4xx within 2 s. After it: no session is left, 
 is idle (CPU under 10 % over 3 s), /readyz answers, a normal session still streams 25 fps
 to an aiortc client, a session whose client never completes ICE is gone within the ICE
 deadline, 60 interrupts/s on one session leave another session's generation where it was,
-and SIGTERM ends the process within 15 s. The tests of this module run in file order on one
+an idle keep-alive connection is still served after 6 s, and SIGTERM ends the process within 15 s. The tests of this module run in file order on one
 server process; each measured number is printed (`-s`) and written to the pytest log.
 """
 
@@ -313,6 +313,25 @@ async def test_an_interrupt_flood_leaves_another_session_generating(served):
     finally:
         await victim.close()
         await attacker.close()
+
+
+def test_an_idle_connection_is_reused_past_5_s(served):
+    """A client that polls every ~5 s on one keep-alive connection (httpx's pool keeps one 5 s)
+    must not race the server closing it: the server keeps idle connections longer."""
+    request = b"GET /readyz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", served.port), timeout=5) as sock:
+        reader = sock.makefile("rb")
+        for i in range(2):
+            sock.sendall(request)
+            status = reader.readline()
+            assert status.startswith(b"HTTP/1.1 200"), (i, status)
+            length = 0
+            while (line := reader.readline()) not in (b"\r\n", b""):
+                if line.lower().startswith(b"content-length:"):
+                    length = int(line.split(b":")[1])
+            assert json.loads(reader.read(length))["status"] == "ready"
+            if i == 0:
+                time.sleep(6.0)
 
 
 def test_sigterm_ends_the_process_within_15_s(served):
