@@ -20,7 +20,8 @@ def args_for(tmp_path, **kw):
                 reference_decoder=False, temporal_weight=1.0, knob=[], batch=2, lr=1e-3,
                 clip_latents=5, pool=4, threads=0, seed=0, save_every=1, max_minutes=0,
                 export=str(tmp_path / "out.safetensors"), context_steps=0, replay_steps=3, replay_every=2,
-                replay_chains=4, chain_chunks=1, teacher_forced=0.3, windows=None, keep_every=0)
+                replay_chains=4, chain_chunks=1, teacher_forced=0.3, windows=None, keep_every=0,
+                mouth_given=0.0)
     base.update(kw)
     return argparse.Namespace(**base)
 
@@ -50,9 +51,17 @@ def test_train_all_stages_resume_and_export(tmp_path):
     vae_state = torch.load(ck / "vae.pt", weights_only=False)
     assert vae_state["extra"]["stats_done"] and vae_state["config"]["vae"]["latent_std"] is not None
 
-    # Resuming continues from the saved step instead of starting over.
-    assert trainer.run(args_for(tmp_path, stage="dit", dit_steps=5)) == 0
-    assert torch.load(ck / "dit.pt", weights_only=False)["step"] == 5
+    # Resuming continues from the saved step instead of starting over. With --mouth-given the
+    # driving encoder's mouth inputs get gradients (never given, they only decay: AdamW).
+    from model.config import MOTION_FIELDS
+
+    mouth = [MOTION_FIELDS.index("mouth_open"), len(MOTION_FIELDS) + MOTION_FIELDS.index("mouth_open")]
+    w0 = torch.load(ck / "dit.pt", weights_only=False)["model"]["driving.motion_mlp.0.weight"][:, mouth]
+    assert trainer.run(args_for(tmp_path, stage="dit", dit_steps=5, mouth_given=1.0)) == 0
+    state = torch.load(ck / "dit.pt", weights_only=False)
+    assert state["step"] == 5
+    ratio = state["model"]["driving.motion_mlp.0.weight"][:, mouth] / w0
+    assert float(ratio.max() - ratio.min()) > 1e-3, "the mouth columns only decayed: the mouth was not given"
 
     engine = Engine.from_pretrained(str(tmp_path / "out.safetensors"))
     assert engine.config.vae.latent_std is not None

@@ -104,3 +104,34 @@ def test_training_batches(tmp_path):
     assert b.reference.shape == (2, 3, 128, 128) and b.weight.max() > 1
     again = data.clips(2, 3, torch.Generator().manual_seed(0))
     assert torch.equal(b.frames, again.frames)
+
+
+def test_give_mouth_gives_the_rendered_mouth_in_a_share_of_clips(tmp_path):
+    """--mouth-given: the mouth fields the world rendered (mouth_track of the clip's audio),
+    flagged given, in the chosen clips only; every other field as it was."""
+    from model.train.data import give_mouth
+
+    rng = np.random.default_rng(1)
+    speechy = rng.normal(0, 0.1, 64000).astype(np.float32) * (np.sin(np.arange(64000) / 900) > 0)
+    bank = SpeechBank(speechy, np.array([0, 32000, 64000]), ["a", "b"])
+    bank.save(tmp_path / "speech_bank.npz")
+    data = TrainingData(tmp_path, from_name("tiny"))
+    b = data.clips(4, 3, torch.Generator().manual_seed(0))
+    n, mo = len(MOTION_FIELDS), F["mouth_open"]
+    assert give_mouth(b, 0.0, 25, torch.Generator()) is b
+    all_given = give_mouth(b, 1.0, 25, torch.Generator().manual_seed(0))
+    T = b.motion.shape[1]
+    for i in range(4):
+        track = sp.mouth_track(b.audio[i].numpy(), 25, n_frames=T)
+        assert np.allclose(all_given.motion[i, :, mo].numpy(), track[:, 0])
+        assert np.allclose(all_given.motion[i, :, F["mouth_wide"]].numpy(), track[:, 1])
+    assert all_given.motion[:, :, n + mo].min() == 1 and all_given.motion[:, :, mo].max() > 0.3
+    others = [i for i in range(2 * n) if i not in (mo, F["mouth_wide"], n + mo, n + F["mouth_wide"])]
+    assert torch.equal(all_given.motion[:, :, others], b.motion[:, :, others])
+    assert b.motion[:, :, n + mo].max() == 0  # the batch it came from is untouched
+    some = give_mouth(b, 0.5, 25, torch.Generator().manual_seed(3))
+    flags = some.motion[:, 0, n + mo]
+    assert set(flags.tolist()) <= {0.0, 1.0}
+    picked = [give_mouth(b, 0.5, 25, torch.Generator().manual_seed(s)).motion[:, 0, n + mo].sum() for s in range(20)]
+    assert any(0 < x < 4 for x in picked)  # a share of a batch, not all or nothing
+    assert 20 < sum(picked) < 60

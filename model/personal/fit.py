@@ -89,7 +89,7 @@ def trainer_args(plan: FitPlan, base: str, pool: int, clip_latents: int,
         model=base, seed=plan.seed, batch=plan.batch, save_every=plan.save_every,
         decoder_steps=plan.decoder_steps, reference_decoder=False, temporal_weight=1.0,
         dit_steps=plan.dit_steps, rollout_steps=0, rollout_context="last", clip_latents=clip_latents,
-        pool=pool, warmup_steps=plan.warmup_steps, lr=plan.decoder_lr, on_progress=on_progress)
+        pool=pool, mouth_given=0.0, warmup_steps=plan.warmup_steps, lr=plan.decoder_lr, on_progress=on_progress)
     return args
 
 

@@ -9,6 +9,7 @@ whose index is a multiple of 10 are never used for training.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +37,29 @@ def model_motion(motion: np.ndarray, given: tuple[str, ...] = GIVEN_TO_MODEL) ->
         out[:, i] = motion[:, i]
         out[:, n + i] = 1.0
     return out
+
+
+def give_mouth(batch, share: float, fps: int, gen: torch.Generator, sample_rate: int = 16000):
+    """World clips only: `batch` (a ClipBatch) with the mouth fields given in a random `share`
+    of its clips, their values the world's own mouth (`speech.mouth_track` of the clip's
+    audio, which is what `draw_clip` rendered; a latent pool keeps the audio, not the mouth).
+
+    Why: the mouth is otherwise never given, so the model never learns to read the mouth
+    fields, and a client's mouth motion (or a personal avatar's fitted speech -> mouth
+    path) moves nothing. A share, not all: the rest still teaches speech -> mouth."""
+    if share <= 0:
+        return batch
+    pick = (torch.rand(len(batch.audio), generator=gen) < share).tolist()
+    if not any(pick):
+        return batch
+    motion = batch.motion.clone()
+    n, T = len(MOTION_FIELDS), motion.shape[1]
+    for b in (i for i, p in enumerate(pick) if p):
+        track = sp.mouth_track(batch.audio[b].float().numpy(), fps, sample_rate, n_frames=T)
+        for k, name in enumerate(("mouth_open", "mouth_wide")):
+            motion[b, :, _F[name]] = torch.from_numpy(track[:, k])
+            motion[b, :, n + _F[name]] = 1.0
+    return dataclasses.replace(batch, motion=motion)
 
 
 @dataclass

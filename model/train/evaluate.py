@@ -44,7 +44,7 @@ from typing import Sequence
 
 import numpy as np
 
-from model.train.eval_results import METRICS, MODEL, REFERENCE, ZEROED, ClipResult, EvalClip, window_name  # noqa: F401  (re-exported)
+from model.train.eval_results import METRICS, MODEL, REFERENCE, ZEROED, MOUTH_GIVEN, ClipResult, EvalClip, window_name  # noqa: F401  (re-exported)
 
 ABLATION_WINDOWS = (2, 6, 12)
 # data.draw_clip(held_out=True) draws its identities from this many seeds.
@@ -121,7 +121,7 @@ def held_out_clip(bank, n_frames: int, fps: int, size: int, seed: int, sample_ra
     from model.config import MOTION_FIELDS
     from model.train import speech as sp
     from model.train import world
-    from model.train.data import HELD_OUT_IDENTITY_SEED, model_motion
+    from model.train.data import GIVEN_TO_MODEL, HELD_OUT_IDENTITY_SEED, model_motion
 
     if seed < 0:
         raise ValueError(f"clip seeds must be >= 0, got {seed}")
@@ -149,7 +149,8 @@ def held_out_clip(bank, n_frames: int, fps: int, size: int, seed: int, sample_ra
     for name in ("mouth_open", "mouth_wide", "blink"):
         ref[MOTION_FIELDS.index(name)] = 0.0
     return EvalClip(seed, identity_seed, spoken, ident, motion[:n_frames], audio[:n_samples + sample_rate],
-                    world.render_frame(ident, ref, size), model_motion(motion))
+                    world.render_frame(ident, ref, size), model_motion(motion),
+                    model_motion(motion, GIVEN_TO_MODEL + ("mouth_open", "mouth_wide")))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,6 +159,7 @@ class System:
 
     knobs: object             # model.config.StreamKnobs
     zero_audio: bool = False
+    give_mouth: bool = False  # the true mouth fields given as motion (a client that sends the mouth)
 
 
 def toggled(base, knob: str, on_value) -> tuple[str, object]:
@@ -172,7 +174,7 @@ def toggled(base, knob: str, on_value) -> tuple[str, object]:
 MECHANISMS = (("knots", "knots", "knot_frames", 1), ("ahead", "running ahead", "ahead_frames", 4),
               ("blend", "seam blend", "seam_blend", 0.7))
 # Every key `--systems` accepts, in report order (the model always runs).
-SYSTEM_KEYS = ("zeroed", *(m[0] for m in MECHANISMS), *(f"window{w}" for w in ABLATION_WINDOWS))
+SYSTEM_KEYS = ("zeroed", "mouth", *(m[0] for m in MECHANISMS), *(f"window{w}" for w in ABLATION_WINDOWS))
 
 
 def systems(base, keys: Sequence[str] = SYSTEM_KEYS) -> dict[str, System]:
@@ -184,6 +186,8 @@ def systems(base, keys: Sequence[str] = SYSTEM_KEYS) -> dict[str, System]:
     out = {MODEL: System(base)}
     if "zeroed" in keys:
         out[ZEROED] = System(base, zero_audio=True)
+    if "mouth" in keys:
+        out[MOUTH_GIVEN] = System(base, give_mouth=True)
     for key, label, knob, on_value in MECHANISMS:
         if key in keys:
             suffix, knobs = toggled(base, knob, on_value)
@@ -206,11 +210,14 @@ def iter_stream(engine, clip: EvalClip, system: System, n_frames: int | None = N
 
     n = len(clip.motion) if n_frames is None else n_frames
     audio = np.zeros_like(clip.audio) if system.zero_audio else clip.audio
+    given = clip.given_mouth if system.give_mouth else clip.given
+    if given is None:
+        raise ValueError("this clip has no mouth-given driving vectors")
     stream = engine.start(clip.reference, system.knobs, seed=clip.seed)
     try:
         while stream.frame_index < n:
             span = stream.next_span()
-            frames = stream.step(StepInput.from_clip(span, audio, clip.given))
+            frames = stream.step(StepInput.from_clip(span, audio, given))
             yield span.frame, frames[: n - span.frame]
     finally:
         stream.close()
@@ -402,7 +409,8 @@ def run(args: argparse.Namespace) -> int:
     speed = args.clips * n_frames * len(runs) / max(sum(r.engine_seconds for r in results), 1e-9)
     setup = (f"{args.clips} held-out clip(s) x {args.seconds:g} s at {cfg.width}x{cfg.height}, {fps} fps, "
              f"seeds {args.seed}-{args.seed + args.clips - 1}; model knobs: {eval_report.knobs_text(cfg.stream)}. "
-             "The model is given the speech audio and the pose/blink/gaze/smile/brow motion; never the mouth. "
+             "The model is given the speech audio and the pose/blink/gaze/smile/brow motion; never the mouth "
+             f"(except in the row \"{MOUTH_GIVEN}\", which shows whether it follows a mouth a client sends). "
              f"Wall time {wall:.0f} s; the engine ran at {speed:.1f} frames/s ({speed / fps:.2f}x real time) "
              f"with {torch.get_num_threads()} torch thread(s) on this machine during the run (under whatever else "
              "loaded it).")

@@ -45,6 +45,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--windows", type=_window_range, default=None, metavar="LO,HI",
                    help="DiT stages: window length drawn per sample (replay: per chain group) "
                         "from [LO, HI]; default the model's window_frames")
+    p.add_argument("--mouth-given", type=float, default=0.0, metavar="SHARE",
+                   help="dit/rollout stages on world data: share of clips whose mouth fields are given (the "
+                        "world's own mouth), so the model learns to follow a given mouth; the rest keeps the "
+                        "mouth to the audio")
     p.add_argument("--decoder-steps", type=int, default=3000,
                    help="decoder stage: VAE decoder alone, encoder frozen (the DiT's latents stay valid)")
     p.add_argument("--reference-decoder", action="store_true",
@@ -334,13 +338,21 @@ def _sampler(model, pool, trainer, args, stage: str):
     from tqdm import tqdm
 
     from model.train.chunks import plan_chunk
+    from model.train.data import give_mouth
     from model.train.replay import ReplayBuffer
 
     knobs = model.config.stream
+    mouth_given = getattr(args, "mouth_given", 0.0)
     if stage != "replay":
         rollout = args.rollout_context if stage == "rollout" else None
-        return lambda step, gen: (pool.clips(args.batch, gen), plan_chunk(args.clip_latents, knobs, gen, args.windows),
-                                  None, rollout)
+        fps, rate = model.config.fps, model.config.driving.sample_rate
+
+        def clips(gen):
+            return give_mouth(pool.clips(args.batch, gen), mouth_given, fps, gen, rate)
+
+        return lambda step, gen: (clips(gen), plan_chunk(args.clip_latents, knobs, gen, args.windows), None, rollout)
+    if mouth_given:
+        raise ValueError("--mouth-given applies to the dit and rollout stages, not replay")
     if args.replay_chains % args.batch:
         raise ValueError(f"--replay-chains {args.replay_chains} is not a multiple of --batch {args.batch}")
     windows = args.windows or (knobs.window_frames, knobs.window_frames)
