@@ -219,7 +219,7 @@ def test_personal_eval_scores_a_fitted_avatar(prepared, tmp_path):
 
     path, _, _ = prepared
     speech = [("tone", _tone_after_silence(1.0, 0.4))]
-    options = argparse.Namespace(fit_minutes=0.05, speech=speech, long_seconds=2.0, drift_seconds=0.5,
+    options = argparse.Namespace(fit_minutes=0.05, model="tiny", speech=speech, long_seconds=2.0, drift_seconds=0.5,
                                  progress=lambda n: None)
     r = evaluate_clip(path, tmp_path, 128, FPS, SR, lambda n: None, options)
     assert set(r["rows"]) == {REPEAT, WARP, FITTED}

@@ -133,7 +133,8 @@ def fitted_options(args: argparse.Namespace, cfg):
     speech = [(Path(p).name, load_audio(p, sample_rate=sr)[:int(seconds * sr)]) for p in args.speech or ()]
     speech.append(("TTS (espeak-ng/flite)", tts_speech(seconds, sr)))
     drift_seconds = min(args.drift_seconds, args.long_seconds / 2)
-    return argparse.Namespace(fit_minutes=args.fit_minutes, speech=speech, long_seconds=args.long_seconds,
+    return argparse.Namespace(fit_minutes=args.fit_minutes, model=str(args.model), speech=speech,
+                              long_seconds=args.long_seconds,
                               drift_seconds=drift_seconds, progress=lambda n: None)
 
 

@@ -102,7 +102,7 @@ def evaluate(prepared, held: slice, real, boxes, real_measure, out: Path, stem: 
     speech [(name, audio)], long_seconds, drift_seconds, progress."""
     from model.engine import Engine
 
-    path, fit_info = ensure_avatar(prepared, out, stem, options.fit_minutes)
+    path, fit_info = ensure_avatar(prepared, out, stem, options.fit_minutes, options.model)
     engine = Engine.from_pretrained(str(path))
     row, gen = reenactment(engine, prepared, held, real, boxes, real_measure)
     result = {"row": row, "frames": gen, "fit": fit_info, "speech": speech_driven(engine, prepared, options.speech)}
