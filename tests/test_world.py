@@ -135,3 +135,10 @@ def test_give_mouth_gives_the_rendered_mouth_in_a_share_of_clips(tmp_path):
     picked = [give_mouth(b, 0.5, 25, torch.Generator().manual_seed(s)).motion[:, 0, n + mo].sum() for s in range(20)]
     assert any(0 < x < 4 for x in picked)  # a share of a batch, not all or nothing
     assert 20 < sum(picked) < 60
+    assert torch.equal(all_given.audio, b.audio)  # alone=0: the audio stays
+    mixed = next(s for s, x in enumerate(picked) if 0 < x < 4)
+    alone = give_mouth(b, 0.5, 25, torch.Generator().manual_seed(mixed), alone=1.0)
+    given = alone.motion[:, 0, n + mo] == 1
+    assert torch.equal(alone.motion, give_mouth(b, 0.5, 25, torch.Generator().manual_seed(mixed)).motion)
+    assert alone.audio[given].abs().max() == 0 and torch.equal(alone.audio[~given], b.audio[~given])
+    assert b.audio.abs().max() > 0  # the batch it came from keeps its audio

@@ -11,7 +11,7 @@ METRICS = ("PSNR", "SSIM", "mouth PSNR", "mouth SSIM", "lip-sync r", "jitter", "
 MODEL = "model"
 REFERENCE = "repeat the reference frame"
 ZEROED = "model, driving audio zeroed"
-MOUTH_GIVEN = "model, mouth fields given"
+MOUTH_GIVEN = "model, mouth fields given, audio zeroed"
 
 
 def window_name(frames: int) -> str:

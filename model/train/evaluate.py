@@ -187,7 +187,9 @@ def systems(base, keys: Sequence[str] = SYSTEM_KEYS) -> dict[str, System]:
     if "zeroed" in keys:
         out[ZEROED] = System(base, zero_audio=True)
     if "mouth" in keys:
-        out[MOUTH_GIVEN] = System(base, give_mouth=True)
+        # Audio zeroed: the mouth can only come from the fields (with the audio, which already
+        # drives the mouth, this row could not tell a model that reads them from one that does not).
+        out[MOUTH_GIVEN] = System(base, zero_audio=True, give_mouth=True)
     for key, label, knob, on_value in MECHANISMS:
         if key in keys:
             suffix, knobs = toggled(base, knob, on_value)
@@ -410,7 +412,8 @@ def run(args: argparse.Namespace) -> int:
     setup = (f"{args.clips} held-out clip(s) x {args.seconds:g} s at {cfg.width}x{cfg.height}, {fps} fps, "
              f"seeds {args.seed}-{args.seed + args.clips - 1}; model knobs: {eval_report.knobs_text(cfg.stream)}. "
              "The model is given the speech audio and the pose/blink/gaze/smile/brow motion; never the mouth "
-             f"(except in the row \"{MOUTH_GIVEN}\", which shows whether it follows a mouth a client sends). "
+             f"(except in the row \"{MOUTH_GIVEN}\", which shows whether it follows a mouth a client sends: "
+             "its lip-sync r near 0 means the mouth fields are ignored). "
              f"Wall time {wall:.0f} s; the engine ran at {speed:.1f} frames/s ({speed / fps:.2f}x real time) "
              f"with {torch.get_num_threads()} torch thread(s) on this machine during the run (under whatever else "
              "loaded it).")

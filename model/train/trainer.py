@@ -49,6 +49,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="dit/rollout stages on world data: share of clips whose mouth fields are given (the "
                         "world's own mouth), so the model learns to follow a given mouth; the rest keeps the "
                         "mouth to the audio")
+    p.add_argument("--mouth-alone", type=float, default=0.5, metavar="SHARE",
+                   help="with --mouth-given: share of those clips whose audio is zeroed, so that the mouth fields "
+                        "alone must move the mouth (beside the audio the model learns to ignore them)")
     p.add_argument("--decoder-steps", type=int, default=3000,
                    help="decoder stage: VAE decoder alone, encoder frozen (the DiT's latents stay valid)")
     p.add_argument("--reference-decoder", action="store_true",
@@ -348,7 +351,8 @@ def _sampler(model, pool, trainer, args, stage: str):
         fps, rate = model.config.fps, model.config.driving.sample_rate
 
         def clips(gen):
-            return give_mouth(pool.clips(args.batch, gen), mouth_given, fps, gen, rate)
+            return give_mouth(pool.clips(args.batch, gen), mouth_given, fps, gen, rate,
+                              getattr(args, "mouth_alone", 0.0))
 
         return lambda step, gen: (clips(gen), plan_chunk(args.clip_latents, knobs, gen, args.windows), None, rollout)
     if mouth_given:
