@@ -21,7 +21,7 @@ def args_for(tmp_path, **kw):
                 clip_latents=5, pool=4, threads=0, seed=0, save_every=1, max_minutes=0,
                 export=str(tmp_path / "out.safetensors"), context_steps=0, replay_steps=3, replay_every=2,
                 replay_chains=4, chain_chunks=1, teacher_forced=0.3, windows=None, keep_every=0,
-                mouth_given=0.0)
+                mouth_given=0.0, mouth_alone=0.5)
     base.update(kw)
     return argparse.Namespace(**base)
 

@@ -26,6 +26,7 @@ TRAIN_IDENTITIES = 5000
 _F = {name: i for i, name in enumerate(MOTION_FIELDS)}
 # The model is told pose, blinks, gaze, smile and brow; the mouth must come from the audio.
 GIVEN_TO_MODEL = ("yaw", "pitch", "roll", "blink", "gaze_x", "gaze_y", "smile", "brow")
+MOUTH = ("mouth_open", "mouth_wide")   # what `give_mouth` adds to them
 
 
 def model_motion(motion: np.ndarray, given: tuple[str, ...] = GIVEN_TO_MODEL) -> np.ndarray:
@@ -62,7 +63,7 @@ def give_mouth(batch, share: float, fps: int, gen: torch.Generator, sample_rate:
     n, T = len(MOTION_FIELDS), motion.shape[1]
     for b in (i for i, p in enumerate(pick) if p):
         track = sp.mouth_track(batch.audio[b].float().numpy(), fps, sample_rate, n_frames=T)
-        for k, name in enumerate(("mouth_open", "mouth_wide")):
+        for k, name in enumerate(MOUTH):
             motion[b, :, _F[name]] = torch.from_numpy(track[:, k])
             motion[b, :, n + _F[name]] = 1.0
         if silence[b]:

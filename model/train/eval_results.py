@@ -30,7 +30,7 @@ class EvalClip:
     audio: np.ndarray         # (T * sr / fps + sr,) float32; sample 0 = frame 0, a second of tail for lookahead
     reference: np.ndarray     # (H, W, 3) uint8 portrait (mouth closed, eyes open)
     given: np.ndarray         # (T + fps, 2 * len(MOTION_FIELDS)) driving vectors, mouth not given; a second of tail
-    given_mouth: np.ndarray | None = None  # the same with the true mouth fields given too
+    given_mouth: np.ndarray   # the same with the true mouth fields given too
 
     def truth(self, size: int, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Ground-truth frames [start, stop) -> (n, size, size, 3) uint8."""

@@ -121,7 +121,7 @@ def held_out_clip(bank, n_frames: int, fps: int, size: int, seed: int, sample_ra
     from model.config import MOTION_FIELDS
     from model.train import speech as sp
     from model.train import world
-    from model.train.data import GIVEN_TO_MODEL, HELD_OUT_IDENTITY_SEED, model_motion
+    from model.train.data import GIVEN_TO_MODEL, HELD_OUT_IDENTITY_SEED, MOUTH, model_motion
 
     if seed < 0:
         raise ValueError(f"clip seeds must be >= 0, got {seed}")
@@ -150,7 +150,7 @@ def held_out_clip(bank, n_frames: int, fps: int, size: int, seed: int, sample_ra
         ref[MOTION_FIELDS.index(name)] = 0.0
     return EvalClip(seed, identity_seed, spoken, ident, motion[:n_frames], audio[:n_samples + sample_rate],
                     world.render_frame(ident, ref, size), model_motion(motion),
-                    model_motion(motion, GIVEN_TO_MODEL + ("mouth_open", "mouth_wide")))
+                    model_motion(motion, GIVEN_TO_MODEL + MOUTH))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -213,8 +213,6 @@ def iter_stream(engine, clip: EvalClip, system: System, n_frames: int | None = N
     n = len(clip.motion) if n_frames is None else n_frames
     audio = np.zeros_like(clip.audio) if system.zero_audio else clip.audio
     given = clip.given_mouth if system.give_mouth else clip.given
-    if given is None:
-        raise ValueError("this clip has no mouth-given driving vectors")
     stream = engine.start(clip.reference, system.knobs, seed=clip.seed)
     try:
         while stream.frame_index < n:

@@ -345,17 +345,15 @@ def _sampler(model, pool, trainer, args, stage: str):
     from model.train.replay import ReplayBuffer
 
     knobs = model.config.stream
-    mouth_given = getattr(args, "mouth_given", 0.0)
     if stage != "replay":
         rollout = args.rollout_context if stage == "rollout" else None
         fps, rate = model.config.fps, model.config.driving.sample_rate
 
         def clips(gen):
-            return give_mouth(pool.clips(args.batch, gen), mouth_given, fps, gen, rate,
-                              getattr(args, "mouth_alone", 0.0))
+            return give_mouth(pool.clips(args.batch, gen), args.mouth_given, fps, gen, rate, args.mouth_alone)
 
         return lambda step, gen: (clips(gen), plan_chunk(args.clip_latents, knobs, gen, args.windows), None, rollout)
-    if mouth_given:
+    if args.mouth_given:
         raise ValueError("--mouth-given applies to the dit and rollout stages, not replay")
     if args.replay_chains % args.batch:
         raise ValueError(f"--replay-chains {args.replay_chains} is not a multiple of --batch {args.batch}")
