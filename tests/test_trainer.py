@@ -1,6 +1,9 @@
 """`knotstream train` end to end on a small config: stages run, checkpoints resume, export loads."""
 
 import argparse
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -120,3 +123,10 @@ def test_replay_stage_fine_tunes_a_model_file_resumes_and_exports(tmp_path):
     with pytest.raises(ValueError):  # a buffer of 3 chains cannot be split into groups of one batch (2)
         trainer.run(args_for(tmp_path, stage="replay", replay_chains=3, replay_steps=9, clip_latents=7,
                              chain_chunks=2, pool=6))
+
+
+@pytest.mark.parametrize("option, value", [("--mouth-given", "1.5"), ("--mouth-alone", "-0.1"), ("--mouth-given", "half")])
+def test_a_share_outside_0_1_exits_2_with_a_message(option, value):
+    r = subprocess.run([sys.executable, "-m", "server.cli", "train", option, value], capture_output=True, text=True,
+                       timeout=120, cwd=Path(__file__).resolve().parent.parent)
+    assert r.returncode == 2 and option in r.stderr and "between 0 and 1" in r.stderr and "Traceback" not in r.stderr

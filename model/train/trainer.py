@@ -45,11 +45,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--windows", type=_window_range, default=None, metavar="LO,HI",
                    help="DiT stages: window length drawn per sample (replay: per chain group) "
                         "from [LO, HI]; default the model's window_frames")
-    p.add_argument("--mouth-given", type=float, default=0.0, metavar="SHARE",
+    p.add_argument("--mouth-given", type=_share, default=0.0, metavar="SHARE",
                    help="dit/rollout stages on world data: share of clips whose mouth fields are given (the "
                         "world's own mouth), so the model learns to follow a given mouth; the rest keeps the "
                         "mouth to the audio")
-    p.add_argument("--mouth-alone", type=float, default=0.5, metavar="SHARE",
+    p.add_argument("--mouth-alone", type=_share, default=0.5, metavar="SHARE",
                    help="with --mouth-given: share of those clips whose audio is zeroed, so that the mouth fields "
                         "alone must move the mouth (beside the audio the model learns to ignore them)")
     p.add_argument("--decoder-steps", type=int, default=3000,
@@ -73,6 +73,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--export", help="write the trained model here (e.g. model/assets/tiny.safetensors)")
     p.add_argument("--knob", action="append", default=[], metavar="NAME=VALUE",
                    help="stream default written into the exported file (repeatable), e.g. denoise_steps=2")
+
+
+def _share(text: str) -> float:
+    """A share of clips: a number in [0, 1]."""
+    try:
+        x = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a share between 0 and 1, got {text!r}") from None
+    if not 0 <= x <= 1:
+        raise argparse.ArgumentTypeError(f"a share must lie between 0 and 1, got {text!r}")
+    return x
 
 
 def _window_range(text: str) -> tuple[int, int]:
