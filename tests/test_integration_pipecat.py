@@ -95,6 +95,13 @@ def events_of(service) -> list:
     return got
 
 
+def late_placements(avatar) -> int:
+    """Speech pieces the driving buffer placed after a gap: the TTS fell behind the frames
+    already generated, so the piece went on at the next frame not yet made."""
+    pieces = sorted(p for seg in avatar._session.driving.segments() for p in seg.pieces)
+    return sum(at != prev_at + prev_n for (prev_at, prev_n), (at, _) in zip(pieces, pieces[1:]))
+
+
 def audio_of(frames) -> list[tuple[float, np.ndarray]]:
     return [(t, np.frombuffer(f.audio, np.int16)) for t, f in frames if isinstance(f, TTSAudioRawFrame)]
 
@@ -123,11 +130,21 @@ async def test_in_process_fast_tts_plays_every_sample_at_the_model_fps(host, por
     assert not early, f"frames {early[:5]} came before their time"
 
     # No slow motion: 3 s of speech ride on exactly 75 generated frames, one frame's worth
-    # each, however fast the TTS ran. (A frame the engine was late for is shown again without
-    # sound: the whole timeline waits, lips and sound together.)
+    # each. (A frame the engine was late for is shown again without sound: the whole
+    # timeline waits, lips and sound together.) The one exception is a TTS that fell behind
+    # the generator (a starved event loop on a loaded CI machine can make the "5x" TTS slower
+    # than real time): its late audio goes on at the next frame not yet made, lips and sound
+    # together, which leaves one short frame before it. Those placements are the driving
+    # buffer's record, so every short frame must be one of them.
     speech_frames = [i for i, (t, f) in enumerate(rec.frames) if isinstance(f, TTSAudioRawFrame)]
-    assert len(speech_frames) == round(3.0 * host.fps)
-    assert {len(a) for _, a in audio_of(rec.frames)} == {RATE // host.fps}
+    sizes = [len(a) for _, a in audio_of(rec.frames)]
+    late = late_placements(service.avatar)
+    short = [i for i, n in enumerate(sizes[:-1]) if n < RATE // host.fps]
+    assert max(sizes) == RATE // host.fps
+    assert len(short) <= late, f"{len(short)} short frames mid-speech, {late} late placements"
+    if late == 0:
+        assert len(speech_frames) == round(3.0 * host.fps)
+    assert len(speech_frames) <= round(3.0 * host.fps) + late
 
     # Each stop frame after its segment's last audio; one started/finished per segment.
     stops = [i for i, (_, f) in enumerate(rec.frames) if isinstance(f, TTSStoppedFrame)]
