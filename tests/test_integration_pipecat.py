@@ -13,7 +13,6 @@ server. Skipped with a reason when the `pipecat` extra is not installed.
 
 from __future__ import annotations
 
-import asyncio
 import time
 
 import numpy as np
