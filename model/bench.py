@@ -21,6 +21,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="longest history the quadratic baseline is run at (longer: not run)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    p.add_argument("--dtype", choices=["auto", "float32"], default="auto",
+                   help="auto: what the server runs (bfloat16 autocast on a CPU that has it natively); "
+                        "float32: float32 throughout")
     p.add_argument("--size", type=int, default=0,
                    help="frame size N (N x N) to measure instead of the model's: the model's architecture "
                         "and stream knobs with seeded random weights (the cost does not depend on the weights)")
@@ -89,7 +92,7 @@ def _baseline(engine, lengths: list[int], repeats: int, max_chunks: int) -> dict
         drive = torch.zeros(1, frames_total - 1, stride * cfg.driving.tokens_per_frame, cfg.dit.drive_dim)
 
         def chunk():
-            with torch.inference_mode():
+            with torch.inference_mode(), engine.compute():  # the same precision as ours
                 for _ in get_sigmas(knobs.denoise_steps, knobs.shift)[:-1]:
                     dit(x, t, pos, ctx, drive=drive)
 
@@ -109,7 +112,7 @@ def _resized(engine, size: int):
     if not 0 < size <= 1024 or size % stride:
         raise ValueError(f"--size must be a multiple of {stride} up to 1024, got {size}")
     config = dataclasses.replace(engine.config, height=size, width=size)
-    return Engine(AvatarModel.random(config), trained=False)
+    return Engine(AvatarModel.random(config), trained=False, autocast=engine.autocast)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -120,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     lengths = sorted({int(x) for x in args.lengths.split(",")})
-    engine = Engine.from_pretrained(args.model)
+    engine = Engine.from_pretrained(args.model, dtype=None if args.dtype == "auto" else torch.float32)
     if args.size:
         engine = _resized(engine, args.size)
     cfg, knobs = engine.config, engine.config.stream
@@ -130,7 +133,8 @@ def run(args: argparse.Namespace) -> int:
 
     print(f"engine benchmark: model {args.model} ({cfg.width}x{cfg.height}, {fps} fps), "
           f"chunk {c} latent frames = {stride * c} video frames, window {knobs.window_frames}, "
-          f"knot {knobs.knot_frames}, {knobs.denoise_steps} steps, torch threads {torch.get_num_threads()}"
+          f"knot {knobs.knot_frames}, {knobs.denoise_steps} steps, {engine.precision}, "
+          f"torch threads {torch.get_num_threads()}"
           + ("" if engine.trained else ", seeded random weights"))
     print()
     print("| stream length (chunks) | ours ms/chunk | ours CPU ms/chunk | ours frames/s | real-time factor | "

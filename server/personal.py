@@ -56,8 +56,6 @@ class PersonalAvatars:
     def add(self, path: str | Path, replace: bool = False) -> LoadedAvatar:
         """Load the avatar file at `path`. ValueError for a file that is not a personal avatar,
         does not fit the server's model, or whose name is taken (unless `replace`)."""
-        import torch
-
         from model.engine import Engine
         from model.personal.avatar_file import read
         from model.weights import read_metadata
@@ -65,7 +63,7 @@ class PersonalAvatars:
         found = read(path)
         self._check_name(found.name, replace)
         check_compatible(read_metadata(found.path)["config"], self.base.config)
-        engine = Engine.from_pretrained(str(found.path), self.device, self.dtype or torch.float32)
+        engine = Engine.from_pretrained(str(found.path), self.device, self.dtype)
         loaded = LoadedAvatar(found.name, found.path, found.portrait, engine,
                               KnobPolicy(engine.config, self.max_lead_frames), found.info)
         with self._lock:

@@ -51,16 +51,15 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535)
     model: str = "tiny"                      # preset, safetensors path, livetalk:DIR, flashhead:DIR (model/sources.py)
     device: str = "cpu"
-    # Weights and activations: auto = bfloat16 on CUDA, float32 elsewhere (CPU bf16 is slower).
+    # Weights and activations: auto = bfloat16 on CUDA; on a CPU float32 weights computed in
+    # bfloat16 where the CPU has it natively (Engine.from_pretrained); float32 = float32 throughout.
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
 
     def torch_dtype(self):
+        """The engine's dtype; None for auto (Engine.from_pretrained chooses)."""
         import torch
 
-        name = self.dtype
-        if name == "auto":
-            name = "bfloat16" if str(self.device).startswith("cuda") else "float32"
-        return getattr(torch, name)
+        return None if self.dtype == "auto" else getattr(torch, self.dtype)
     # None by default: aiortc would otherwise use a public STUN server (nothing offline).
     ice_servers: list[IceServer] = Field(default_factory=list)
     codec: VideoCodec = "vp8"

@@ -14,8 +14,10 @@ from model.timeline import StepInput
 
 @pytest.fixture(scope="module")
 def engine():
+    """float32 throughout: these tests check exact equalities (rebasing, rewinds, batching);
+    the bfloat16 autocast a CPU server may run has its own tests (test_engine_precision.py)."""
     torch.manual_seed(0)
-    return Engine.from_pretrained("tiny")
+    return Engine.from_pretrained("tiny", dtype=torch.float32)
 
 
 def portrait(seed=0, size=160):
