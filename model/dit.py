@@ -130,12 +130,19 @@ class SelfAttention(nn.Module):
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, ctx, layer: int) -> Tensor:
         """x: (B, L, dim) -> (B, L, dim)."""
         B, L, _ = x.shape
-        q = self.norm_q(self.q(x)).view(B, L, self.heads, -1).transpose(1, 2)  # (B, H, L, D)
-        k = self.norm_k(self.k(x)).view(B, L, self.heads, -1).transpose(1, 2)
+        q = _normed(self.norm_q, self.q(x)).view(B, L, self.heads, -1).transpose(1, 2)  # (B, H, L, D)
+        k = _normed(self.norm_k, self.k(x)).view(B, L, self.heads, -1).transpose(1, 2)
         v = self.v(x).view(B, L, self.heads, -1).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         out = ctx.attend(layer, q, k, v)  # (B, H, L, D)
         return self.o(out.transpose(1, 2).reshape(B, L, -1))
+
+
+def _normed(norm: nn.RMSNorm, x: Tensor) -> Tensor:
+    """`norm(x)` in the norm's own dtype: under CPU autocast the projections come out in
+    bfloat16, and bfloat16 input with float32 weights takes RMSNorm's unfused path with a
+    warning; the query/key norms stay in the weights' precision either way."""
+    return norm(x.to(norm.weight.dtype))
 
 
 class CrossAttention(nn.Module):
@@ -153,13 +160,13 @@ class CrossAttention(nn.Module):
     def kv(self, ctx: Tensor) -> tuple[Tensor, Tensor]:
         """Keys and values of a context: ctx (N, M, ctx_dim) -> k, v (N, H, M, D)."""
         N, M, _ = ctx.shape
-        k = self.norm_k(self.k(ctx)).view(N, M, self.heads, -1).transpose(1, 2)
+        k = _normed(self.norm_k, self.k(ctx)).view(N, M, self.heads, -1).transpose(1, 2)
         return k, self.v(ctx).view(N, M, self.heads, -1).transpose(1, 2)
 
     def forward(self, x: Tensor, ctx: Tensor | tuple[Tensor, Tensor]) -> Tensor:
         """x: (N, L, dim), ctx: (N, M, ctx_dim) or its precomputed `kv(ctx)` -> (N, L, dim)."""
         N, L, _ = x.shape
-        q = self.norm_q(self.q(x)).view(N, L, self.heads, -1).transpose(1, 2)
+        q = _normed(self.norm_q, self.q(x)).view(N, L, self.heads, -1).transpose(1, 2)
         k, v = ctx if isinstance(ctx, tuple) else self.kv(ctx)
         out = F.scaled_dot_product_attention(q, k, v)
         return self.o(out.transpose(1, 2).reshape(N, L, -1))
