@@ -245,14 +245,38 @@ def test_piecewise_affine_warp_moves_pixels_with_landmarks():
     assert inside > 150 and moved[24:36, 20:23].mean() < inside  # the square moved right
 
 
-def test_personal_eval_scores_both_baselines(synthetic_clip, tmp_path):
-    from model.personal.evaluate import METRICS, REPEAT, WARP, evaluate_clip
+def test_personal_eval_scores_the_baselines(synthetic_clip, tmp_path):
+    from model.personal.evaluate import METRICS, MOTION_WARP, REPEAT, WARP, evaluate_clip
 
     path, _ = synthetic_clip
     r = evaluate_clip(path, tmp_path, 128, FPS, SR, lambda n: None)
     assert r["held"] == int(SECONDS * FPS) - int(round(0.8 * SECONDS * FPS))
-    assert set(r["rows"]) == {REPEAT, WARP}
+    assert set(r["rows"]) == {REPEAT, WARP, MOTION_WARP}
     for row in r["rows"].values():
         assert set(row) == set(METRICS) and all(np.isfinite(v) for v in row.values())
-    # The warp follows the real landmarks, the still portrait does not.
-    assert r["rows"][WARP]["head-pose error (deg)"] < r["rows"][REPEAT]["head-pose error (deg)"]
+    # Both warps follow the head (the real landmarks, or those the motion predicts); the
+    # still portrait does not.
+    for warp in (WARP, MOTION_WARP):
+        assert r["rows"][warp]["head-pose error (deg)"] < r["rows"][REPEAT]["head-pose error (deg)"]
+
+
+def test_motion_predicts_landmarks_it_was_fitted_on():
+    """A smooth map from motion to landmarks (a pose term and a squared term, as a real
+    face's) is recovered from frames with gaps, and applies to motion it never saw."""
+    from model.personal.motion_landmarks import MotionLandmarks
+
+    rng = np.random.default_rng(0)
+    base = rng.uniform(20, 100, (478, 2))
+    shift, bend = rng.normal(0, 3, (478, 2)), rng.normal(0, 2, (478, 2))
+
+    def landmarks(m):
+        return base + m[:, :1, None] * shift + (m[:, 1:2, None] ** 2) * bend
+
+    motion = rng.uniform(-1, 1, (300, 10))
+    points = np.concatenate([landmarks(motion), np.zeros((300, 478, 1))], axis=2)
+    points[::7] = np.nan  # frames where the face mesh found no face
+    fitted = MotionLandmarks.fit(motion, points)
+    unseen = rng.uniform(-1, 1, (50, 10))
+    assert np.abs(fitted.predict(unseen) - landmarks(unseen)).max() < 0.05
+    with pytest.raises(ValueError, match="frames with a face"):
+        MotionLandmarks.fit(motion[:10], points[:10])

@@ -214,7 +214,7 @@ def test_personal_eval_scores_a_fitted_avatar(prepared, tmp_path):
     every metric, and the speech-driven, drift and fit records are there."""
     import argparse
 
-    from model.personal.evaluate import METRICS, REPEAT, WARP, evaluate_clip, report
+    from model.personal.evaluate import METRICS, MOTION_WARP, REPEAT, WARP, evaluate_clip, report
     from model.personal.evaluate_fit import AUDIO_PATH, FITTED, ROUTED
 
     path, _, _ = prepared
@@ -222,7 +222,7 @@ def test_personal_eval_scores_a_fitted_avatar(prepared, tmp_path):
     options = argparse.Namespace(fit_minutes=0.05, model="tiny", speech=speech, long_seconds=2.0, drift_seconds=0.5,
                                  progress=lambda n: None)
     r = evaluate_clip(path, tmp_path, 128, FPS, SR, lambda n: None, options)
-    assert set(r["rows"]) == {REPEAT, WARP, FITTED}
+    assert set(r["rows"]) == {REPEAT, WARP, MOTION_WARP, FITTED}
     row = r["rows"][FITTED]
     assert set(METRICS) <= set(row) and all(np.isfinite(row[m]) for m in METRICS) and row["jitter / real"] > 0
     fit = r["fitted"]
@@ -233,7 +233,7 @@ def test_personal_eval_scores_a_fitted_avatar(prepared, tmp_path):
     assert fit["drift"]["seconds"] == 2.0 and np.isfinite(fit["drift"]["change"])
     text = report([r], "knotstream eval --personal ...", 1.0)
     assert "## Fitted avatars" in text and ROUTED in text and "Identity drift" in text
-    assert r["strip"].shape[0] == 4 * 128   # real, two baselines, the fitted avatar
+    assert r["strip"].shape[0] == 5 * 128   # real, three baselines, the fitted avatar
 
 
 def test_speech_that_ends_before_the_frames_reads_as_silence():

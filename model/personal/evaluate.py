@@ -8,6 +8,9 @@ frames from the portrait and is scored against the real aligned frames:
   piecewise-affine warp    the portrait warped onto each held-out frame's real landmarks
                            (`warp`): a classical reenactment given more than a motion
                            vector, every landmark of the real frame
+  warp driven by motion    the same warp onto the landmarks that the held-out frames'
+                           motion predicts (`motion_landmarks`, fitted on the first 80 %):
+                           a classical reenactment given exactly what the avatar is given
 
 Metrics: PSNR and SSIM of the whole frame, PSNR inside the mouth box (the real frame's
 lip landmarks, 30 % margin), mouth-opening error and head-pose error: the landmark model
@@ -36,18 +39,21 @@ import numpy as np
 from model.personal.scoring import BETTER, METRICS, measured, mouth_boxes, score  # noqa: F401  (re-exported)
 
 FIT_FRACTION = 0.8
-REPEAT, WARP = "repeat the portrait", "piecewise-affine warp"
+REPEAT, WARP, MOTION_WARP = "repeat the portrait", "piecewise-affine warp", "warp driven by motion"
 
 
 def systems(prepared, held: slice) -> dict[str, np.ndarray]:
     """name -> generated held-out frames (T_held, S, S, 3)."""
+    from model.personal.motion_landmarks import MotionLandmarks
     from model.personal.warp import warp_portrait
 
     p = prepared
     still = p.frames[p.portrait_index]
     src = p.landmarks[p.portrait_index]
     warped = np.stack([warp_portrait(still, src, dst) for dst in p.landmarks[held]])
-    return {REPEAT: np.broadcast_to(still, p.frames[held].shape), WARP: warped}
+    predict = MotionLandmarks.fit(p.motion[:held.start], p.landmarks[:held.start])
+    driven = np.stack([warp_portrait(still, src, dst) for dst in predict.predict(p.motion[held])])
+    return {REPEAT: np.broadcast_to(still, p.frames[held].shape), WARP: warped, MOTION_WARP: driven}
 
 
 def evaluate_clip(video: Path, out: Path, size: int, fps: int, sample_rate: int, progress, fitted=None) -> dict:
