@@ -231,8 +231,9 @@ def _lifespan(settings: Settings, api_keys: ApiKeys, engine, store: SessionStore
             raise
         app.state.manager = manager
         api_keys.log_mode()
-        log.info("knotstream ready: model %s (%dx%d, %d fps, trained on %s)%s", eng.config.name, eng.config.width,
-                 eng.config.height, eng.config.fps, eng.config.domain, "" if eng.trained else " UNTRAINED")
+        log.info("knotstream ready: model %s (%dx%d, %d fps, trained on %s) on %s in %s%s", eng.config.name,
+                 eng.config.width, eng.config.height, eng.config.fps, eng.config.domain, eng.device,
+                 eng.precision, "" if eng.trained else " UNTRAINED")
         try:
             yield
         finally:
