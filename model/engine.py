@@ -55,8 +55,8 @@ class Engine:
 
     `autocast`: a lower precision the chunk loop computes in (torch.autocast) while the weights
     stay in `dtype`; None computes in `dtype`. `from_pretrained` chooses bfloat16 on a CPU
-    that has it natively (`native_cpu_bf16`): 1.25-1.4x faster per chunk on the development
-    VM, frames within 61 dB PSNR of float32's (docs/benchmarks.md)."""
+    that has it natively (`native_cpu_bf16`): 1.14-1.29x faster per chunk (medians) on the
+    development VM, frames ~61 dB PSNR from float32's (docs/benchmarks.md)."""
 
     def __init__(self, model: AvatarModel, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                  trained: bool = True, autocast: torch.dtype | None = None):
