@@ -24,14 +24,16 @@ pytest.importorskip("transformers")
 SR = 16000
 
 
+# float32 throughout: these tests compare the engine with each family's own loop exactly
+# (the CPU bfloat16 autocast of the auto dtype has its own tests, test_engine_precision.py).
 @pytest.fixture(scope="module")
 def livetalk():
-    return Engine.from_pretrained("livetalk-random")
+    return Engine.from_pretrained("livetalk-random", dtype=torch.float32)
 
 
 @pytest.fixture(scope="module")
 def flashhead():
-    return Engine.from_pretrained("flashhead-random")
+    return Engine.from_pretrained("flashhead-random", dtype=torch.float32)
 
 
 def portrait(seed=0, size=(90, 70)):
