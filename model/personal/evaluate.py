@@ -50,10 +50,13 @@ def systems(prepared, held: slice) -> dict[str, np.ndarray]:
     p = prepared
     still = p.frames[p.portrait_index]
     src = p.landmarks[p.portrait_index]
-    warped = np.stack([warp_portrait(still, src, dst) for dst in p.landmarks[held]])
-    predict = MotionLandmarks.fit(p.motion[:held.start], p.landmarks[:held.start])
-    driven = np.stack([warp_portrait(still, src, dst) for dst in predict.predict(p.motion[held])])
-    return {REPEAT: np.broadcast_to(still, p.frames[held].shape), WARP: warped, MOTION_WARP: driven}
+
+    def warped_onto(landmarks: np.ndarray) -> np.ndarray:
+        return np.stack([warp_portrait(still, src, dst) for dst in landmarks])
+
+    predicted = MotionLandmarks.fit(p.motion[:held.start], p.landmarks[:held.start]).predict(p.motion[held])
+    return {REPEAT: np.broadcast_to(still, p.frames[held].shape), WARP: warped_onto(p.landmarks[held]),
+            MOTION_WARP: warped_onto(predicted)}
 
 
 def evaluate_clip(video: Path, out: Path, size: int, fps: int, sample_rate: int, progress, fitted=None) -> dict:
