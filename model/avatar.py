@@ -1,13 +1,15 @@
-"""The trained parts of an avatar model, held together: DiT, VAE and driving encoder."""
+"""The trained parts of an avatar model, held together: DiT, VAE and driving encoder (and a
+personal avatar's portrait warp)."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from model.config import ModelConfig
+from model.config import MOTION_FIELDS, ModelConfig
 from model.dit import DiT
 from model.driving import DrivingEncoder
+from model.motion_warp import MotionWarp
 from model.vae import CausalVAE
 
 
@@ -20,6 +22,8 @@ class AvatarModel(nn.Module):
         self.dit = DiT(config.dit)
         self.vae = CausalVAE(config.vae)
         self.driving = DrivingEncoder(config.driving, config.dit.drive_dim)
+        # A personal avatar's portrait warp (ModelConfig.motion_warp), else None.
+        self.warp = MotionWarp(config.motion_warp, len(MOTION_FIELDS), config.height) if config.motion_warp else None
 
     @classmethod
     def random(cls, config: ModelConfig, seed: int = 0) -> "AvatarModel":

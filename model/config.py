@@ -196,6 +196,10 @@ class ModelConfig:
     # (mouth_open, mouth_wide) gains, wherever a session gives no mouth of its own
     # (model/personal/speech_mouth.py). None: the mouth comes from the model's audio path.
     speech_mouth: tuple[float, float] | None = None
+    # Personal avatars: the number of face-mesh landmarks of the portrait warp the model
+    # carries (model/motion_warp.py: the DiT's condition and the decoder's blend copy from
+    # the portrait warped onto each frame's motion). 0: no warp, the still portrait.
+    motion_warp: int = 0
 
     def __post_init__(self) -> None:
         if self.domain not in TRAINING_DOMAINS:
@@ -205,6 +209,9 @@ class ModelConfig:
             raise ValueError(f"{self.name}: {self.height}x{self.width} is not a multiple of {s}")
         if self.dit.latent_channels != self.vae.z_channels:
             raise ValueError("dit.latent_channels must equal vae.z_channels")
+        if self.motion_warp and (self.height != self.width or self.motion_warp < 3 or not self.vae.reference_decoder):
+            raise ValueError(f"{self.name}: motion_warp needs a square frame, >= 3 landmarks and the reference "
+                             f"decoder, got {self.motion_warp} at {self.width}x{self.height}")
         if self.speech_mouth is not None:
             self.speech_mouth = tuple(float(g) for g in self.speech_mouth)
             if len(self.speech_mouth) != 2 or not all(0 <= g <= 1 for g in self.speech_mouth):
@@ -248,6 +255,7 @@ class ModelConfig:
             domain=d.get("domain", "cartoon"),
             recipe=d.get("recipe", "knot-forcing"),
             speech_mouth=d.get("speech_mouth"),
+            motion_warp=d.get("motion_warp", 0),
         )
 
 

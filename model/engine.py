@@ -184,7 +184,7 @@ def _step_group(streams: Sequence["Stream"], inputs: Sequence[StepInput | None],
     abort_if_requested()
     frames, decoded = [], []
     for i, s in enumerate(streams):
-        video = s._decode(committed[i:i + 1])
+        video = s._decode(committed[i:i + 1], plans[i])
         decoded.append(video)
         frames.append(_to_uint8(video))
         if on_frames is not None:
@@ -306,10 +306,11 @@ class Stream:
         span = self.next_span()
         return StepInput(span) if inp is None else inp.checked(span, self.cfg.driving.motion_dim)
 
-    def _decode(self, committed: Tensor) -> Tensor:
+    def _decode(self, committed: Tensor, plan) -> Tensor:
         """Committed latents -> video (1, 3, n, H, W) in [-1, 1], seam-blended when asked."""
         first = self.decoder.frames_out
-        frames = self.decoder.decode(committed)
+        n = self.timeline.frames_for_latents(committed.shape[2], first=self.decoder.latents_in == 0)
+        frames = self.decoder.decode(committed, blend=self.engine.recipe.blend_frames(self.state, plan, first, n))
         if self.knobs.seam_blend:
             frames = spread_latent_steps(frames, first, self._last_frame, self.knobs.seam_blend,
                                          self.timeline.temporal_stride)

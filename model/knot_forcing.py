@@ -44,7 +44,8 @@ def build_cond(cfg: ModelConfig, reference_latent: Tensor, knot: Tensor | None, 
 
     The first knot frames carry the previous chunk's knot prediction with mask 1; the
     other frames carry the reference latent with mask 0 when `cfg.reference_hint` is on
-    (zeros otherwise).
+    (zeros otherwise): (B, z, 1, h, w) the same for every frame, or (B, z, n_frames, h, w)
+    one per frame (a motion warp's `warped_latents`).
     """
     B, z, _, h, w = reference_latent.shape
     n_mask = cfg.dit.in_channels - 2 * z
@@ -56,6 +57,14 @@ def build_cond(cfg: ModelConfig, reference_latent: Tensor, knot: Tensor | None, 
         cond[:, :n_mask, :kn] = 1.0
         cond[:, n_mask:, :kn] = knot
     return cond
+
+
+def warped_latents(vae, warp, portrait: Tensor, fields: Tensor) -> Tensor:
+    """The condition latents of a model with a motion warp: the portrait (1, 3, H, W) warped
+    onto each latent's motion fields (L, F), each encoded as a lone frame as the portrait's
+    own latent is -> (1, z, L, h, w)."""
+    images = warp.warp(portrait, fields.to(portrait.device))  # (L, 3, H, W)
+    return vae.encode(images[:, :, None]).permute(2, 1, 0, 3, 4)
 
 
 def latent_driving_tokens(encoder, cfg: ModelConfig, mel: Tensor, mel_offset: int, motion: Tensor,
@@ -172,6 +181,7 @@ class KnotState:
         self.next_latent = 0               # latent index of the next chunk's first frame
         self.offset = 0                    # positions are (latent index + 1 - offset)
         self.knot: Tensor | None = None    # previous chunk's knot prediction (1, z, kn, h, w)
+        self.portrait: Tensor | None = None  # (1, 3, H, W) in [-1, 1]: what a motion warp warps
 
 
 
@@ -193,6 +203,9 @@ class KnotPlan:
     cond: Tensor           # (1, mask + z, Fr, h, w)
     knot: Tensor | None    # previous knot prediction, fused at the last step
     noise: Tensor          # (1, z, Fr, h, w)
+    hint: Tensor           # the condition's latent: (1, z, 1, h, w) portrait, or (1, z, Fr, h, w) warped
+    motion_first: int      # video frame of `motion`'s first row
+    motion: Tensor | None  # (s * Fr, F) each frame's motion fields, for the warp (None: no warp)
 
 
 class KnotForcing:
@@ -218,6 +231,10 @@ class KnotForcing:
         # Running ahead off: the reference sits at position 0 and frames start at 1.
         state.reference.position = reference_position(knobs, 0)
         encode_reference(self.model.dit, reference_latent, state.reference)
+        if self.model.warp is not None:
+            if reference_video is None:
+                raise ValueError("a model with a motion warp needs the portrait (reference_video)")
+            state.portrait = reference_video[:, :, 0]
         return state
 
     def span(self, state: KnotState, knobs: StreamKnobs) -> StepSpan:
@@ -242,29 +259,55 @@ class KnotForcing:
                 state.reference.move(self.rope, float(knobs.ahead_frames))
         Fr = knobs.chunk_frames + knobs.knot_frames
         pos = positions(state.next_latent, Fr, state.offset)
-        drive = self.driving_tokens(inp, state.next_latent, Fr)
+        motion = self.driving_motion(inp, state.next_latent, Fr)
+        drive = self.driving_tokens(inp, motion, state.next_latent, Fr)
         z, (h, w) = self.cfg.vae.z_channels, self.cfg.latent_hw
         noise = torch.randn(1, z, Fr, h, w, generator=generator).to(self.device, self.dtype)
-        return KnotPlan(pos, drive, build_cond(self.cfg, state.reference_latent, state.knot, Fr), state.knot, noise)
+        hint, fields = state.reference_latent, None
+        if self.model.warp is not None:  # the condition: the portrait warped onto each latent's motion
+            warp = self.model.warp
+            rows = torch.from_numpy(motion).to(self.device)
+            fields = warp.fields(rows)
+            hint = warped_latents(self.model.vae, warp, state.portrait,
+                                  warp.latent_fields(rows, self.timeline.temporal_stride))
+        return KnotPlan(pos, drive, build_cond(self.cfg, hint, state.knot, Fr), state.knot, noise, hint,
+                        self.timeline.group_start(state.next_latent), fields)
 
-    def driving_tokens(self, inp: StepInput, first_latent: int, n_latents: int) -> Tensor:
-        """(1, n_latents, M, D) tokens of one step's driving (log-mel of its audio, its motion)."""
+    def blend_frames(self, state: KnotState, plan: KnotPlan, first_frame: int, n: int) -> Tensor | None:
+        """What the decoder's blend copies from for video frames [first_frame, first_frame + n)
+        of this plan's chunk: the portrait warped onto each frame's motion, (1, n, 3, H, W);
+        None without a motion warp (the blend copies the still portrait)."""
+        if plan.motion is None:
+            return None
+        rows = plan.motion[first_frame - plan.motion_first:][:n]
+        return self.model.warp.warp(state.portrait, rows)[None]
+
+    def driving_motion(self, inp: StepInput, first_latent: int, n_latents: int) -> np.ndarray:
+        """(s * n_latents, motion_dim) motion rows of the latents' groups of frames (from
+        `Timeline.group_start(first_latent)`; rows before the stream or the span: not given),
+        a personal avatar's mouth filled in from the speech."""
         dc, tl = self.cfg.driving, self.timeline
+        first = tl.group_start(first_latent)
+        motion = np.zeros((tl.temporal_stride * n_latents, dc.motion_dim), np.float32)
+        if inp.motion is not None:  # rows from the span's first frame; the first group starts before it
+            rows = inp.motion[: len(motion) - (inp.span.frame - first)]
+            motion[inp.span.frame - first:inp.span.frame - first + len(rows)] = rows
+        if self.cfg.speech_mouth is not None:  # a personal avatar: speech -> mouth fields
+            from model.personal.speech_mouth import fill
+            motion = fill(motion, inp.audio, inp.span.audio_from, first, tl, self.cfg.speech_mouth)
+        return motion
+
+    def driving_tokens(self, inp: StepInput, motion: np.ndarray, first_latent: int, n_latents: int) -> Tensor:
+        """(1, n_latents, M, D) tokens of one step's driving (log-mel of its audio, its
+        `driving_motion`)."""
+        dc = self.cfg.driving
         audio = np.zeros(0, np.float32) if inp.audio is None else inp.audio
         if len(audio) < dc.n_fft:
             audio = np.pad(audio, (0, dc.n_fft - len(audio)))
         mel = drv.log_mel(torch.from_numpy(np.ascontiguousarray(audio)), dc)[None]
-        first = tl.group_start(first_latent)
-        motion = np.zeros((1, tl.temporal_stride * n_latents, dc.motion_dim), np.float32)
-        if inp.motion is not None:  # rows from the span's first frame; the first group starts before it
-            rows = inp.motion[: len(motion[0]) - (inp.span.frame - first)]
-            motion[0, inp.span.frame - first:inp.span.frame - first + len(rows)] = rows
-        if self.cfg.speech_mouth is not None:  # a personal avatar: speech -> mouth fields
-            from model.personal.speech_mouth import fill
-            motion[0] = fill(motion[0], inp.audio, inp.span.audio_from, first, tl, self.cfg.speech_mouth)
         dev, dt = self.device, self.dtype
         return latent_driving_tokens(self.model.driving, self.cfg, mel.to(dev, dt), inp.span.audio_from // dc.hop_length,
-                                     torch.from_numpy(motion).to(dev, dt), first_latent, n_latents)
+                                     torch.from_numpy(motion)[None].to(dev, dt), first_latent, n_latents)
 
     def denoise(self, states: Sequence[KnotState], plans: Sequence[KnotPlan], knobs: StreamKnobs, steps: int,
                 before_pass: Callable[[], None]) -> Tensor:
@@ -291,7 +334,7 @@ class KnotForcing:
         c = knobs.chunk_frames
         write_clean(self.model.dit, BatchedStreaming([Streaming(s.reference, s.window, write=True) for s in states]),
                     committed, torch.stack([p.pos for p in plans])[:, :c],
-                    torch.cat([build_cond(self.cfg, s.reference_latent, None, c) for s in states]),
+                    torch.cat([build_cond(self.cfg, p.hint[:, :, :c], None, c) for p in plans]),
                     torch.cat([p.drive for p in plans])[:, :c])
         for s in states:
             s.window.commit(c)

@@ -14,7 +14,7 @@ latents for FlashHead). `forget_from` drops what was predicted with driving that
 noise generator, the seam blend, history and aborts, and calls these methods in this
 order for every batch of streams with the same `batch_key`:
 
-    plan (per stream) -> denoise (batched) -> finish (per stream) -> decode -> write (batched)
+    plan (per stream) -> denoise (batched) -> finish (per stream) -> decode (blend_frames) -> write (batched)
 
 The model file's config names the recipe (`ModelConfig.recipe`); `RECIPES` maps the name to
 its class. A new family is a new entry here and a new module, never a branch in `Stream`.
@@ -61,6 +61,10 @@ class Recipe(Protocol[State, Plan, Snapshot]):
 
     def finish(self, state: State, knobs: StreamKnobs, x0: Tensor) -> Tensor:
         """One stream's clean latents -> the latents it commits (decoded and cached)."""
+
+    def blend_frames(self, state: State, plan: Plan, first_frame: int, n: int) -> Tensor | None:
+        """Per-frame images (1, n, 3, H, W) the reference decoder's blend copies from for video
+        frames [first_frame, first_frame + n) of the planned chunk; None: the still portrait."""
 
     def write(self, states: Sequence[State], plans: Sequence[Plan], knobs: StreamKnobs, committed: Tensor,
               decoded: Sequence[Tensor]) -> None:

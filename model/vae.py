@@ -169,8 +169,11 @@ class Decoder(nn.Module):
             raise ValueError(f"reference must be (B, 3, H, W), got {tuple(image.shape)}")
         return ReferenceInputs(image, self.reference_features(image))
 
-    def forward(self, z: Tensor, state: CausalState) -> Tensor:
-        """z (B, z, F, h, w) -> video (B, 3, n, H, W), advancing `state` by one chunk."""
+    def forward(self, z: Tensor, state: CausalState, blend: Tensor | None = None) -> Tensor:
+        """z (B, z, F, h, w) -> video (B, 3, n, H, W), advancing `state` by one chunk.
+        blend: what the reference blend copies from per output frame, (B, n, 3, H, W) in
+        [-1, 1] (a personal avatar's warped portrait: model/motion_warp.py); default the
+        reference image."""
         x = self.mid(self.conv_in(z.transpose(1, 2), state), state)  # frame-major (B, F, C, h, w) inside
         ref = state.reference
         if self.reference_features is not None and ref is None:
@@ -180,7 +183,7 @@ class Decoder(nn.Module):
                 feat = ref.features[len(self.ups) - 1 - k]  # this level's resolution
                 x = x + self.reference_inject[k](feat)[:, None]
                 if k == len(self.ups) - 1:
-                    x = self.reference_blend(x, up(x, state), ref.image, state)
+                    x = self.reference_blend(x, up(x, state), ref.image if blend is None else blend, state)
                     break
             x = up(x, state)
         if self.conv_out is not None:
@@ -250,16 +253,18 @@ class CausalVAE(nn.Module):
             mean = mean + torch.exp(0.5 * logvar) * eps
         return self.normalize(mean)
 
-    def decode(self, latent: Tensor, clamp: bool = True, reference: Tensor | None = None) -> Tensor:
+    def decode(self, latent: Tensor, clamp: bool = True, reference: Tensor | None = None,
+               blend: Tensor | None = None) -> Tensor:
         """normalised latent (B, z, F, h, w) -> video (B, 3, 1 + 4(F - 1), 8h, 8w) in [-1, 1].
 
         clamp=False returns the raw decoder output (for reconstruction losses: clamping
         would stop gradients outside [-1, 1]). reference: the portrait (B or 1, 3, 8h, 8w)
-        in [-1, 1]; required by a reference-conditioned decoder, ignored otherwise."""
+        in [-1, 1]; required by a reference-conditioned decoder, ignored otherwise.
+        blend: per-frame images the decoder's blend copies from instead (Decoder.forward)."""
         self._check_latent(latent)
         state = CausalState(self.decoder.n_slots, keep=False)
         state.reference = self._reference_inputs(reference, latent)
-        video = self.decoder(self.denormalize(latent), state)
+        video = self.decoder(self.denormalize(latent), state, self._checked_blend(blend, state))
         return video.clamp(-1, 1) if clamp else video
 
     # ----- streams --------------------------------------------------------------------------
@@ -278,6 +283,11 @@ class CausalVAE(nn.Module):
             raise ValueError(f"reference must be (1 or {latent.shape[0]}, 3, {want[0]}, {want[1]}), "
                              f"got {tuple(reference.shape)}")
         return self.decoder.prepare_reference(reference.to(latent.dtype))
+
+    def _checked_blend(self, blend: Tensor | None, state: CausalState) -> Tensor | None:
+        if blend is not None and state.reference is None:
+            raise ValueError("blend frames need a reference-conditioned decoder")
+        return blend
 
     def stream_decoder(self, reference: Tensor | None = None) -> "StreamingDecoder":
         """reference: the stream's portrait, (1, 3, H, W) or (1, 3, 1, H, W) in [-1, 1]; needed
@@ -313,11 +323,13 @@ class StreamingDecoder:
         self.frames_out = 0   # video frames produced so far
         self.latents_in = 0   # latent frames consumed so far
 
-    def decode(self, latent_chunk: Tensor, clamp: bool = True) -> Tensor:
+    def decode(self, latent_chunk: Tensor, clamp: bool = True, blend: Tensor | None = None) -> Tensor:
         """normalised latent_chunk (B, z, f, h, w) -> frames (B, 3, n, H, W) in [-1, 1],
-        n = frames_for_latents(f, first=this is the stream's first chunk)."""
+        n = frames_for_latents(f, first=this is the stream's first chunk). blend: per-frame
+        images (B, n, 3, H, W) the decoder's blend copies from (CausalVAE.decode)."""
         self.vae._check_latent(latent_chunk)
-        video = self.vae.decoder(self.vae.denormalize(latent_chunk), self.state)
+        video = self.vae.decoder(self.vae.denormalize(latent_chunk), self.state,
+                                 self.vae._checked_blend(blend, self.state))
         self.frames_out += video.shape[2]
         self.latents_in += latent_chunk.shape[2]
         return video.clamp(-1, 1) if clamp else video

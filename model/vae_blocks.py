@@ -293,8 +293,12 @@ class ReferenceBlend(nn.Module):
 
     def forward(self, x: Tensor, rgb: Tensor, reference: Tensor, state: CausalState) -> Tensor:
         """x (B, T, Cin, h, w) half-resolution features, rgb (B, T, 3, 2h, 2w), reference
-        (B or 1, 3, 2h, 2w) -> (B, T, 3, 2h, 2w)."""
+        (B or 1, 3, 2h, 2w), or one per output frame (B, T, 3, 2h, 2w) -> (B, T, 3, 2h, 2w)."""
         y = self.conv(torch.relu(x), state)
         B, T, C, h, w = y.shape
         m = torch.sigmoid(F.pixel_shuffle(y.reshape(B * T, C, h, w), 2).view(B, T, 1, 2 * h, 2 * w))
-        return rgb + m * (reference[:, None] - rgb)
+        if reference.dim() == 4:
+            reference = reference[:, None]
+        elif reference.shape[1] != T:
+            raise ValueError(f"{reference.shape[1]} blend frames for {T} output frames")
+        return rgb + m * (reference - rgb)

@@ -55,6 +55,39 @@ def test_person_data_gives_the_trainer_its_batches(prepared):
         short.clips(1, 3, torch.Generator())
 
 
+def test_the_fits_warped_portraits_are_the_engines(prepared):
+    """Training copies from the same warped portraits the engine makes for the same driving:
+    the decoder's blend per frame, the DiT's condition latents per latent."""
+    from model.engine import Engine
+    from model.personal.fit import add_motion_warp
+    from model.personal.fit_data import PersonData
+    from model.timeline import StepInput
+    from model.train.chunks import encode_hints
+
+    _, _, p = prepared
+    engine = Engine.from_pretrained("tiny", dtype=torch.float32)
+    engine.config.stream = engine.config.stream.replace(knot_frames=0)
+    add_motion_warp(engine.model, p)
+    warp = engine.model.warp
+    assert not torch.allclose(warp.landmark_map, torch.zeros(()))
+    Fr = engine.config.stream.chunk_frames
+    data = PersonData(p, engine.config, warp=warp)  # fields dropped at random: the rest pose where not given
+    batch = data.clips(3, Fr, torch.Generator().manual_seed(1))
+    n = data.clip_frames(Fr)
+    assert batch.blend.shape == (3, n, 3, 128, 128) and batch.hints.shape == (3, Fr, 3, 128, 128)
+    for b in range(3):
+        stream = engine.start(p.portrait, knobs=engine.config.stream)
+        span = stream.next_span()
+        rows = np.zeros((span.driving_frames, batch.motion.shape[2]), np.float32)
+        rows[:n] = batch.motion[b].numpy()
+        with torch.inference_mode():
+            plan = engine.recipe.plan(stream.state, stream.knobs, StepInput(span, None, rows), torch.Generator())
+            blend = engine.recipe.blend_frames(stream.state, plan, 0, n)
+            hint = encode_hints(engine.model.vae, batch.hints[b:b + 1])
+        assert torch.allclose(blend[0], batch.blend[b], atol=1e-5)
+        assert torch.allclose(plan.hint, hint, atol=1e-4)
+
+
 def test_dropped_groups_are_not_given():
     from model.personal.fit_data import GROUPS, driving_motion, drop_groups
 
@@ -117,11 +150,14 @@ def test_engine_routes_speech_through_the_mouth_fields(tmp_path):
     first = engine.timeline.group_start(2)
     filled = fill(np.zeros((4 * 3, 2 * _N), np.float32), audio, span.audio_from, first, engine.timeline, (0.7, 0.4))
     explicit = filled[span.frame - first:]
+    def tokens(inp):
+        return recipe.driving_tokens(inp, recipe.driving_motion(inp, 2, 3), 2, 3)
+
     with torch.inference_mode():
-        alone = recipe.driving_tokens(StepInput(span, audio, None), 2, 3)
-        given = recipe.driving_tokens(StepInput(span, audio, explicit[:span.driving_frames]), 2, 3)
+        alone = tokens(StepInput(span, audio, None))
+        given = tokens(StepInput(span, audio, explicit[:span.driving_frames]))
         engine.config.speech_mouth = None
-        direct = recipe.driving_tokens(StepInput(span, audio, None), 2, 3)
+        direct = tokens(StepInput(span, audio, None))
     assert torch.equal(alone, given)
     assert not torch.allclose(alone, direct)  # without the routing the mouth is "not given"
     assert explicit[:, _F["mouth_open"]].max() > 0.3
@@ -156,9 +192,12 @@ def test_avatar_create_fits_writes_an_avatar_and_resumes(prepared, capsys):
     ckpt = folder / "me.fit"
     fitted = load_checkpoint(ckpt / "dit.pt")["model"]
     exported, base = load_model(out).state_dict(), load_model(ASSETS / "tiny.safetensors").state_dict()
-    assert set(exported) == set(base) == set(fitted)
+    warp = {"warp.landmark_map", "warp.points", "warp.rest"}  # the portrait warp (model/motion_warp.py)
+    assert set(exported) == set(fitted) == set(base) | warp
+    assert cfg.motion_warp == 478 and torch.equal(exported["warp.points"], torch.from_numpy(
+        p.landmarks[p.portrait_index, :, :2]).half().float())
     assert all(torch.equal(exported[k], fitted[k].half().float()) for k in fitted)
-    changed = {k for k in fitted if not torch.equal(fitted[k], base[k])}
+    changed = {k for k in fitted if k not in warp and not torch.equal(fitted[k], base[k])}
     for part in ("vae.decoder.", "dit.", "driving."):
         assert any(k.startswith(part) for k in changed), part
     assert not any(k.startswith("vae.encoder.") for k in changed)  # frozen: the DiT's latents stay valid

@@ -20,6 +20,14 @@ mouth (`speech_mouth.gains`). The person's clip teaches motion -> face, which it
 for (a silent clip included); the comparison with the DiT's own audio path is in
 docs/benchmarks.md.
 
+The portrait warp (`FitPlan.motion_warp`, model/motion_warp.py): before training, the
+person's landmarks are regressed on their motion (the fitting frames) and the model carries
+that map; the DiT's condition channels then hold, per latent, the portrait warped onto that
+latent's motion, and the decoder's blend copies from the portrait warped onto each frame's,
+in training as in the engine. The still portrait alone gives the model no picture of the
+person in any other pose; the warp gives it one from nothing but the motion it is driven
+with (docs/benchmarks.md).
+
 Knots and window: the avatar streams with `knot_frames=0` and a window of 2 latent frames
 (written into its stream defaults and used in training). Chained knot predictions drift
 in colour on real faces as they do on the bundled model, and a 6-frame window of its own
@@ -63,6 +71,9 @@ class FitPlan:
     window_frames: int = 2
     seed: int = 0
     save_every: int = 50
+    # The DiT's condition and the decoder's blend copy from the portrait warped onto each
+    # frame's motion (model/motion_warp.py) instead of the still portrait.
+    motion_warp: bool = True
 
 
 @dataclass
@@ -134,7 +145,9 @@ def fit(prepared, base: str, out: str | Path, plan: FitPlan | None = None, max_m
     probe = trainer_args(plan, base_path, 0, plan.clip_latents, on_progress)
     model = trainer._build_model(probe, out)  # the newest checkpoint in `out`, else the base weights
     torch.manual_seed(plan.seed)
-    data = PersonData(prepared, model.config)
+    if plan.motion_warp and model.warp is None:  # a resumed fit has it from its checkpoint
+        add_motion_warp(model, prepared)
+    data = PersonData(prepared, model.config, warp=model.warp)
     clip_latents = fitted_clip_latents(data, plan.clip_latents)
     args = trainer_args(plan, base_path, pool_size(data, clip_latents), clip_latents, on_progress)
 
@@ -149,6 +162,20 @@ def fit(prepared, base: str, out: str | Path, plan: FitPlan | None = None, max_m
     dec, dit = _stage_step(out, "decoder"), _stage_step(out, "dit")
     return FitResult(model.eval(), dec, dit, dec >= plan.decoder_steps and dit >= plan.dit_steps,
                      (time.time() - t0) / 60, (time.process_time() - cpu0) / 60)
+
+
+def add_motion_warp(model, prepared) -> None:
+    """Give the model the person's portrait warp (model/motion_warp.py): the landmarks of the
+    fitting frames regressed on their motion, the portrait's landmarks and motion."""
+    from model.config import MOTION_FIELDS
+    from model.motion_warp import MotionWarp
+    from model.personal.motion_landmarks import MotionLandmarks
+
+    p, rows = prepared, slice(0, prepared.fit_frames)
+    landmarks = MotionLandmarks.fit(p.motion[rows], p.landmarks[rows])
+    model.config.motion_warp = landmarks.n_points
+    model.warp = MotionWarp(landmarks.n_points, len(MOTION_FIELDS), model.config.height)
+    model.warp.set_fit(landmarks.weights, p.landmarks[p.portrait_index], p.motion[p.portrait_index])
 
 
 def _base_file(base: str) -> str:

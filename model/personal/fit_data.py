@@ -77,7 +77,8 @@ class PersonData:
 
     frames: the range of the prepared clip to draw from (default: its fitting frames)."""
 
-    def __init__(self, prepared, config: ModelConfig, frames: slice | None = None, drop_given: float = DROP_GIVEN):
+    def __init__(self, prepared, config: ModelConfig, frames: slice | None = None, drop_given: float = DROP_GIVEN,
+                 warp=None):
         from model.media import fit_portrait
 
         p = prepared
@@ -101,6 +102,7 @@ class PersonData:
         self.has_speech = p.audio is not None
         self.reference = fit_portrait(p.portrait, config.height, config.width)
         self.drop_given = drop_given
+        self.warp = warp  # the model's MotionWarp (model/motion_warp.py), or None
 
     def clip_frames(self, n_latents: int) -> int:
         return self.timeline.frames_for_latents(n_latents, first=True)
@@ -134,6 +136,21 @@ class PersonData:
             motion.append(drop_groups(self.motion[s:s + T], rng, self.drop_given))
             weight.append(region_weights(self.landmarks[s:s + T], self.config.height))
         reference = _unit([self.reference] * batch).permute(0, 3, 1, 2).contiguous()
+        motion = torch.from_numpy(np.stack(motion))
+        blend, hints = self._warped(reference[:1], motion) if self.warp is not None else (None, None)
         return ClipBatch(frames=_unit(frames).permute(0, 4, 1, 2, 3).contiguous(), reference=reference,
-                         audio=torch.from_numpy(np.stack(audio)), motion=torch.from_numpy(np.stack(motion)),
-                         weight=torch.from_numpy(np.stack(weight))[:, None])
+                         audio=torch.from_numpy(np.stack(audio)), motion=motion,
+                         weight=torch.from_numpy(np.stack(weight))[:, None], blend=blend, hints=hints)
+
+    @torch.no_grad()
+    def _warped(self, portrait: torch.Tensor, motion: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The portrait (1, 3, H, W) warped onto clips' driving (B, T, 2F) as the engine warps
+        it: per frame (B, T, 3, H, W) for the decoder's blend, per latent's group of frames
+        (B, N, 3, H, W) for the DiT's condition (the first group reaches 3 rows before the
+        clip: not given, as before a stream's start)."""
+        warp, tl = self.warp, self.timeline
+        before = torch.zeros(motion.shape[0], -tl.group_start(0), motion.shape[2])
+        grouped = torch.cat([before, motion], dim=1)
+        blend = torch.stack([warp.warp(portrait, warp.fields(m)) for m in motion])
+        hints = torch.stack([warp.warp(portrait, warp.latent_fields(g, tl.temporal_stride)) for g in grouped])
+        return blend, hints

@@ -52,6 +52,12 @@ class ClipBatch:
     latents: Tensor | None = None
     ref_latent: Tensor | None = None
     latent_weight: Tensor | None = None
+    # A model with a motion warp (model/motion_warp.py): the portrait warped onto each frame's
+    # motion (B, T, 3, H, W), what the decoder's blend copies from; onto each latent's mean
+    # motion (B, N, 3, H, W), and those encoded (B, z, N, h, w): the DiT's condition.
+    blend: Tensor | None = None
+    hints: Tensor | None = None
+    hint_latent: Tensor | None = None
 
 
 @dataclass
@@ -130,16 +136,25 @@ class ChunkTrainer:
         self.model = model
         self.cfg: ModelConfig = model.config
         self.timeline = Timeline.of(self.cfg)
+        self._hints: Tensor | None = None  # the current batch's condition latents (`latents`)
 
     def latents(self, batch: ClipBatch) -> tuple[Tensor, Tensor]:
-        """VAE latents of the clip frames and of the reference (no gradient: the VAE is frozen here)."""
+        """VAE latents of the clip frames and of the reference (no gradient: the VAE is frozen
+        here). Also sets the condition's latents of this batch (`_hint`)."""
         if batch.latents is not None:
+            self._hints = batch.hint_latent
             return batch.latents, batch.ref_latent
         with torch.no_grad():
             vae = self.model.vae
             z = vae.encode(batch.frames)  # (B, z, N, h, w)
             ref = vae.encode(batch.reference[:, :, None])  # (B, z, 1, h, w)
+            self._hints = None if batch.hints is None else encode_hints(vae, batch.hints)
         return z, ref
+
+    def _hint(self, ref: Tensor, start: int, n: int) -> Tensor:
+        """The condition's latent for latents [start, start + n) (`build_cond`): the batch's
+        warped portraits where the model has a motion warp, else the reference latent."""
+        return ref if self._hints is None else self._hints[:, :, start:start + n]
 
     def drive(self, batch: ClipBatch, first_latent: int, n_latents: int) -> Tensor:
         """(B, n_latents, 4M, D) driving tokens of the step that denoises latents [first_latent,
@@ -209,9 +224,9 @@ class ChunkTrainer:
         if plan.start > 0 and kn:
             if knot is None:
                 knot = self._noisy_knot(target[:, :, :kn], gen)
-            cond = build_cond(cfg, ref, knot, Fr)
+            cond = build_cond(cfg, self._hint(ref, plan.start, Fr), knot, Fr)
         else:
-            cond = build_cond(cfg, ref, None, Fr)
+            cond = build_cond(cfg, self._hint(ref, plan.start, Fr), None, Fr)
         noise = torch.randn(target.shape, generator=gen).to(dev, dt)
         s = sigma.view(B, 1, 1, 1, 1).to(dt)
         x_t = (1 - s) * target + s * noise
@@ -263,7 +278,7 @@ class ChunkTrainer:
         """The engine's cache-writing pass of one committed chunk, then its commit."""
         c = clean.shape[2]
         write_clean(self.model.dit, Streaming(rc, wc, write=True), clean, positions(start, c),
-                    build_cond(self.cfg, ref, None, c), drive)
+                    build_cond(self.cfg, self._hint(ref, start, c), None, c), drive)
         wc.commit(c)
 
     @torch.no_grad()
@@ -312,12 +327,21 @@ class ChunkTrainer:
         B = ref.shape[0]
         c, kn = k.chunk_frames, k.knot_frames
         Fr = c + kn
-        chunk = ChunkInputs(positions(start, Fr), build_cond(cfg, ref, knot, Fr), drive, Streaming(rc, wc, write=False))
+        chunk = ChunkInputs(positions(start, Fr), build_cond(cfg, self._hint(ref, start, Fr), knot, Fr), drive,
+                            Streaming(rc, wc, write=False))
         noise = noise.to(ref.device, ref.dtype)
         knots = [None] * B if knot is None else list(knot.split(1))
         x0 = chunk_step(self.model.dit, chunk, noise, get_sigmas(k.denoise_steps, k.shift), knots, k.knot_fusion,
                         cfg.sampler.num_train_timesteps)
         return x0[:, :, :c], (x0[:, :, c:] if kn else None)
+
+
+def encode_hints(vae, hints: Tensor) -> Tensor:
+    """(B, N, 3, H, W) warped portraits -> (B, z, N, h, w), each encoded as a lone frame (as
+    the engine's `warped_latents`)."""
+    B, N = hints.shape[:2]
+    z = vae.encode(hints.flatten(0, 1)[:, :, None])  # (B*N, z, 1, h, w)
+    return z[:, :, 0].unflatten(0, (B, N)).transpose(1, 2)
 
 
 def sample_sigma(batch: int, shift: float, gen: torch.Generator) -> Tensor:

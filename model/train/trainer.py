@@ -283,11 +283,12 @@ def train_decoder(model, data, args, out: Path, deadline) -> None:
             p = loop.step / max(1, args.decoder_steps)
             g["lr"] = args.lr * min(1.0, (loop.step + 1) / 100) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
         batch = data.clips(args.batch, n_latents=3, gen=gen)
-        frames, weight, reference = _random_crop(batch.frames, batch.weight, 64, gen, batch.reference)
+        blend = () if batch.blend is None else (batch.blend,)  # a motion warp's per-frame copy source
+        frames, weight, reference, *blend = _random_crop(batch.frames, batch.weight, 64, gen, batch.reference, *blend)
         with torch.no_grad():
             mean, logvar = vae.encode_dist(frames)
             z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=gen)
-        recon = vae.decode(vae.normalize(z), clamp=False, reference=reference)
+        recon = vae.decode(vae.normalize(z), clamp=False, reference=reference, blend=blend[0] if blend else None)
         losses = vae_loss(recon, frames, weight, mean, logvar, kl_weight=0.0)
         motion = temporal_loss(recon, frames, weight)
         loss = losses["loss"] + args.temporal_weight * motion
@@ -338,9 +339,11 @@ def latent_pool(model, data, args, out: Path):
     pool_path = out / f"latent_pool_{args.clip_latents}.pt"
     pool = LatentPool.load(pool_path) if pool_path.exists() else None
     fingerprint = vae_fingerprint(model.vae)
+    warped = model.warp is not None
     if pool is None or pool.t.get("vae_fingerprint") is None or not torch.equal(pool.t["vae_fingerprint"], fingerprint) \
-            or len(pool) < args.pool:
-        # Latents from another VAE (it trained on) or a smaller pool than asked: encode again.
+            or len(pool) < args.pool or ("hint_latent" in pool.t) != warped:
+        # Latents from another VAE (it trained on), a smaller pool than asked, or condition
+        # latents of the motion warp missing or not wanted: encode again.
         pool = LatentPool.build(data, model.vae, args.pool, args.clip_latents, torch.Generator().manual_seed(args.seed))
         pool.t["vae_fingerprint"] = fingerprint
         pool.save(pool_path)

@@ -156,6 +156,10 @@ class FlashHead(PhotorealRecipe):
         """The whole chunk is decoded (its decoder shows the frames after the motion frames)."""
         return x0
 
+    @staticmethod
+    def blend_frames(state: FlashHeadState, plan: FlashHeadPlan, first_frame: int, n: int) -> None:
+        return None  # the Wan VAE has no reference blend
+
     def write(self, states: Sequence[FlashHeadState], plans: Sequence[FlashHeadPlan], knobs: StreamKnobs,
               committed: Tensor, decoded: Sequence[Tensor]) -> None:
         """The last motion frames shown, re-encoded: the next chunk's given latents."""

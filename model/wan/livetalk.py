@@ -181,6 +181,10 @@ class LiveTalk(PhotorealRecipe):
     finish = staticmethod(KnotForcing.finish)
     forget_from = KnotForcing.forget_from
 
+    @staticmethod
+    def blend_frames(state: LiveTalkState, plan: LiveTalkPlan, first_frame: int, n: int) -> None:
+        return None  # the Wan VAE has no reference blend
+
     def write(self, states: Sequence[LiveTalkState], plans: Sequence[LiveTalkPlan], knobs: StreamKnobs,
               committed: Tensor, decoded: Sequence[Tensor]) -> None:
         """The clean pass (timestep 0) writes every block into its stream's cache; then each

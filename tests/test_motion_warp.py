@@ -1,0 +1,190 @@
+"""The portrait warp a personal avatar carries (model/motion_warp.py): its landmarks are the
+regression's, the fast first-order warp matches the exact piecewise-affine one, fields not
+given stay at the portrait's, and the engine hands the warp to the DiT's condition and the
+decoder's blend (the training side's batches are checked against the engine in
+tests/test_personal_fit.py)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from model.config import MOTION_FIELDS
+
+S = 128
+_F = {n: i for i, n in enumerate(MOTION_FIELDS)}
+_N = len(MOTION_FIELDS)
+
+
+def _points(n: int = 60, seed: int = 0) -> np.ndarray:
+    """Face-like landmarks: a jittered ring and a cloud inside it, crop pixels."""
+    rng = np.random.default_rng(seed)
+    a = np.linspace(0, 2 * np.pi, n // 2, endpoint=False)
+    ring = np.c_[64 + 40 * np.cos(a), 64 + 48 * np.sin(a)]
+    inner = rng.uniform(35, 93, (n - len(ring), 2))
+    return np.r_[ring, inner]
+
+
+def _texture(seed: int = 1) -> np.ndarray:
+    """A smooth random RGB picture (uint8), so a misplaced pixel shows in the PSNR."""
+    import cv2
+    rng = np.random.default_rng(seed)
+    return cv2.resize(rng.integers(0, 256, (16, 16, 3)).astype(np.uint8), (S, S), interpolation=cv2.INTER_CUBIC)
+
+
+def _fit(points: np.ndarray, seed: int = 2):
+    """MotionLandmarks fitted on synthetic motion that moves the points: yaw shifts them
+    sideways (3 px per unit), mouth_open stretches the lower half down (4 px per unit)."""
+    from model.personal.motion_landmarks import MotionLandmarks
+
+    rng = np.random.default_rng(seed)
+    motion = rng.uniform(-1, 1, (200, _N))
+    lower = (points[:, 1] > 64).astype(float)
+    lm = points[None] + 3 * motion[:, _F["yaw"], None, None] * np.array([1.0, 0.0]) \
+        + 4 * motion[:, _F["mouth_open"], None, None] * (lower[:, None] * np.array([0.0, 1.0]))
+    return MotionLandmarks.fit(motion, lm), motion
+
+
+def _warp(points, rest=None):
+    from model.motion_warp import MotionWarp
+
+    regression, _ = _fit(points)
+    warp = MotionWarp(len(points), _N, S)
+    warp.set_fit(regression.weights, points, np.zeros(_N) if rest is None else rest)
+    return warp, regression
+
+
+def _unit(image: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(image).float().div(127.5).sub(1).permute(2, 0, 1)[None]
+
+
+def _uint8(t: torch.Tensor) -> np.ndarray:
+    return ((t + 1) * 127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
+
+
+def _psnr(a: np.ndarray, b: np.ndarray) -> float:
+    return float(10 * np.log10(255 ** 2 / max(1e-10, np.mean((a.astype(float) - b.astype(float)) ** 2))))
+
+
+def test_landmarks_are_the_regressions():
+    points = _points()
+    warp, regression = _warp(points)
+    motion = np.random.default_rng(5).uniform(-1, 1, (7, _N))
+    got = warp.landmarks(torch.from_numpy(motion).float()).numpy()
+    assert np.allclose(got, regression.predict(motion), atol=1e-3)
+
+
+def test_rest_motion_leaves_the_portrait_and_motion_moves_it():
+    points, image = _points(), _texture()
+    rest = np.random.default_rng(3).uniform(-0.3, 0.3, _N)
+    warp, _ = _warp(points, rest)
+    still = _uint8(warp.warp(_unit(image), torch.from_numpy(rest).float()[None]))[0]
+    assert _psnr(still, image) > 45   # the identity grid up to float rounding
+    moved = rest.copy()
+    moved[_F["yaw"]] += 1.0
+    shifted = _uint8(warp.warp(_unit(image), torch.from_numpy(moved).float()[None]))[0]
+    assert _psnr(shifted, image) < 30
+    # Inside the face the content moved right by ~3 px: the warped picture there is the
+    # portrait's from 3 px to the left.
+    assert _psnr(shifted[50:80, 53:75], image[50:80, 50:72]) > _psnr(shifted[50:80, 53:75], image[50:80, 53:75]) + 6
+
+
+def test_fast_warp_matches_the_exact_piecewise_affine_warp():
+    from model.personal.warp import warp_portrait
+
+    points, image = _points(), _texture()
+    warp, regression = _warp(points)
+    motion = np.random.default_rng(7).uniform(-1, 1, (5, _N))
+    fast = _uint8(warp.warp(_unit(image), torch.from_numpy(motion).float()))
+    # The exact warp, from rest (all zeros) landmarks to each frame's.
+    src = regression.predict(np.zeros((1, _N)))[0]
+    exact = np.stack([warp_portrait(image, src, dst) for dst in regression.predict(motion)])
+    assert _psnr(fast, exact) > 30
+    assert _psnr(fast, exact) > _psnr(np.broadcast_to(image, exact.shape), exact) + 8
+
+
+def test_fields_not_given_take_the_portraits_motion():
+    points = _points()
+    rest = np.arange(_N, dtype=np.float32) / 10
+    warp, _ = _warp(points, rest)
+    driving = torch.zeros(4, 2 * _N)
+    driving[:, _F["yaw"]], driving[:, _N + _F["yaw"]] = 0.7, 1.0   # yaw given, nothing else
+    fields = warp.fields(driving)
+    assert torch.allclose(fields[:, _F["yaw"]], torch.tensor(0.7))
+    others = [i for i in range(_N) if i != _F["yaw"]]
+    assert torch.allclose(fields[:, others], torch.from_numpy(rest[others]).expand(4, -1))
+    # A latent's fields: the mean over its group of frames.
+    driving[2:, _F["yaw"]] = -0.7
+    assert torch.allclose(warp.latent_fields(driving, 2)[:, _F["yaw"]], torch.tensor([0.7, -0.7]))
+    assert torch.allclose(warp.latent_fields(driving, 4)[:, _F["yaw"]], torch.tensor([0.0]), atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def warped_engine():
+    """The tiny model (random weights) with a motion warp, as a personal avatar's, and its portrait."""
+    from model.avatar import AvatarModel
+    from model.config import from_name
+    from model.engine import Engine
+
+    cfg = from_name("tiny")
+    cfg.vae = dataclasses.replace(cfg.vae, reference_decoder=True)  # as the bundled weights have it
+    cfg.motion_warp = 60
+    cfg.stream = cfg.stream.replace(knot_frames=0)
+    model = AvatarModel.random(cfg)
+    regression, _ = _fit(_points())
+    model.warp.set_fit(regression.weights, _points(), np.zeros(_N))
+    return Engine(model), _texture()
+
+
+def _driving(engine, stream, yaw: float):
+    from model.timeline import StepInput
+
+    span = stream.next_span()
+    motion = np.zeros((span.driving_frames, 2 * _N), np.float32)
+    motion[:, _F["yaw"]], motion[:, _N + _F["yaw"]] = yaw, 1.0
+    return StepInput(span, np.zeros(span.audio_to - span.audio_from, np.float32), motion)
+
+
+def test_the_engine_conditions_and_blends_on_the_warp(warped_engine):
+    from model.knot_forcing import warped_latents
+
+    engine, portrait = warped_engine
+    stream = engine.start(portrait)
+    state, recipe = stream.state, engine.recipe
+    inp = _driving(engine, stream, 1.0)
+    with torch.inference_mode():
+        plan = recipe.plan(state, stream.knobs, inp, torch.Generator().manual_seed(0))
+        Fr = stream.knobs.chunk_frames
+        assert plan.hint.shape[2] == Fr
+        # Latent 0's group is 3 frames before the stream (the portrait's rest) and frame 0.
+        yaw = torch.tensor([0.25] + [1.0] * (Fr - 1))
+        fields = torch.zeros(Fr, _N)
+        fields[:, _F["yaw"]] = yaw
+        assert torch.allclose(plan.hint, warped_latents(engine.model.vae, engine.model.warp, state.portrait, fields),
+                              atol=1e-5)
+        assert not torch.allclose(plan.hint[:, :, 1:], state.reference_latent, atol=1e-2)
+        n = engine.timeline.frames_for_latents(Fr, first=True)
+        blend = recipe.blend_frames(state, plan, 0, n)
+        assert blend.shape == (1, n, 3, S, S)
+        one = torch.zeros(1, _N)
+        one[0, _F["yaw"]] = 1.0
+        assert torch.allclose(blend[0, 1], engine.model.warp.warp(state.portrait, one)[0], atol=1e-6)
+    # The frames follow the warp: the same stream driven with another yaw differs.
+    a = engine.start(portrait).step(_driving(engine, stream, 1.0))
+    b = engine.start(portrait).step(_driving(engine, stream, -1.0))
+    assert np.abs(a.astype(int) - b.astype(int)).mean() > 0.5
+
+
+def test_a_model_file_keeps_its_warp(warped_engine, tmp_path):
+    from model.weights import load_model, save_model
+
+    engine, _ = warped_engine
+    path = tmp_path / "warped.safetensors"
+    save_model(engine.model, path)
+    loaded = load_model(path)
+    assert loaded.config.motion_warp == 60
+    for name in ("landmark_map", "points", "rest"):
+        assert torch.equal(getattr(loaded.warp, name), getattr(engine.model.warp, name))
