@@ -59,10 +59,12 @@ def build_cond(cfg: ModelConfig, reference_latent: Tensor, knot: Tensor | None, 
     return cond
 
 
-def warped_latents(warp, reference_latent: Tensor, fields: Tensor) -> Tensor:
-    """The condition latents of a model with a motion warp: the portrait's latent (1, z, 1,
-    h, w) moved onto each latent's motion fields (L, F) -> (1, z, L, h, w)."""
-    return warp.warp_latent(reference_latent, fields.to(reference_latent.device))
+def warped_latents(vae, warp, portrait: Tensor, fields: Tensor) -> Tensor:
+    """The condition latents of a model with a motion warp: the portrait (1, 3, H, W) warped
+    onto each latent's motion fields (L, F), each encoded as a lone frame as the portrait's
+    own latent is -> (1, z, L, h, w)."""
+    images = warp.warp(portrait, fields.to(portrait.device))  # (L, 3, H, W)
+    return vae.encode(images[:, :, None]).permute(2, 1, 0, 3, 4)
 
 
 def latent_driving_tokens(encoder, cfg: ModelConfig, mel: Tensor, mel_offset: int, motion: Tensor,
@@ -266,7 +268,8 @@ class KnotForcing:
             warp = self.model.warp
             rows = torch.from_numpy(motion).to(self.device)
             fields = warp.fields(rows)
-            hint = warped_latents(warp, state.reference_latent, warp.latent_fields(rows, self.timeline.temporal_stride))
+            hint = warped_latents(self.model.vae, warp, state.portrait,
+                                  warp.latent_fields(rows, self.timeline.temporal_stride))
         return KnotPlan(pos, drive, build_cond(self.cfg, hint, state.knot, Fr), state.knot, noise, hint,
                         self.timeline.group_start(state.next_latent), fields)
 

@@ -12,10 +12,10 @@ buffers of this module, what it needs to make that warp from nothing but the dri
 - `rest` (F,): the portrait's own motion, what a field the session does not give takes
   (the warp then leaves that part of the face as in the portrait).
 
-Two consumers: the DiT's condition channels take, per latent frame, the portrait's latent
-moved by the same warp onto the latent's mean motion (`latent_fields`, `warp_latent`)
-instead of the still portrait's latent; the reference decoder's blend copies, per video
-frame, from the portrait warped onto that frame's motion (`warp`).
+Two consumers: the DiT's condition channels take, per latent frame, the VAE latent of the
+portrait warped onto the latent's mean motion (`latent_fields`) instead of the still
+portrait's latent; the reference decoder's blend copies, per video frame, from the portrait
+warped onto that frame's motion (`warp`).
 
 The warp is piecewise-affine over the portrait's triangulated landmarks (model/personal/
 warp.py) to first order: every pixel moves by the barycentric mix of its triangle's landmark
@@ -151,22 +151,6 @@ class MotionWarp(nn.Module):
         table, offset = self._table(fields.device)
         g = offset + torch.einsum("tk,kpd->tpd", features(fields.float()), table)
         return g.reshape(len(fields), self.size, self.size, 2)
-
-    def warp_latent(self, latent: Tensor, fields: Tensor) -> Tensor:
-        """The portrait's latent (1, z, 1, h, w) moved as `warp` moves the portrait, onto each
-        row of fields (L, F) -> (1, z, L, h, w): each latent cell samples where its block of
-        pixels does on average. Nearly free, where encoding a warped portrait costs a VAE
-        encoder pass per latent (~37 ms at 128 px on one core, docs/benchmarks.md)."""
-        S, (h, w) = self.size, latent.shape[-2:]
-        pixels = (self.grid(fields) + 1) * (S - 1) / 2                      # (L, S, S, 2) portrait pixels
-        blocks = F.avg_pool2d(pixels.permute(0, 3, 1, 2), (S // h, S // w))  # (L, 2, h, w)
-        cell = torch.tensor([S / w, S / h], device=blocks.device).view(1, 2, 1, 1)
-        cells = (blocks - (cell - 1) / 2) / cell                              # in latent cells
-        size = torch.tensor([w - 1, h - 1], device=blocks.device).view(1, 2, 1, 1)
-        g = (2 * cells / size - 1).permute(0, 2, 3, 1).to(latent.dtype)
-        moved = F.grid_sample(latent[:, :, 0].expand(len(fields), -1, -1, -1), g, mode="bilinear",
-                              padding_mode="border", align_corners=True)    # (L, z, h, w)
-        return moved.permute(1, 0, 2, 3)[None]
 
     def warp(self, image: Tensor, fields: Tensor) -> Tensor:
         """image (1 or T, 3, S, S) -> (T, 3, S, S): the portrait warped onto each row's motion."""

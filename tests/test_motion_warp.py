@@ -106,26 +106,6 @@ def test_fast_warp_matches_the_exact_piecewise_affine_warp():
     assert _psnr(fast, exact) > _psnr(np.broadcast_to(image, exact.shape), exact) + 8
 
 
-def test_the_latent_moves_with_the_portrait():
-    """warp_latent: the rest pose leaves the latent as it is; a motion that shifts the whole
-    picture by one latent cell (8 px) shifts the latent by one cell."""
-    from model.motion_warp import MotionWarp
-
-    points = np.array([[x, y] for x in (16, 64, 112) for y in (16, 64, 112)], float)
-    warp = MotionWarp(len(points), _N, S)
-    landmark_map = np.zeros((1 + 2 * _N, 2 * len(points)))
-    landmark_map[0] = points.ravel()
-    landmark_map[1 + _F["yaw"], 0::2] = 8.0           # yaw 1: every landmark 8 px to the right
-    warp.set_fit(landmark_map, points, np.zeros(_N))
-    latent = torch.randn(1, 16, 1, 16, 16)
-    rest, yaw = torch.zeros(1, _N), torch.zeros(1, _N)
-    yaw[0, _F["yaw"]] = 1.0
-    assert torch.allclose(warp.warp_latent(latent, rest), latent, atol=1e-5)
-    moved = warp.warp_latent(latent, yaw)[0, :, 0]
-    # Away from the pinned border the content moved one cell right.
-    assert torch.allclose(moved[:, 6:10, 6:10], latent[0, :, 0, 6:10, 5:9], atol=0.05)
-
-
 def test_fields_not_given_take_the_portraits_motion():
     points = _points()
     rest = np.arange(_N, dtype=np.float32) / 10
@@ -183,7 +163,8 @@ def test_the_engine_conditions_and_blends_on_the_warp(warped_engine):
         yaw = torch.tensor([0.25] + [1.0] * (Fr - 1))
         fields = torch.zeros(Fr, _N)
         fields[:, _F["yaw"]] = yaw
-        assert torch.allclose(plan.hint, warped_latents(engine.model.warp, state.reference_latent, fields), atol=1e-5)
+        assert torch.allclose(plan.hint, warped_latents(engine.model.vae, engine.model.warp, state.portrait, fields),
+                              atol=1e-5)
         assert not torch.allclose(plan.hint[:, :, 1:], state.reference_latent, atol=1e-2)
         n = engine.timeline.frames_for_latents(Fr, first=True)
         blend = recipe.blend_frames(state, plan, 0, n)

@@ -62,7 +62,7 @@ def test_the_fits_warped_portraits_are_the_engines(prepared):
     from model.personal.fit import add_motion_warp
     from model.personal.fit_data import PersonData
     from model.timeline import StepInput
-    from model.knot_forcing import warped_latents
+    from model.train.chunks import encode_hints
 
     _, _, p = prepared
     engine = Engine.from_pretrained("tiny", dtype=torch.float32)
@@ -74,7 +74,7 @@ def test_the_fits_warped_portraits_are_the_engines(prepared):
     data = PersonData(p, engine.config, warp=warp)  # fields dropped at random: the rest pose where not given
     batch = data.clips(3, Fr, torch.Generator().manual_seed(1))
     n = data.clip_frames(Fr)
-    assert batch.blend.shape == (3, n, 3, 128, 128) and batch.latent_fields.shape == (3, Fr, len(MOTION_FIELDS))
+    assert batch.blend.shape == (3, n, 3, 128, 128) and batch.hints.shape == (3, Fr, 3, 128, 128)
     for b in range(3):
         stream = engine.start(p.portrait, knobs=engine.config.stream)
         span = stream.next_span()
@@ -83,7 +83,7 @@ def test_the_fits_warped_portraits_are_the_engines(prepared):
         with torch.inference_mode():
             plan = engine.recipe.plan(stream.state, stream.knobs, StepInput(span, None, rows), torch.Generator())
             blend = engine.recipe.blend_frames(stream.state, plan, 0, n)
-            hint = warped_latents(warp, stream.state.reference_latent, batch.latent_fields[b])
+            hint = encode_hints(engine.model.vae, batch.hints[b:b + 1])
         assert torch.allclose(blend[0], batch.blend[b], atol=1e-5)
         assert torch.allclose(plan.hint, hint, atol=1e-4)
 

@@ -137,20 +137,20 @@ class PersonData:
             weight.append(region_weights(self.landmarks[s:s + T], self.config.height))
         reference = _unit([self.reference] * batch).permute(0, 3, 1, 2).contiguous()
         motion = torch.from_numpy(np.stack(motion))
-        blend, fields = self._warped(reference[:1], motion) if self.warp is not None else (None, None)
+        blend, hints = self._warped(reference[:1], motion) if self.warp is not None else (None, None)
         return ClipBatch(frames=_unit(frames).permute(0, 4, 1, 2, 3).contiguous(), reference=reference,
                          audio=torch.from_numpy(np.stack(audio)), motion=motion,
-                         weight=torch.from_numpy(np.stack(weight))[:, None], blend=blend, latent_fields=fields)
+                         weight=torch.from_numpy(np.stack(weight))[:, None], blend=blend, hints=hints)
 
     @torch.no_grad()
     def _warped(self, portrait: torch.Tensor, motion: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """What the engine makes of clips' driving (B, T, 2F) with the model's motion warp:
-        the portrait (1, 3, H, W) warped onto each frame (B, T, 3, H, W) for the decoder's
-        blend, and each latent's mean motion (B, N, F) for the DiT's condition (the first
-        group reaches 3 rows before the clip: not given, as before a stream's start)."""
+        """The portrait (1, 3, H, W) warped onto clips' driving (B, T, 2F) as the engine warps
+        it: per frame (B, T, 3, H, W) for the decoder's blend, per latent's group of frames
+        (B, N, 3, H, W) for the DiT's condition (the first group reaches 3 rows before the
+        clip: not given, as before a stream's start)."""
         warp, tl = self.warp, self.timeline
         before = torch.zeros(motion.shape[0], -tl.group_start(0), motion.shape[2])
         grouped = torch.cat([before, motion], dim=1)
         blend = torch.stack([warp.warp(portrait, warp.fields(m)) for m in motion])
-        fields = torch.stack([warp.latent_fields(g, tl.temporal_stride) for g in grouped])
-        return blend, fields
+        hints = torch.stack([warp.warp(portrait, warp.latent_fields(g, tl.temporal_stride)) for g in grouped])
+        return blend, hints

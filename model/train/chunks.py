@@ -30,7 +30,7 @@ from model.cache import ReferenceCache, WindowCache
 from model.config import ModelConfig, StreamKnobs
 from model.dit import Streaming
 from model.driving import log_mel
-from model.knot_forcing import (ChunkInputs, build_cond, chunk_step, encode_reference, latent_driving_tokens, warped_latents,
+from model.knot_forcing import (ChunkInputs, build_cond, chunk_step, encode_reference, latent_driving_tokens,
                                 positions, reference_position, write_clean)
 from model.sampler import get_sigmas, shift_sigma
 from model.timeline import Timeline
@@ -53,10 +53,11 @@ class ClipBatch:
     ref_latent: Tensor | None = None
     latent_weight: Tensor | None = None
     # A model with a motion warp (model/motion_warp.py): the portrait warped onto each frame's
-    # motion (B, T, 3, H, W), what the decoder's blend copies from; each latent's mean motion
-    # fields (B, N, F), what the DiT's condition latents are warped onto.
+    # motion (B, T, 3, H, W), what the decoder's blend copies from; onto each latent's mean
+    # motion (B, N, 3, H, W), and those encoded (B, z, N, h, w): the DiT's condition.
     blend: Tensor | None = None
-    latent_fields: Tensor | None = None
+    hints: Tensor | None = None
+    hint_latent: Tensor | None = None
 
 
 @dataclass
@@ -141,17 +142,13 @@ class ChunkTrainer:
         """VAE latents of the clip frames and of the reference (no gradient: the VAE is frozen
         here). Also sets the condition's latents of this batch (`_hint`)."""
         if batch.latents is not None:
-            z, ref = batch.latents, batch.ref_latent
-        else:
-            with torch.no_grad():
-                vae = self.model.vae
-                z = vae.encode(batch.frames)  # (B, z, N, h, w)
-                ref = vae.encode(batch.reference[:, :, None])  # (B, z, 1, h, w)
-        self._hints = None
-        if batch.latent_fields is not None:
-            with torch.no_grad():
-                self._hints = torch.cat([warped_latents(self.model.warp, ref[b:b + 1], batch.latent_fields[b])
-                                         for b in range(ref.shape[0])])
+            self._hints = batch.hint_latent
+            return batch.latents, batch.ref_latent
+        with torch.no_grad():
+            vae = self.model.vae
+            z = vae.encode(batch.frames)  # (B, z, N, h, w)
+            ref = vae.encode(batch.reference[:, :, None])  # (B, z, 1, h, w)
+            self._hints = None if batch.hints is None else encode_hints(vae, batch.hints)
         return z, ref
 
     def _hint(self, ref: Tensor, start: int, n: int) -> Tensor:
@@ -337,6 +334,14 @@ class ChunkTrainer:
         x0 = chunk_step(self.model.dit, chunk, noise, get_sigmas(k.denoise_steps, k.shift), knots, k.knot_fusion,
                         cfg.sampler.num_train_timesteps)
         return x0[:, :, :c], (x0[:, :, c:] if kn else None)
+
+
+def encode_hints(vae, hints: Tensor) -> Tensor:
+    """(B, N, 3, H, W) warped portraits -> (B, z, N, h, w), each encoded as a lone frame (as
+    the engine's `warped_latents`)."""
+    B, N = hints.shape[:2]
+    z = vae.encode(hints.flatten(0, 1)[:, :, None])  # (B*N, z, 1, h, w)
+    return z[:, :, 0].unflatten(0, (B, N)).transpose(1, 2)
 
 
 def sample_sigma(batch: int, shift: float, gen: torch.Generator) -> Tensor:

@@ -217,8 +217,9 @@ class LatentPool:
                 parts["latent_weight"].append(latent_weight(b.weight, 0, n_latents).half())
                 parts["audio"].append(b.audio.half())
                 parts["motion"].append(b.motion.half())
-                if b.latent_fields is not None:  # a model with a motion warp: what its condition is warped onto
-                    parts.setdefault("latent_fields", []).append(b.latent_fields)
+                if b.hints is not None:  # a model with a motion warp: its condition latents
+                    from model.train.chunks import encode_hints
+                    parts.setdefault("hint_latent", []).append(encode_hints(vae, b.hints).half())
                 bar.update(len(b.audio))
         return cls({k: torch.cat(v) for k, v in parts.items()})
 
@@ -237,7 +238,7 @@ class LatentPool:
         from model.train.chunks import ClipBatch
 
         t = {k: self.t[k][idx].float() for k in ("audio", "motion", "latents", "ref_latent", "latent_weight",
-                                                  "latent_fields") if k in self.t}
+                                                  "hint_latent") if k in self.t}
         return ClipBatch(frames=None, reference=None, audio=t["audio"], motion=t["motion"], weight=None,
                          latents=t["latents"], ref_latent=t["ref_latent"], latent_weight=t["latent_weight"],
-                         latent_fields=t.get("latent_fields"))
+                         hint_latent=t.get("hint_latent"))

@@ -341,9 +341,9 @@ def latent_pool(model, data, args, out: Path):
     fingerprint = vae_fingerprint(model.vae)
     warped = model.warp is not None
     if pool is None or pool.t.get("vae_fingerprint") is None or not torch.equal(pool.t["vae_fingerprint"], fingerprint) \
-            or len(pool) < args.pool or ("latent_fields" in pool.t) != warped:
-        # Latents from another VAE (it trained on), a smaller pool than asked, or the motion
-        # warp's fields missing or not wanted: encode again.
+            or len(pool) < args.pool or ("hint_latent" in pool.t) != warped:
+        # Latents from another VAE (it trained on), a smaller pool than asked, or condition
+        # latents of the motion warp missing or not wanted: encode again.
         pool = LatentPool.build(data, model.vae, args.pool, args.clip_latents, torch.Generator().manual_seed(args.seed))
         pool.t["vae_fingerprint"] = fingerprint
         pool.save(pool_path)
