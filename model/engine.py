@@ -310,7 +310,9 @@ class Stream:
         """Committed latents -> video (1, 3, n, H, W) in [-1, 1], seam-blended when asked."""
         first = self.decoder.frames_out
         n = self.timeline.frames_for_latents(committed.shape[2], first=self.decoder.latents_in == 0)
-        frames = self.decoder.decode(committed, blend=self.engine.recipe.blend_frames(self.state, plan, first, n))
+        blend = self.engine.recipe.blend_frames(self.state, plan, first, n)  # a motion warp's, else None
+        # Only the reference-conditioned VAE's decoder blends (the Wan families' does not).
+        frames = self.decoder.decode(committed) if blend is None else self.decoder.decode(committed, blend=blend)
         if self.knobs.seam_blend:
             frames = spread_latent_steps(frames, first, self._last_frame, self.knobs.seam_blend,
                                          self.timeline.temporal_stride)
