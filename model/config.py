@@ -200,6 +200,11 @@ class ModelConfig:
     # carries (model/motion_warp.py: the DiT's condition and the decoder's blend copy from
     # the portrait warped onto each frame's motion). 0: no warp, the still portrait.
     motion_warp: int = 0
+    # Personal avatars with a warp: which of its landmarks ring the mouth, and the offsets
+    # added to the decoder blend's logit outside / inside the box around them (calibrated
+    # at the end of the fit, model/personal/blend_calibration.py). (0, 0): as trained.
+    warp_mouth: tuple[int, ...] = ()
+    warp_blend: tuple[float, float] = (0.0, 0.0)
 
     def __post_init__(self) -> None:
         if self.domain not in TRAINING_DOMAINS:
@@ -212,6 +217,12 @@ class ModelConfig:
         if self.motion_warp and (self.height != self.width or self.motion_warp < 3 or not self.vae.reference_decoder):
             raise ValueError(f"{self.name}: motion_warp needs a square frame, >= 3 landmarks and the reference "
                              f"decoder, got {self.motion_warp} at {self.width}x{self.height}")
+        self.warp_mouth = tuple(int(i) for i in self.warp_mouth)
+        if any(not 0 <= i < self.motion_warp for i in self.warp_mouth):
+            raise ValueError(f"{self.name}: warp_mouth indexes landmarks outside the warp's {self.motion_warp}")
+        self.warp_blend = tuple(float(b) for b in self.warp_blend)
+        if len(self.warp_blend) != 2 or not all(math.isfinite(b) for b in self.warp_blend):
+            raise ValueError(f"{self.name}: warp_blend must be two finite logit offsets, got {self.warp_blend}")
         if self.speech_mouth is not None:
             self.speech_mouth = tuple(float(g) for g in self.speech_mouth)
             if len(self.speech_mouth) != 2 or not all(0 <= g <= 1 for g in self.speech_mouth):
@@ -256,6 +267,8 @@ class ModelConfig:
             recipe=d.get("recipe", "knot-forcing"),
             speech_mouth=d.get("speech_mouth"),
             motion_warp=d.get("motion_warp", 0),
+            warp_mouth=tuple(d.get("warp_mouth", ())),
+            warp_blend=tuple(d.get("warp_blend", (0.0, 0.0))),
         )
 
 

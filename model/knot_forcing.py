@@ -275,12 +275,22 @@ class KnotForcing:
 
     def blend_frames(self, state: KnotState, plan: KnotPlan, first_frame: int, n: int) -> Tensor | None:
         """What the decoder's blend copies from for video frames [first_frame, first_frame + n)
-        of this plan's chunk: the portrait warped onto each frame's motion, (1, n, 3, H, W);
-        None without a motion warp (the blend copies the still portrait)."""
+        of this plan's chunk: the portrait warped onto each frame's motion, (1, n, 3, H, W),
+        plus the calibrated offsets of the blend's logit as a 4th channel when the avatar has
+        some (`ModelConfig.warp_blend`); None without a motion warp (the blend copies the
+        still portrait)."""
         if plan.motion is None:
             return None
+        warp, cfg = self.model.warp, self.cfg
         rows = plan.motion[first_frame - plan.motion_first:][:n]
-        return self.model.warp.warp(state.portrait, rows)[None]
+        images = warp.warp(state.portrait, rows)
+        face, mouth = cfg.warp_blend
+        if face == 0 and mouth == 0:
+            return images[None]
+        offset = torch.full_like(images[:, :1], face)
+        if cfg.warp_mouth:
+            offset = offset + (mouth - face) * warp.mouth_mask(rows, cfg.warp_mouth).to(images.dtype)
+        return torch.cat([images, offset], 1)[None]
 
     def driving_motion(self, inp: StepInput, first_latent: int, n_latents: int) -> np.ndarray:
         """(s * n_latents, motion_dim) motion rows of the latents' groups of frames (from

@@ -17,14 +17,23 @@ portrait warped onto the latent's mean motion (`latent_fields`) instead of the s
 portrait's latent; the reference decoder's blend copies, per video frame, from the portrait
 warped onto that frame's motion (`warp`).
 
-The warp is piecewise-affine over the portrait's triangulated landmarks (model/personal/
-warp.py) to first order: every pixel moves by the barycentric mix of its triangle's landmark
-displacements. The displacement is linear in `features`, so the dense sampling grid of a
-frame is one small matrix product with a table built once per model (`_table`): about
-0.1 ms a frame at 128 px, against ~28 ms for the exact per-frame triangulation.
+The warp is piecewise-affine over the portrait's triangulated landmarks (the triangles of
+model/personal/warp.py's classical baseline, fixed once per model). Rasterising each frame's
+triangles costs ~28 ms a frame; here every output pixel finds its triangle by a vectorised
+walk instead (`_locate`): it starts in the triangle of the first-order guess (the pixel moved
+back by the portrait's displacement field there, one small matrix product with a table
+built once per model: the displacement is linear in `features`) and steps across the edge
+its barycentric coordinates say it lies beyond until it is inside, a few steps at most. The
+first-order guess alone is close in most of the face but not inside an opening mouth: a
+closed-lip portrait's thin inner-lip triangles stretch there, and the first-order warp fills
+the opening with lip instead of the stretched lip line, which doubles the mouth-opening error
+of the warp (docs/benchmarks.md). A pixel whose walk does not end (a triangle folded over by
+an extreme motion) keeps its first-order guess.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -32,6 +41,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 BORDER_POINTS_PER_SIDE = 4  # pinned on the image border: the background stays where it is
+MOUTH_MARGIN = 0.3  # the mouth box of `mouth_mask` grows by this much of its size on each side
+MOUTH_FEATHER = 3.0  # px over which it fades out
 
 
 def features(fields: Tensor) -> Tensor:
@@ -62,9 +73,11 @@ def barycentric(p: np.ndarray, tri: np.ndarray) -> np.ndarray:
     return np.c_[1.0 - v - w, v, w]
 
 
-def _pixel_weights(points: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Each pixel's triangle (over `points` plus the border points) as 3 point indices and
-    barycentric weights: (P, 3) int, (P, 3) float. Border points index past the landmarks."""
+def _mesh(points: np.ndarray, size: int) -> dict[str, np.ndarray]:
+    """The portrait's triangulation: its vertices `points` clamped to the image plus the border
+    points (M, 2), the triangles (K, 3) and their neighbours (K, 3: the one across from each
+    corner, -1 on the hull), and each pixel's triangle (P,) and barycentric weights (P, 3).
+    A pixel outside every triangle (rounding at the border) gets triangle -1."""
     import cv2
     from scipy.spatial import Delaunay
 
@@ -75,15 +88,68 @@ def _pixel_weights(points: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarra
         cv2.fillConvexPoly(labels, corners, int(i))
     ys, xs = np.mgrid[0:size, 0:size]
     pix = np.c_[xs.ravel(), ys.ravel()].astype(np.float64)
-    simplex = labels.ravel()
-    idx = np.zeros((len(pix), 3), np.int64)
+    label = labels.ravel()
     bary = np.zeros((len(pix), 3))
-    inside = simplex >= 0
-    idx[inside] = tri.simplices[simplex[inside]]
-    bary[inside] = barycentric(pix[inside], pts[idx[inside]])
-    idx[~inside] = len(points)  # outside every triangle (rounding at the border): a border point, no motion
-    bary[~inside, 0] = 1.0
-    return idx, bary
+    inside = label >= 0
+    bary[inside] = barycentric(pix[inside], pts[tri.simplices[label[inside]]])
+    return {"vertices": pts, "triangles": tri.simplices, "neighbours": tri.neighbors, "label": label, "bary": bary}
+
+
+WALK_STEPS = 8        # a walk from the first-order guess ends in 1-3 steps in a real face's motion
+INSIDE = -1e-4        # barycentric slack: a pixel on an edge is inside either triangle
+
+
+def _to_barycentric(corners: Tensor) -> Tensor:
+    """Triangles (..., 3, 2) -> (..., 9): the barycentric weights of a point (x, y) are
+    x * w[0:3] + y * w[3:6] + w[6:9] (closed form; this layout makes a gathered row three
+    contiguous slices). A degenerate (zero-area) triangle puts every point outside it."""
+    (ax, ay), (bx, by), (cx, cy) = [corners[..., i, :].unbind(-1) for i in range(3)]
+    det = (by - cy) * (ax - cx) + (cx - bx) * (ay - cy)
+    ok = det.abs() > 1e-6
+    inv = torch.where(ok, 1.0 / torch.where(ok, det, torch.ones_like(det)), torch.zeros_like(det))
+    l1x, l1y = (by - cy) * inv, (cx - bx) * inv
+    l2x, l2y = (cy - ay) * inv, (ax - cx) * inv
+    l1c, l2c = -(l1x * cx + l1y * cy), -(l2x * cx + l2y * cy)
+    l3c = torch.where(ok, 1.0 - l1c - l2c, torch.full_like(det, -1.0))
+    return torch.stack([l1x, l2x, -l1x - l2x, l1y, l2y, -l1y - l2y, l1c, l2c, l3c], -1)
+
+
+def _apply(rows: Tensor, index: Tensor, xy: Tensor) -> Tensor:
+    """rows (R, 3n) laid out as `_to_barycentric`'s, index (A,), xy (A, 2) -> (A, n):
+    x * row[x part] + y * row[y part] + row[constant part] of each point's row."""
+    g = rows.index_select(0, index)
+    n = g.shape[1] // 3
+    return torch.addcmul(torch.addcmul(g[:, 2 * n:], g[:, :n], xy[:, :1]), g[:, n:2 * n], xy[:, 1:])
+
+
+def _locate(to_bary: Tensor, neighbours: Tensor, pixels: Tensor, start: Tensor) -> tuple[Tensor, Tensor]:
+    """Each pixel's triangle in each frame's moved mesh, by walking from `start`.
+    to_bary (T * K, 9) the moved triangles' `_to_barycentric`, frame-major; neighbours
+    (K, 3); pixels (P, 2); start (T, P) -> found (T*P,) bool, flat triangle index
+    frame * K + triangle (T*P,)."""
+    T, K = start.shape[0], neighbours.shape[0]
+    base = (torch.arange(T, device=pixels.device) * K)[:, None]
+    tri = (start.clamp(min=0) + base).reshape(-1)
+    px = pixels.repeat(T, 1)
+    low, corner = _apply(to_bary, tri, px).min(1)
+    found = low >= INSIDE
+    active = (~found).nonzero().squeeze(1)
+    corner = corner[active]
+    for _ in range(WALK_STEPS):
+        # Step across the edge opposite the most negative corner; the hull has no
+        # neighbour there, and such a pixel keeps its first-order guess.
+        t = tri[active]
+        nxt = neighbours[t % K, corner]
+        keep = nxt >= 0
+        active, t = active[keep], nxt[keep] + (t[keep] // K) * K
+        if active.numel() == 0:
+            break
+        tri[active] = t
+        low, corner = _apply(to_bary, t, px[active]).min(1)
+        inside = low >= INSIDE
+        found[active[inside]] = True
+        active, corner = active[~inside], corner[~inside]
+    return found, tri
 
 
 class MotionWarp(nn.Module):
@@ -95,7 +161,7 @@ class MotionWarp(nn.Module):
         self.register_buffer("landmark_map", torch.zeros(1 + 2 * n_fields, 2 * n_points))
         self.register_buffer("points", torch.zeros(n_points, 2))
         self.register_buffer("rest", torch.zeros(n_fields))
-        self._cache: tuple | None = None  # (key, table) built from the buffers on first use
+        self._cache: tuple | None = None  # (key, tables) built from the buffers on first use
 
     @torch.no_grad()
     def set_fit(self, landmark_map: np.ndarray, points: np.ndarray, rest: np.ndarray) -> None:
@@ -122,38 +188,84 @@ class MotionWarp(nn.Module):
         m = self.landmark_map.float()
         return (features(fields.float()) @ m).reshape(len(fields), -1, 2)
 
-    def _table(self, device: torch.device) -> tuple[Tensor, Tensor]:
-        """(K, S*S, 2) grid change per feature and the (S*S, 2) grid of the rest pose, in
-        grid_sample's [-1, 1] units; built once per set of buffers."""
+    def _tables(self, device: torch.device) -> dict[str, Tensor]:
+        """What `grid` needs, built once per set of buffers: the portrait's mesh (`_mesh`), the
+        landmarks' motion weights padded with the border points' zeros (K, M, 2), and the
+        first-order displacement per feature (K, P, 2) and at rest (P, 2), crop pixels."""
         key = (device, self.landmark_map.data_ptr(), self.points.data_ptr(), self.rest.data_ptr())
         if self._cache is None or self._cache[0] != key:
-            S = self.size
-            idx, bary = _pixel_weights(self.points.float().cpu().numpy(), S)
-            n = self.points.shape[0]
+            S, n = self.size, self.points.shape[0]
+            mesh = _mesh(self.points.float().cpu().numpy(), S)
+            m = len(mesh["vertices"])
             lm = self.landmark_map.float().cpu().reshape(-1, n, 2)
-            lm = torch.cat([lm, torch.zeros(lm.shape[0], idx.max() + 1 - n, 2)], dim=1)  # border points: no motion
-            w = torch.from_numpy(bary).float()
-            per_feature = (lm[:, torch.from_numpy(idx)] * w[None, :, :, None]).sum(2)  # (K, P, 2) displacement
-            rest = features(self.rest.float().cpu()[None])[0] @ lm.reshape(lm.shape[0], -1)
-            rest_disp = (rest.reshape(-1, 2)[torch.from_numpy(idx)] * w[..., None]).sum(1)  # (P, 2)
+            lm = torch.cat([lm, torch.zeros(lm.shape[0], m - n, 2)], dim=1)  # border points: no motion
+            label = torch.from_numpy(mesh["label"]).long()
+            corners = torch.from_numpy(mesh["triangles"]).long()[label.clamp(min=0)]           # (P, 3)
+            w = torch.from_numpy(mesh["bary"]).float()
+            per_feature = (lm[:, corners] * w[None, :, :, None]).sum(2)                         # (K, P, 2)
+            rest = torch.einsum("k,kmd->md", features(self.rest.float().cpu()[None])[0], lm)    # (M, 2)
             ys, xs = torch.meshgrid(torch.arange(S, dtype=torch.float32), torch.arange(S, dtype=torch.float32),
                                     indexing="ij")
-            base = torch.stack([xs.ravel(), ys.ravel()], 1)
-            # A pixel samples the portrait where its content came from: x - (disp(m) - disp(rest)).
-            scale = 2.0 / (S - 1)
-            table = (-per_feature * scale).to(device)
-            offset = ((base + rest_disp) * scale - 1).to(device)
-            self._cache = (key, (table, offset))
+            tables = {"pixels": torch.stack([xs.ravel(), ys.ravel()], 1), "label": label,
+                      "vertices": torch.from_numpy(mesh["vertices"]).float(), "weights": lm, "rest": rest,
+                      "triangles": torch.from_numpy(mesh["triangles"]).long(),
+                      "neighbours": torch.from_numpy(mesh["neighbours"]).long(),
+                      "per_feature": per_feature, "rest_disp": (rest[corners] * w[..., None]).sum(1)}
+            self._cache = (key, {k: v.to(device) for k, v in tables.items()})
         return self._cache[1]
 
     def grid(self, fields: Tensor) -> Tensor:
-        """(T, F) motion -> (T, S, S, 2) grid_sample coordinates into the portrait."""
-        table, offset = self._table(fields.device)
-        g = offset + torch.einsum("tk,kpd->tpd", features(fields.float()), table)
-        return g.reshape(len(fields), self.size, self.size, 2)
+        """(T, F) motion -> (T, S, S, 2) grid_sample coordinates into the portrait (see the
+        module docstring: the first-order guess, then the exact triangle by a walk)."""
+        with torch.autocast(fields.device.type, enabled=False):
+            return self._grid(fields.float())
+
+    def _grid(self, fields: Tensor) -> Tensor:
+        # float32 throughout, also under the engine's bf16 autocast: the barycentric
+        # constants are differences of products of pixel coordinates, which bf16 cancels.
+        t, S = self._tables(fields.device), self.size
+        f = features(fields)                                                               # (T, K)
+        # A pixel samples the portrait where its content came from; to first order
+        # x - (disp(m) - disp(rest)) with the displacement field of the portrait's mesh.
+        guess = t["pixels"] - (torch.einsum("tk,kpd->tpd", f, t["per_feature"]) - t["rest_disp"])
+        moved = self._moved(t, f)
+        to_bary = _to_barycentric(moved[:, t["triangles"]]).reshape(-1, 9)                 # (T * K, 9)
+        xy = guess.round().long().clamp(0, S - 1)
+        start = t["label"][xy[..., 1] * S + xy[..., 0]]
+        found, tri = _locate(to_bary, t["neighbours"], t["pixels"], start)
+        # The triangle's affine map onto the portrait, in the same layout: corners @ weights.
+        corners = t["vertices"][t["triangles"]]                                            # (K, 3, 2)
+        w = to_bary.view(len(fields), -1, 3, 3)                                           # (T, K, part, corner)
+        affine = torch.einsum("kcd,tkpc->tkpd", corners, w).reshape(-1, 6)                 # (T * K, 6)
+        exact = _apply(affine, tri, t["pixels"].repeat(len(fields), 1))
+        source = torch.where(found[:, None], exact, guess.reshape(-1, 2))
+        return (source * (2.0 / (S - 1)) - 1).reshape(len(fields), S, S, 2)
+
+    def _moved(self, t: dict[str, Tensor], f: Tensor) -> Tensor:
+        """The mesh's vertices (T, M, 2) for motion features f (T, K): the portrait's
+        landmarks moved by the regression's change from the rest motion (border points stay)."""
+        moved = t["vertices"] + torch.einsum("tk,kmd->tmd", f, t["weights"]) - t["rest"]
+        return moved.clamp(0, self.size - 1)
+
+    def mouth_mask(self, fields: Tensor, mouth: Sequence[int]) -> Tensor:
+        """(T, F) motion -> (T, 1, S, S) in [0, 1]: 1 in the box around the landmarks `mouth`
+        where each row's motion puts them, grown by MOUTH_MARGIN of its size on every side,
+        falling to 0 over MOUTH_FEATHER px outside it."""
+        with torch.autocast(fields.device.type, enabled=False):
+            t = self._tables(fields.device)
+            lips = self._moved(t, features(fields.float()))[:, list(mouth)]              # (T, n, 2)
+            lo, hi = lips.amin(1), lips.amax(1)
+            grow = MOUTH_MARGIN * (hi - lo)
+            lo, hi = (lo - grow)[:, None], (hi + grow)[:, None]                           # (T, 1, 2)
+            outside = torch.maximum(lo - t["pixels"], t["pixels"] - hi).clamp(min=0).amax(-1)  # (T, P)
+            mask = (1 - outside / MOUTH_FEATHER).clamp(0, 1)
+        return mask.reshape(len(fields), 1, self.size, self.size)
 
     def warp(self, image: Tensor, fields: Tensor) -> Tensor:
-        """image (1 or T, 3, S, S) -> (T, 3, S, S): the portrait warped onto each row's motion."""
-        g = self.grid(fields).to(image.dtype)
-        image = image.expand(len(fields), -1, -1, -1) if image.shape[0] == 1 else image
-        return F.grid_sample(image, g, mode="bilinear", padding_mode="border", align_corners=True)
+        """image (1 or T, 3, S, S) -> (T, 3, S, S): the portrait warped onto each row's motion
+        (sampled in float32: a bf16 grid is a quarter pixel coarse at 128 px)."""
+        with torch.autocast(image.device.type, enabled=False):
+            g = self._grid(fields.float())
+            source = image.float().expand(len(fields), -1, -1, -1) if image.shape[0] == 1 else image.float()
+            out = F.grid_sample(source, g, mode="bilinear", padding_mode="border", align_corners=True)
+        return out.to(image.dtype)

@@ -172,8 +172,8 @@ class Decoder(nn.Module):
     def forward(self, z: Tensor, state: CausalState, blend: Tensor | None = None) -> Tensor:
         """z (B, z, F, h, w) -> video (B, 3, n, H, W), advancing `state` by one chunk.
         blend: what the reference blend copies from per output frame, (B, n, 3, H, W) in
-        [-1, 1] (a personal avatar's warped portrait: model/motion_warp.py); default the
-        reference image."""
+        [-1, 1] (a personal avatar's warped portrait: model/motion_warp.py), with an optional
+        4th channel added to the blend's logit (`ReferenceBlend`); default the reference image."""
         x = self.mid(self.conv_in(z.transpose(1, 2), state), state)  # frame-major (B, F, C, h, w) inside
         ref = state.reference
         if self.reference_features is not None and ref is None:

@@ -300,12 +300,21 @@ class ReferenceBlend(nn.Module):
 
     def forward(self, x: Tensor, rgb: Tensor, reference: Tensor, state: CausalState) -> Tensor:
         """x (B, T, Cin, h, w) half-resolution features, rgb (B, T, 3, 2h, 2w), reference
-        (B or 1, 3, 2h, 2w), or one per output frame (B, T, 3, 2h, 2w) -> (B, T, 3, 2h, 2w)."""
-        y = self.conv(torch.relu(x), state)
-        B, T, C, h, w = y.shape
-        m = torch.sigmoid(F.pixel_shuffle(y.reshape(B * T, C, h, w), 2).view(B, T, 1, 2 * h, 2 * w))
+        (B or 1, 3, 2h, 2w), or one per output frame (B, T, 3 or 4, 2h, 2w) -> (B, T, 3, 2h, 2w).
+        A 4th channel of per-frame references is added to the blend's logit (a personal
+        avatar's calibrated trust in its warp: model/personal/blend_calibration.py)."""
+        logit = self.logits(x, state)
         if reference.dim() == 4:
             reference = reference[:, None]
-        elif reference.shape[1] != T:
-            raise ValueError(f"{reference.shape[1]} blend frames for {T} output frames")
-        return rgb + m * (reference - rgb)
+        elif reference.shape[1] != logit.shape[1]:
+            raise ValueError(f"{reference.shape[1]} blend frames for {logit.shape[1]} output frames")
+        if reference.shape[2] == 4:
+            reference, offset = reference[:, :, :3], reference[:, :, 3:]
+            logit = logit + offset
+        return rgb + torch.sigmoid(logit) * (reference - rgb)
+
+    def logits(self, x: Tensor, state: CausalState) -> Tensor:
+        """The blend's logit (B, T, 1, 2h, 2w) from the half-resolution features."""
+        y = self.conv(torch.relu(x), state)
+        B, T, C, h, w = y.shape
+        return F.pixel_shuffle(y.reshape(B * T, C, h, w), 2).view(B, T, 1, 2 * h, 2 * w)

@@ -172,6 +172,8 @@ def test_avatar_create_fits_writes_an_avatar_and_resumes(prepared, capsys):
     from model.engine import Engine
     from model.sources import ASSETS
     from model.personal import avatar_file, speech_mouth
+    from model.personal.blend_calibration import OFFSETS
+    from model.personal.landmarks import LIPS
     from model.train.trainer import load_checkpoint
     from model.weights import load_model, read_metadata
     from server.cli import main
@@ -188,6 +190,10 @@ def test_avatar_create_fits_writes_an_avatar_and_resumes(prepared, capsys):
     cfg = read_metadata(out)["config"]
     assert cfg.domain == "personal" and cfg.stream.knot_frames == 0 and cfg.stream.window_frames == 2
     assert cfg.speech_mouth == pytest.approx(speech_mouth.gains(p.motion))
+    # The blend's trust in the warp, calibrated on the stream of the last fitting frames.
+    calibration = avatar.info["blend_calibration"]
+    assert cfg.warp_mouth == LIPS and cfg.warp_blend == (calibration["face"], calibration["mouth"])
+    assert calibration["frames"] > 0 and {calibration["face"], calibration["mouth"]} <= set(OFFSETS)
     # The file is the fitted model (the last checkpoint, stored in fp16 as the bundled weights).
     ckpt = folder / "me.fit"
     fitted = load_checkpoint(ckpt / "dit.pt")["model"]

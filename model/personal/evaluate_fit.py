@@ -114,13 +114,17 @@ def evaluate(prepared, held: slice, real, boxes, real_measure, out: Path, stem: 
 def report_lines(results: list[dict]) -> list[str]:
     """The report's sections on the fitted avatars (after the reenactment table)."""
     lines = ["", "## Fitted avatars", "", "| clip | decoder steps | DiT steps | complete | last fit run, wall minutes "
-             "| last fit run, CPU minutes | jitter / real |", "|---|---|---|---|---|---|---|"]
+             "| last fit run, CPU minutes | blend offsets face / mouth | jitter / real |", "|---|---|---|---|---|---|---|---|"]
     for r in results:
         f, row = r["fitted"]["fit"], r["rows"][FITTED]
+        c = f.get("blend_calibration")
+        offsets = f"{c['face']:+g} / {c['mouth']:+g}" if c else "-"
         lines.append(f"| {r['name']} | {f.get('decoder_steps')} | {f.get('dit_steps')} | {f.get('complete')} | "
-                     f"{f.get('run_minutes', '-')} | {f.get('run_cpu_minutes', '-')} | {row['jitter / real']:.3f} |")
+                     f"{f.get('run_minutes', '-')} | {f.get('run_cpu_minutes', '-')} | {offsets} | "
+                     f"{row['jitter / real']:.3f} |")
     lines += ["", "The fit minutes are those of the run that finished the fit: a fit resumed from its "
-              "checkpoints counts only its last run.",
+              "checkpoints counts only its last run. Blend offsets: what the fit's calibration adds to the "
+              "decoder blend's logit outside / inside the mouth box (model/personal/blend_calibration.py).",
               "", "Speech-driven (speech alone, no motion): correlation of the mouth opening measured on the "
               "generated frames with the speech envelope, at lag 0 and at the best lag (positive: the mouth "
               "follows the sound; 1 frame = 40 ms).", "",

@@ -50,6 +50,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 DECODER_SHARE = 0.3   # of the time limit, at most, for the decoder stage
+CALIBRATION_RESERVE_S = 60.0  # of a time limit, kept for the blend calibration after the DiT stage
 POOL_PER_TILE = 1.0   # latent-pool clips per distinct clip-length stretch of the fitting frames
 MAX_POOL = 96        # encoding the pool is a large share of a short fit on a CPU
 
@@ -74,6 +75,9 @@ class FitPlan:
     # The DiT's condition and the decoder's blend copy from the portrait warped onto each
     # frame's motion (model/motion_warp.py) instead of the still portrait.
     motion_warp: bool = True
+    # After training, calibrate how much the decoder copies from the warp, on the stream of
+    # the last fitting frames (model/personal/blend_calibration.py).
+    calibrate_blend: bool = True
 
 
 @dataclass
@@ -84,6 +88,7 @@ class FitResult:
     complete: bool         # both stages reached their steps (not cut by the time limit)
     minutes: float         # wall time of this call
     cpu_minutes: float     # CPU time of this process during the call (all its threads)
+    calibration: object = None  # blend_calibration.Calibration of the warp's blend, None without a warp
 
 
 def trainer_args(plan: FitPlan, base: str, pool: int, clip_latents: int,
@@ -158,10 +163,20 @@ def fit(prepared, base: str, out: str | Path, plan: FitPlan | None = None, max_m
     args.lr = plan.dit_lr
     if on_progress is not None:
         on_progress("encode", 0, 1, None)  # the latent pool is encoded first (minutes for a long clip)
+    calibrating = model.warp is not None and plan.calibrate_blend
+    if deadline is not None and calibrating:
+        deadline -= CALIBRATION_RESERVE_S
     trainer.train_dit(model, data, args, out, deadline, "dit")
+    calibration = None
+    if calibrating:
+        from model.personal.blend_calibration import calibrate
+
+        if on_progress is not None:
+            on_progress("calibrate", 0, 1, None)
+        calibration = calibrate(model.eval(), prepared)
     dec, dit = _stage_step(out, "decoder"), _stage_step(out, "dit")
     return FitResult(model.eval(), dec, dit, dec >= plan.decoder_steps and dit >= plan.dit_steps,
-                     (time.time() - t0) / 60, (time.process_time() - cpu0) / 60)
+                     (time.time() - t0) / 60, (time.process_time() - cpu0) / 60, calibration)
 
 
 def add_motion_warp(model, prepared) -> None:
@@ -169,11 +184,13 @@ def add_motion_warp(model, prepared) -> None:
     fitting frames regressed on their motion, the portrait's landmarks and motion."""
     from model.config import MOTION_FIELDS
     from model.motion_warp import MotionWarp
+    from model.personal.landmarks import LIPS
     from model.personal.motion_landmarks import MotionLandmarks
 
     p, rows = prepared, slice(0, prepared.fit_frames)
     landmarks = MotionLandmarks.fit(p.motion[rows], p.landmarks[rows])
     model.config.motion_warp = landmarks.n_points
+    model.config.warp_mouth = LIPS if landmarks.n_points > max(LIPS) else ()
     model.warp = MotionWarp(landmarks.n_points, len(MOTION_FIELDS), model.config.height)
     model.warp.set_fit(landmarks.weights, p.landmarks[p.portrait_index], p.motion[p.portrait_index])
 
@@ -203,4 +220,8 @@ def write_avatar(result: FitResult, prepared, path: str | Path, name: str) -> No
     info = {"source": prepared.meta.get("source"), "fit_frames": prepared.fit_frames,
             "decoder_steps": result.decoder_step, "dit_steps": result.dit_step, "complete": result.complete,
             "run_minutes": round(result.minutes, 1), "run_cpu_minutes": round(result.cpu_minutes, 1)}
+    if result.calibration is not None:
+        c = result.calibration
+        info["blend_calibration"] = {"face": c.face, "mouth": c.mouth, "frames": c.frames,
+                                     "psnr_fitted": round(c.psnr_fitted, 2), "psnr": round(c.psnr, 2)}
     avatar_file.save(model, prepared.portrait, path, name, info)

@@ -17,8 +17,12 @@ RIDGE = 1e-2  # features of order 1 over hundreds of frames: only keeps a rank-p
 
 
 def _features(motion: np.ndarray) -> np.ndarray:
-    m = np.asarray(motion, np.float64)
-    return np.concatenate([np.ones((len(m), 1)), m, m ** 2], axis=1)
+    """The regression's inputs, the same as the engine's warp computes (motion_warp.features)."""
+    import torch
+
+    from model.motion_warp import features
+
+    return features(torch.from_numpy(np.asarray(motion, np.float64))).numpy()
 
 
 class MotionLandmarks:
