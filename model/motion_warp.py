@@ -122,15 +122,14 @@ def _apply(rows: Tensor, index: Tensor, xy: Tensor) -> Tensor:
     return torch.addcmul(torch.addcmul(g[:, 2 * n:], g[:, :n], xy[:, :1]), g[:, n:2 * n], xy[:, 1:])
 
 
-def _locate(to_bary: Tensor, neighbours: Tensor, pixels: Tensor, start: Tensor) -> tuple[Tensor, Tensor]:
+def _locate(to_bary: Tensor, neighbours: Tensor, px: Tensor, start: Tensor) -> tuple[Tensor, Tensor]:
     """Each pixel's triangle in each frame's moved mesh, by walking from `start`.
     to_bary (T * K, 9) the moved triangles' `_to_barycentric`, frame-major; neighbours
-    (K, 3); pixels (P, 2); start (T, P) -> found (T*P,) bool, flat triangle index
-    frame * K + triangle (T*P,)."""
+    (K, 3); px (T*P, 2) every frame's pixels, frame-major; start (T, P) -> found (T*P,)
+    bool, flat triangle index frame * K + triangle (T*P,)."""
     T, K = start.shape[0], neighbours.shape[0]
-    base = (torch.arange(T, device=pixels.device) * K)[:, None]
+    base = (torch.arange(T, device=px.device) * K)[:, None]
     tri = (start.clamp(min=0) + base).reshape(-1)
-    px = pixels.repeat(T, 1)
     low, corner = _apply(to_bary, tri, px).min(1)
     found = low >= INSIDE
     active = (~found).nonzero().squeeze(1)
@@ -209,6 +208,7 @@ class MotionWarp(nn.Module):
             tables = {"pixels": torch.stack([xs.ravel(), ys.ravel()], 1), "label": label,
                       "vertices": torch.from_numpy(mesh["vertices"]).float(), "weights": lm, "rest": rest,
                       "triangles": torch.from_numpy(mesh["triangles"]).long(),
+                      "corners": torch.from_numpy(mesh["vertices"][mesh["triangles"]]).float(),  # (K, 3, 2) portrait
                       "neighbours": torch.from_numpy(mesh["neighbours"]).long(),
                       "per_feature": per_feature, "rest_disp": (rest[corners] * w[..., None]).sum(1)}
             self._cache = (key, {k: v.to(device) for k, v in tables.items()})
@@ -232,12 +232,12 @@ class MotionWarp(nn.Module):
         to_bary = _to_barycentric(moved[:, t["triangles"]]).reshape(-1, 9)                 # (T * K, 9)
         xy = guess.round().long().clamp(0, S - 1)
         start = t["label"][xy[..., 1] * S + xy[..., 0]]
-        found, tri = _locate(to_bary, t["neighbours"], t["pixels"], start)
+        px = t["pixels"].repeat(len(fields), 1)                                            # (T * P, 2)
+        found, tri = _locate(to_bary, t["neighbours"], px, start)
         # The triangle's affine map onto the portrait, in the same layout: corners @ weights.
-        corners = t["vertices"][t["triangles"]]                                            # (K, 3, 2)
         w = to_bary.view(len(fields), -1, 3, 3)                                           # (T, K, part, corner)
-        affine = torch.einsum("kcd,tkpc->tkpd", corners, w).reshape(-1, 6)                 # (T * K, 6)
-        exact = _apply(affine, tri, t["pixels"].repeat(len(fields), 1))
+        affine = torch.einsum("kcd,tkpc->tkpd", t["corners"], w).reshape(-1, 6)            # (T * K, 6)
+        exact = _apply(affine, tri, px)
         source = torch.where(found[:, None], exact, guess.reshape(-1, 2))
         return (source * (2.0 / (S - 1)) - 1).reshape(len(fields), S, S, 2)
 

@@ -311,6 +311,11 @@ class ReferenceBlend(nn.Module):
         if reference.shape[2] == 4:
             reference, offset = reference[:, :, :3], reference[:, :, 3:]
             logit = logit + offset
+        return self.mix(rgb, logit, reference)
+
+    @staticmethod
+    def mix(rgb: Tensor, logit: Tensor, reference: Tensor) -> Tensor:
+        """The blend itself: rgb where the logit is low, the reference where it is high."""
         return rgb + torch.sigmoid(logit) * (reference - rgb)
 
     def logits(self, x: Tensor, state: CausalState) -> Tensor:

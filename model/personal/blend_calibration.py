@@ -93,8 +93,9 @@ def reblend(rec: _Recorded, offset: Tensor, seam_blend: float = 0.0, temporal_st
     """The stream's frames (T, 3, H, W) in [-1, 1] had the blend's logit been offset by
     `offset` (broadcast to (T, 1, H, W)): the blend, the decoder's clamp, the seam blend."""
     from model.seams import spread_latent_steps
+    from model.vae_blocks import ReferenceBlend
 
-    out = (rec.rgb + torch.sigmoid(rec.logit + offset) * (rec.warp - rec.rgb)).clamp(-1, 1)
+    out = ReferenceBlend.mix(rec.rgb, rec.logit + offset, rec.warp).clamp(-1, 1)
     if seam_blend:
         out = spread_latent_steps(out.transpose(0, 1)[None], 0, None, seam_blend, temporal_stride)[0].transpose(0, 1)
     return out
