@@ -205,6 +205,10 @@ class ModelConfig:
     # at the end of the fit, model/personal/blend_calibration.py). (0, 0): as trained.
     warp_mouth: tuple[int, ...] = ()
     warp_blend: tuple[float, float] = (0.0, 0.0)
+    # Personal avatars with a warp: warp onto the landmarks the motion predicts (True), or onto
+    # the portrait's landmarks moved by the prediction's change from the portrait's motion
+    # (False, the avatars fitted before 2026-12-02; model/motion_warp.py).
+    warp_absolute: bool = False
 
     def __post_init__(self) -> None:
         if self.domain not in TRAINING_DOMAINS:
@@ -269,6 +273,7 @@ class ModelConfig:
             motion_warp=d.get("motion_warp", 0),
             warp_mouth=tuple(d.get("warp_mouth", ())),
             warp_blend=tuple(d.get("warp_blend", (0.0, 0.0))),
+            warp_absolute=bool(d.get("warp_absolute", False)),
         )
 
 

@@ -10,7 +10,15 @@ buffers of this module, what it needs to make that warp from nothing but the dri
   (model/personal/motion_landmarks.py);
 - `points` (N, 2): the landmarks of the portrait;
 - `rest` (F,): the portrait's own motion, what a field the session does not give takes
-  (the warp then leaves that part of the face as in the portrait).
+  (the warp then leaves that part of the face about as in the portrait).
+
+Where the landmarks go (`absolute`): onto the landmarks the motion predicts, or (the
+avatars fitted before 2026-12-02) onto the portrait's own landmarks moved by the
+prediction's change from the portrait's motion. The relative form keeps whatever the
+portrait frame has that the motion does not carry, above all where the head sat in the crop
+at that instant (the crop follows a smoothed track: a few tenths of a pixel); every frame
+then repeats it. The absolute form puts the face where frames with that motion have it on
+average: it scores higher on held-out frames (docs/benchmarks.md).
 
 Two consumers: the DiT's condition channels take, per latent frame, the VAE latent of the
 portrait warped onto the latent's mean motion (`latent_fields`) instead of the still
@@ -154,9 +162,9 @@ def _locate(to_bary: Tensor, neighbours: Tensor, px: Tensor, start: Tensor) -> t
 class MotionWarp(nn.Module):
     """The warp of one person (see the module docstring); its buffers are part of the model file."""
 
-    def __init__(self, n_points: int, n_fields: int, size: int):
+    def __init__(self, n_points: int, n_fields: int, size: int, absolute: bool = False):
         super().__init__()
-        self.size = size
+        self.size, self.absolute = size, absolute
         self.register_buffer("landmark_map", torch.zeros(1 + 2 * n_fields, 2 * n_points))
         self.register_buffer("points", torch.zeros(n_points, 2))
         self.register_buffer("rest", torch.zeros(n_fields))
@@ -191,7 +199,7 @@ class MotionWarp(nn.Module):
         """What `grid` needs, built once per set of buffers: the portrait's mesh (`_mesh`), the
         landmarks' motion weights padded with the border points' zeros (K, M, 2), and the
         first-order displacement per feature (K, P, 2) and at rest (P, 2), crop pixels."""
-        key = (device, self.landmark_map.data_ptr(), self.points.data_ptr(), self.rest.data_ptr())
+        key = (device, self.landmark_map.data_ptr(), self.points.data_ptr(), self.rest.data_ptr(), self.absolute)
         if self._cache is None or self._cache[0] != key:
             S, n = self.size, self.points.shape[0]
             mesh = _mesh(self.points.float().cpu().numpy(), S)
@@ -202,7 +210,12 @@ class MotionWarp(nn.Module):
             corners = torch.from_numpy(mesh["triangles"]).long()[label.clamp(min=0)]           # (P, 3)
             w = torch.from_numpy(mesh["bary"]).float()
             per_feature = (lm[:, corners] * w[None, :, :, None]).sum(2)                         # (K, P, 2)
-            rest = torch.einsum("k,kmd->md", features(self.rest.float().cpu()[None])[0], lm)    # (M, 2)
+            # Where the mesh's vertices sit at no displacement: `_moved` is vertices + pred(m) -
+            # rest, i.e. pred(m) (absolute) or the portrait's landmarks + pred(m) - pred(rest).
+            if self.absolute:
+                rest = torch.cat([torch.from_numpy(mesh["vertices"][:n]).float(), torch.zeros(m - n, 2)])
+            else:
+                rest = torch.einsum("k,kmd->md", features(self.rest.float().cpu()[None])[0], lm)  # (M, 2)
             ys, xs = torch.meshgrid(torch.arange(S, dtype=torch.float32), torch.arange(S, dtype=torch.float32),
                                     indexing="ij")
             tables = {"pixels": torch.stack([xs.ravel(), ys.ravel()], 1), "label": label,

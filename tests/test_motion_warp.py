@@ -107,6 +107,58 @@ def test_fast_warp_matches_the_exact_piecewise_affine_warp():
     assert _psnr(fast, exact) > _psnr(np.broadcast_to(image, exact.shape), exact) + 15
 
 
+def test_absolute_warp_goes_onto_the_predicted_landmarks_not_the_portraits_own():
+    """A portrait whose landmarks sit 1.5 px right of where its motion predicts them (its
+    head off the mean in the crop at that instant): the relative warp keeps the offset in
+    every frame, the absolute one puts the face where the motion predicts it, as the
+    classical warp onto the predicted landmarks does."""
+    from model.motion_warp import MotionWarp
+    from model.personal.warp import warp_portrait
+
+    points, image = _points(), _texture()
+    regression, _ = _fit(points)
+    offset = np.array([1.5, 0.0])
+    motion = np.random.default_rng(9).uniform(-1, 1, (4, _N))
+    fields = torch.from_numpy(motion).float()
+    warps = {}
+    for absolute in (False, True):
+        warps[absolute] = MotionWarp(len(points), _N, S, absolute=absolute)
+        warps[absolute].set_fit(regression.weights, points + offset, np.zeros(_N))
+    t = {a: w._tables(torch.device("cpu")) for a, w in warps.items()}
+    predicted = regression.predict(motion)
+    moved_abs = warps[True]._moved(t[True], _features(fields))[:, :len(points)].numpy()
+    moved_rel = warps[False]._moved(t[False], _features(fields))[:, :len(points)].numpy()
+    assert np.abs(moved_abs - predicted).max() < 1e-3
+    at_rest = regression.predict(np.zeros((1, _N)))[0]
+    assert np.abs(moved_rel - (points + offset + predicted - at_rest)).max() < 1e-3
+    exact = np.stack([warp_portrait(image, points + offset, dst) for dst in predicted])
+    fast = {a: _uint8(w.warp(_unit(image), fields)) for a, w in warps.items()}
+    assert _psnr(fast[True], exact) > 38
+    assert _psnr(fast[True], exact) > _psnr(fast[False], exact) + 8
+
+
+def _features(fields):
+    from model.motion_warp import features
+
+    return features(fields)
+
+
+def test_the_absolute_flag_travels_with_the_model_file():
+    from model.avatar import AvatarModel
+    from model.config import from_name
+
+    tiny = from_name("tiny")
+    cfg = dataclasses.replace(tiny, motion_warp=8, warp_absolute=True,
+                              vae=dataclasses.replace(tiny.vae, reference_decoder=True))
+    model = AvatarModel(cfg)
+    assert model.warp.absolute
+    back = type(cfg).from_dict(cfg.to_dict())
+    assert back.warp_absolute and AvatarModel(back).warp.absolute
+    old = cfg.to_dict()
+    del old["warp_absolute"]  # an avatar fitted before the flag: relative, as it was trained
+    assert not type(cfg).from_dict(old).warp_absolute
+
+
 def _slit_mouth():
     """A closed-lip face: a ring of landmarks and four rows of lip landmarks (the inner two
     0.6 px apart), the picture of it, and a warp whose mouth_open (1.0) moves the lower

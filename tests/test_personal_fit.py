@@ -194,6 +194,8 @@ def test_avatar_create_fits_writes_an_avatar_and_resumes(prepared, capsys):
     calibration = avatar.info["blend_calibration"]
     assert cfg.warp_mouth == LIPS and cfg.warp_blend == (calibration["face"], calibration["mouth"])
     assert calibration["frames"] > 0 and {calibration["face"], calibration["mouth"]} <= set(OFFSETS)
+    assert calibration["held_back"]  # the 3 s clip holds a training clip besides its calibration frames
+    assert cfg.warp_absolute  # the warp goes onto the predicted landmarks (model/motion_warp.py)
     # The file is the fitted model (the last checkpoint, stored in fp16 as the bundled weights).
     ckpt = folder / "me.fit"
     fitted = load_checkpoint(ckpt / "dit.pt")["model"]
@@ -216,6 +218,20 @@ def test_avatar_create_fits_writes_an_avatar_and_resumes(prepared, capsys):
     assert load_checkpoint(ckpt / "dit.pt")["step"] == 3
     assert pool.stat().st_mtime_ns == pool_time and (ckpt / "decoder.pt").stat().st_mtime_ns == decoder_time
     assert "DiT 3/3" in capsys.readouterr().err and avatar_file.read(out).info["dit_steps"] == 3
+
+
+def test_the_blend_calibration_frames_are_held_back_from_training_when_the_clip_allows():
+    from types import SimpleNamespace
+
+    from model.config import from_name
+    from model.personal.fit import FitPlan, calibration_rows
+
+    cfg, plan = from_name("tiny"), FitPlan()
+    clip = lambda n: SimpleNamespace(fit_frames=n, fps=25)  # noqa: E731
+    assert calibration_rows(clip(1000), cfg, plan) == (slice(0, 850), slice(850, 1000))  # the last 6 s
+    assert calibration_rows(clip(100), cfg, plan) == (slice(0, 80), slice(80, 100))      # at most a fifth
+    # Too short to hold back anything and still train on one clip: calibrated on trained-on frames.
+    assert calibration_rows(clip(30), cfg, plan) == (slice(0, 30), slice(0, 30))
 
 
 def test_a_model_file_that_is_not_an_avatar_is_refused(tmp_path):

@@ -42,21 +42,34 @@ def crop_track(s: np.ndarray, t: np.ndarray, fps: float, smooth_seconds: float =
 def crop(frame: np.ndarray, box, size: int) -> np.ndarray:
     """(H, W, 3) uint8 frame, box (x0, y0, side) -> (size, size, 3) uint8; outside the
     frame the border pixels are repeated. Downscaling is anti-aliased (area-averaged
-    first to at most 1.5x the final scale, then bilinear)."""
+    first to at most 1.5x the final scale, then bilinear).
+
+    Geometry by pixel areas: the crop's pixel j covers the source span x0 + [j, j + 1) * side
+    / size (a pixel's centre is half a pixel in), so crops of one box at two sizes agree: the
+    area-average of a 2 * size crop is the size crop, and the model-size portrait the engine
+    makes from the PORTRAIT_SIZE one (model.media.fit_portrait) lands on the frames' pixels
+    and landmarks. cv2 puts pixel centres at integers; the half-pixel terms below convert."""
     import cv2
 
     x0, y0, side = (float(v) for v in box)
     k = size / side
     pre = min(1.0, 1.5 * k)
     if pre < 1.0:
+        # INTER_AREA scales pixel spans: the resized image's span [u, u + 1) is the source's
+        # [u, u + 1) / pre, so the area coordinates scale by `pre` exactly.
         frame = cv2.resize(frame, None, fx=pre, fy=pre, interpolation=cv2.INTER_AREA)
     kk = k / pre
-    M = np.array([[kk, 0, -k * x0], [0, kk, -k * y0]], np.float64)
+    # Area coordinates: out = kk * in - k * x0; a cv2 (centre) coordinate is the area one - 0.5.
+    half = 0.5 * kk - 0.5
+    M = np.array([[kk, 0, half - k * x0], [0, kk, half - k * y0]], np.float64)
     return cv2.warpAffine(frame, M, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
 
 
 def to_crop(points: np.ndarray, box, size: int) -> np.ndarray:
-    """Landmarks (..., 3) in source pixels -> pixels of the (size, size) crop (z scaled alike)."""
+    """Landmarks (..., 3) in source pixels -> pixels of the (size, size) crop (z scaled alike).
+    The landmark model gives area coordinates (x * width: a pixel's centre is half a pixel
+    in); crop landmarks are in pixel-centre coordinates (pixel j's centre at j), as the warps
+    and the scores sample the crop, on the geometry of `crop`."""
     x0, y0, side = (float(v) for v in box)
     k = size / side
-    return (points - np.array([x0, y0, 0.0], np.float32)) * np.float32(k)
+    return (points - np.array([x0, y0, 0.0], np.float32)) * np.float32(k) - np.array([0.5, 0.5, 0.0], np.float32)

@@ -34,6 +34,10 @@ in colour on real faces as they do on the bundled model, and a 6-frame window of
 generated frames lets a moving face fall apart within seconds (docs/benchmarks.md); a fit
 of a few hundred steps cannot train that out, a model leaning on its reference can.
 
+The blend calibration's frames (the last seconds of the fitting frames, `calibration_rows`)
+are held back from both stages: the decoder's trust in its warp is measured on frames it
+has not learnt.
+
 Resumable: the trainer's checkpoints (model, optimiser, step, RNG) and the latent pool live
 in the checkpoint folder; the same command continues where a stopped one ended. The time
 limit is shared between the stages (`DECODER_SHARE` of it for the decoder), and when it
@@ -53,6 +57,7 @@ DECODER_SHARE = 0.3   # of the time limit, at most, for the decoder stage
 CALIBRATION_RESERVE_S = 60.0  # of a time limit, kept for the blend calibration after the DiT stage
 POOL_PER_TILE = 1.0   # latent-pool clips per distinct clip-length stretch of the fitting frames
 MAX_POOL = 96        # encoding the pool is a large share of a short fit on a CPU
+CALIBRATION_SHARE = 0.2  # of the fitting frames, at most, held back from training for the blend calibration
 
 
 @dataclass
@@ -152,7 +157,10 @@ def fit(prepared, base: str, out: str | Path, plan: FitPlan | None = None, max_m
     torch.manual_seed(plan.seed)
     if plan.motion_warp and model.warp is None:  # a resumed fit has it from its checkpoint
         add_motion_warp(model, prepared)
-    data = PersonData(prepared, model.config, warp=model.warp)
+    calibrating = model.warp is not None and plan.calibrate_blend
+    train_rows, calib_rows = (calibration_rows(prepared, model.config, plan) if calibrating
+                              else (slice(0, prepared.fit_frames), None))
+    data = PersonData(prepared, model.config, frames=train_rows, warp=model.warp)
     clip_latents = fitted_clip_latents(data, plan.clip_latents)
     args = trainer_args(plan, base_path, pool_size(data, clip_latents), clip_latents, on_progress)
 
@@ -163,7 +171,6 @@ def fit(prepared, base: str, out: str | Path, plan: FitPlan | None = None, max_m
     args.lr = plan.dit_lr
     if on_progress is not None:
         on_progress("encode", 0, 1, None)  # the latent pool is encoded first (minutes for a long clip)
-    calibrating = model.warp is not None and plan.calibrate_blend
     if deadline is not None and calibrating:
         deadline -= CALIBRATION_RESERVE_S
     trainer.train_dit(model, data, args, out, deadline, "dit")
@@ -173,10 +180,28 @@ def fit(prepared, base: str, out: str | Path, plan: FitPlan | None = None, max_m
 
         if on_progress is not None:
             on_progress("calibrate", 0, 1, None)
-        calibration = calibrate(model.eval(), prepared)
+        calibration = calibrate(model.eval(), prepared, calib_rows, held_back=train_rows.stop <= calib_rows.start)
     dec, dit = _stage_step(out, "decoder"), _stage_step(out, "dit")
     return FitResult(model.eval(), dec, dit, dec >= plan.decoder_steps and dit >= plan.dit_steps,
                      (time.time() - t0) / 60, (time.process_time() - cpu0) / 60, calibration)
+
+
+def calibration_rows(prepared, config, plan: FitPlan) -> tuple[slice, slice]:
+    """(training rows, blend-calibration rows) of the prepared clip's fitting frames. The
+    last CALIBRATION_SECONDS (at most `CALIBRATION_SHARE` of them) are held back from
+    training for the calibration (model/personal/blend_calibration.py) when what is left
+    still holds a training clip of `plan.clip_latents`; a shorter clip is calibrated on
+    frames it trains on (the fallback: the calibration then trusts the warp too little)."""
+    from model.personal.blend_calibration import CALIBRATION_SECONDS
+    from model.timeline import Timeline
+
+    n_fit = prepared.fit_frames
+    n = min(round(CALIBRATION_SECONDS * prepared.fps), int(CALIBRATION_SHARE * n_fit))
+    needed = Timeline.of(config).frames_for_latents(plan.clip_latents, first=True)
+    if n >= 2 and n_fit - n >= needed:
+        return slice(0, n_fit - n), slice(n_fit - n, n_fit)
+    n = min(n_fit, max(2, round(CALIBRATION_SECONDS * prepared.fps)))
+    return slice(0, n_fit), slice(n_fit - n, n_fit)
 
 
 def add_motion_warp(model, prepared) -> None:
@@ -191,7 +216,8 @@ def add_motion_warp(model, prepared) -> None:
     landmarks = MotionLandmarks.fit(p.motion[rows], p.landmarks[rows])
     model.config.motion_warp = landmarks.n_points
     model.config.warp_mouth = LIPS if landmarks.n_points > max(LIPS) else ()
-    model.warp = MotionWarp(landmarks.n_points, len(MOTION_FIELDS), model.config.height)
+    model.config.warp_absolute = True  # onto the predicted landmarks (model/motion_warp.py)
+    model.warp = MotionWarp(landmarks.n_points, len(MOTION_FIELDS), model.config.height, absolute=True)
     model.warp.set_fit(landmarks.weights, p.landmarks[p.portrait_index], p.motion[p.portrait_index])
 
 
@@ -222,6 +248,6 @@ def write_avatar(result: FitResult, prepared, path: str | Path, name: str) -> No
             "run_minutes": round(result.minutes, 1), "run_cpu_minutes": round(result.cpu_minutes, 1)}
     if result.calibration is not None:
         c = result.calibration
-        info["blend_calibration"] = {"face": c.face, "mouth": c.mouth, "frames": c.frames,
+        info["blend_calibration"] = {"face": c.face, "mouth": c.mouth, "frames": c.frames, "held_back": c.held_back,
                                      "psnr_fitted": round(c.psnr_fitted, 2), "psnr": round(c.psnr, 2)}
     avatar_file.save(model, prepared.portrait, path, name, info)

@@ -64,3 +64,17 @@ def choose(motion: np.ndarray, sharp: np.ndarray, found: np.ndarray) -> tuple[in
     terms = costs(motion, sharp, found)
     i = int(np.argmin(terms["total"]))
     return i, {k: float(v[i]) for k, v in terms.items()}
+
+
+def clip_colour(portrait: np.ndarray, frame: np.ndarray, clip: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The portrait (H, W, 3) uint8 with each channel moved by the clip's mean minus the
+    portrait frame's: `frame` is that frame at the clip's crop size, `clip` (T, h, w, 3) the
+    frames the portrait was chosen from. One frame's exposure and white balance are those of
+    an instant (a webcam hunts; the light changes); the avatar should have the person's
+    colour over the clip. Everything the avatar draws starts from the portrait (its warp, the
+    decoder's reference), so its colour is the stream's: on the three real clips of
+    docs/benchmarks.md the shift is 1-16 grey levels, and the held-out stream is that much
+    nearer the real frames. -> (the shifted portrait, the shift per channel)."""
+    shift = clip.reshape(-1, 3).mean(0, dtype=np.float64) - frame.reshape(-1, 3).mean(0, dtype=np.float64)
+    out = np.clip(np.round(portrait.astype(np.float64) + shift), 0, 255).astype(np.uint8)
+    return out, shift.astype(np.float32)

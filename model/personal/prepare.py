@@ -6,7 +6,8 @@ with the aligned frames only):
      the face region;
   2. after the calibration (template + neutral face, from the first `fit_frames` frames),
      the motion track, the smoothed crop track and the portrait choice: every frame
-     cropped to the model's size, the portrait also at PORTRAIT_SIZE.
+     cropped to the model's size, the portrait also at PORTRAIT_SIZE (its colour moved
+     to the fitting frames' mean: `portrait.clip_colour`).
 The clip's speech is demuxed and resampled to the model's rate.
 
 `save` / `load` keep a `Prepared` in one safetensors file (arrays as tensors, the rest
@@ -102,10 +103,12 @@ def prepare(path: str | Path, size: int = 128, fps: int = 25, sample_rate: int =
         progress(1)
     if len(frames) != len(boxes) or portrait_image is None:
         raise ValueError(f"{path} decoded to {len(frames)} frames on the second pass, {len(boxes)} on the first")
+    frames = np.stack(frames)
+    portrait_image, colour_shift = portrait.clip_colour(portrait_image, frames[index], frames[:n_fit])
     audio = video.load_speech(path, sample_rate)
     meta = {"source": Path(path).name, "portrait_cost": cost, "tracked": float(found.mean()),
-            "source_info": video.probe(path)}
-    return Prepared(np.stack(frames), np.stack(crop_lms).astype(np.float32), found, motion,
+            "portrait_colour_shift": [round(float(c), 2) for c in colour_shift], "source_info": video.probe(path)}
+    return Prepared(frames, np.stack(crop_lms).astype(np.float32), found, motion,
                     boxes.astype(np.float32), portrait_image, index, calibration, fps, sample_rate,
                     audio, n_fit, meta)
 
