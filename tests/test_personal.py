@@ -196,6 +196,33 @@ def test_avatar_create_prepares_the_clip(synthetic_clip, tmp_path):
     assert p.boxes[:, 2].std() < 0.02 * side  # smoothed: the crop does not breathe with the mouth
 
 
+def test_a_prepared_file_is_reused_only_when_current(synthetic_clip, tmp_path):
+    """Reused when newer than the clip and written by this preparation; a file of an older
+    preparation (another format version) or older than the clip is prepared again."""
+    import os
+
+    from safetensors import safe_open
+    from safetensors.numpy import save_file
+
+    from model.personal.prepare import FORMAT, load_current
+    from server.cli import main
+
+    path, _ = synthetic_clip
+    out = tmp_path / "me.safetensors"
+    prepared = tmp_path / "me.prepared.safetensors"
+    assert main(["avatar", "create", "--video", str(path), "-o", str(out), "--prepare-only"]) == 0
+    assert load_current(prepared, path) is not None
+    with safe_open(str(prepared), framework="numpy") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    save_file(tensors, str(prepared), metadata={**meta, "format": FORMAT.rsplit("/", 1)[0] + "/1"})
+    assert load_current(prepared, path) is None  # an older preparation: redone
+    assert main(["avatar", "create", "--video", str(path), "-o", str(out), "--prepare-only"]) == 0
+    assert load_current(prepared, path) is not None
+    later = path.stat().st_mtime + 10
+    os.utime(path, (later, later))  # the clip changed after it was prepared
+    assert load_current(prepared, path) is None
+
+
 def test_avatar_create_bad_input_exits_2(tmp_path, capsys):
     from server.cli import main
 

@@ -91,14 +91,13 @@ def prepare_step(args, target: Path, progress: ProgressFile):
     from tqdm import tqdm
 
     from model.personal import landmarks, video
-    from model.personal.prepare import load, prepare, save
+    from model.personal.prepare import load_current, prepare, save
 
     size, fps, sample_rate = _model_geometry(args.model)
-    if target.is_file() and target.stat().st_mtime >= Path(args.video).stat().st_mtime:
-        prepared = load(target)
-        if (prepared.size, prepared.fps, prepared.sample_rate) == (size, fps, sample_rate):
-            print(f"step 1 of 2, preparation: reusing {target}", file=sys.stderr)
-            return prepared
+    prepared = load_current(target, args.video)
+    if prepared is not None and (prepared.size, prepared.fps, prepared.sample_rate) == (size, fps, sample_rate):
+        print(f"step 1 of 2, preparation: reusing {target}", file=sys.stderr)
+        return prepared
     info = video.probe(args.video)
     try:
         landmarks.FaceTracker(video=True).close()  # fail now, not after decoding, when mediapipe is missing

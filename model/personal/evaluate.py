@@ -65,9 +65,8 @@ def evaluate_clip(video: Path, out: Path, size: int, fps: int, sample_rate: int,
     from model.personal import prepare as P
 
     cached = out / f"{video.stem}.prepared.safetensors"
-    if cached.is_file() and cached.stat().st_mtime >= video.stat().st_mtime:
-        prepared = P.load(cached)
-    else:
+    prepared = P.load_current(cached, video)
+    if prepared is None:
         prepared = P.prepare(video, size=size, fps=fps, sample_rate=sample_rate, fit_fraction=FIT_FRACTION)
         P.save(prepared, cached)
     if prepared.size != size:

@@ -29,7 +29,9 @@ from model.personal import motion as M
 
 PORTRAIT_SIZE = 256      # as the bundled avatars (server/avatars.py)
 TRACK_MAX_SIDE = 720     # frames are tracked at most this large on their short side
-FORMAT = "knotstream-personal-prepared/1"
+# The file format and the preparation that wrote it: /2 has the exact crop geometry and the
+# portrait in the clip's colour (2026-12-02); a file of an older version is prepared again.
+FORMAT = "knotstream-personal-prepared/2"
 
 
 @dataclass
@@ -129,6 +131,20 @@ def save(prepared: Prepared, path: str | Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp), metadata=meta)
     tmp.replace(path)
+
+
+def load_current(path: str | Path, video: str | Path) -> Prepared | None:
+    """The prepared file at `path` when it can stand in for preparing `video` again: it
+    exists, is newer than the video and was written by this version of the preparation
+    (FORMAT). None otherwise (a file of an older version is not an error: it is redone)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file() or path.stat().st_mtime < Path(video).stat().st_mtime:
+        return None
+    with safe_open(str(path), framework="numpy") as f:
+        current = (f.metadata() or {}).get("format") == FORMAT
+    return load(path) if current else None
 
 
 def load(path: str | Path) -> Prepared:
