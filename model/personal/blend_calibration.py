@@ -143,6 +143,12 @@ def mouth_offset_by_opening(rec: _Recorded, mouth: Tensor, face: float, real: np
     return min(errors, key=errors.get) if errors else fallback
 
 
+def last_fitting_rows(fit_frames: int, fps: float) -> slice:
+    """The last CALIBRATION_SECONDS of `fit_frames` fitting frames (at least 2, at most all)."""
+    n = min(fit_frames, max(2, round(CALIBRATION_SECONDS * fps)))
+    return slice(fit_frames - n, fit_frames)
+
+
 def calibrate(model, prepared, rows: slice | None = None, held_back: bool = False, seed: int = 0,
               mouth_by_opening: bool = True) -> Calibration:
     """Choose and set `model.config.warp_blend` (the model needs its motion warp) from the
@@ -156,8 +162,7 @@ def calibrate(model, prepared, rows: slice | None = None, held_back: bool = Fals
         raise ValueError("blend calibration needs a model with a motion warp")
     p, cfg = prepared, model.config
     if rows is None:
-        n = min(p.fit_frames, max(2, round(CALIBRATION_SECONDS * p.fps)))
-        rows = slice(p.fit_frames - n, p.fit_frames)
+        rows = last_fitting_rows(p.fit_frames, p.fps)
     n = rows.stop - rows.start
     if n < 2 or rows.stop > p.fit_frames:
         raise ValueError(f"calibration rows {rows} must be >= 2 of the {p.fit_frames} fitting frames")

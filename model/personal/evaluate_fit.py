@@ -121,7 +121,7 @@ def report_lines(results: list[dict]) -> list[str]:
         offsets = "-"
         if c:
             # Avatars fitted before 2026-12-02 calibrated on frames they trained on (no record).
-            where = {True: "held-back", False: "trained-on"}.get(c.get("held_back"), "trained-on")
+            where = "held-back" if c.get("held_back") else "trained-on"
             offsets = f"{c['face']:+g} / {c['mouth']:+g} ({c['frames']} {where} frames)"
         lines.append(f"| {r['name']} | {f.get('decoder_steps')} | {f.get('dit_steps')} | {f.get('complete')} | "
                      f"{f.get('run_minutes', '-')} | {f.get('run_cpu_minutes', '-')} | {offsets} | "

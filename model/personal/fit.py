@@ -192,7 +192,7 @@ def calibration_rows(prepared, config, plan: FitPlan) -> tuple[slice, slice]:
     training for the calibration (model/personal/blend_calibration.py) when what is left
     still holds a training clip of `plan.clip_latents`; a shorter clip is calibrated on
     frames it trains on (the fallback: the calibration then trusts the warp too little)."""
-    from model.personal.blend_calibration import CALIBRATION_SECONDS
+    from model.personal.blend_calibration import CALIBRATION_SECONDS, last_fitting_rows
     from model.timeline import Timeline
 
     n_fit = prepared.fit_frames
@@ -200,8 +200,7 @@ def calibration_rows(prepared, config, plan: FitPlan) -> tuple[slice, slice]:
     needed = Timeline.of(config).frames_for_latents(plan.clip_latents, first=True)
     if n >= 2 and n_fit - n >= needed:
         return slice(0, n_fit - n), slice(n_fit - n, n_fit)
-    n = min(n_fit, max(2, round(CALIBRATION_SECONDS * prepared.fps)))
-    return slice(0, n_fit), slice(n_fit - n, n_fit)
+    return slice(0, n_fit), last_fitting_rows(n_fit, prepared.fps)
 
 
 def add_motion_warp(model, prepared) -> None:
@@ -217,7 +216,7 @@ def add_motion_warp(model, prepared) -> None:
     model.config.motion_warp = landmarks.n_points
     model.config.warp_mouth = LIPS if landmarks.n_points > max(LIPS) else ()
     model.config.warp_absolute = True  # onto the predicted landmarks (model/motion_warp.py)
-    model.warp = MotionWarp(landmarks.n_points, len(MOTION_FIELDS), model.config.height, absolute=True)
+    model.warp = MotionWarp(landmarks.n_points, len(MOTION_FIELDS), model.config.height, model.config.warp_absolute)
     model.warp.set_fit(landmarks.weights, p.landmarks[p.portrait_index], p.motion[p.portrait_index])
 
 
