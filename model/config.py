@@ -17,8 +17,17 @@ from dataclasses import dataclass, field
 # (x right, y down); mouth_open/mouth_wide/smile/brow in [0, 1] (brow: 0.5 neutral).
 # The driving vector carries each value plus a "given" flag (1 = set by the client), so
 # "not given" (the model chooses, e.g. idle motion or lips from audio) differs from 0.
+# head_x, head_y, head_scale: where the head sits in the frame relative to its rest place
+# (the centre of the crop that follows it smoothly): offset in frame widths (x right, y
+# down) and log size ratio. A personal avatar's portrait warp moves the face by them (a real
+# head jitters in its smoothed crop by a few tenths of a pixel, docs/benchmarks.md); the
+# cartoon world never moves the head in its frame, so the bundled model ignores them.
 MOTION_FIELDS = ("yaw", "pitch", "roll", "blink", "gaze_x", "gaze_y",
-                 "mouth_open", "mouth_wide", "smile", "brow")
+                 "mouth_open", "mouth_wide", "smile", "brow", "head_x", "head_y", "head_scale")
+HEAD_FIELDS = ("head_x", "head_y", "head_scale")
+# The fields of files written before the head fields (2026-12-02): their motion encoder and
+# portrait warp are widened on load with zero weights for the new fields (model/weights.py).
+LEGACY_MOTION_FIELDS = MOTION_FIELDS[:10]
 
 # What a model's weights were trained on: the procedural cartoon heads of model/train/world.py,
 # real video (photoreal checkpoints), or one person's clip (a personal avatar).
@@ -259,7 +268,7 @@ class ModelConfig:
             name=d["name"],
             dit=build(DiTConfig, d["dit"]),
             vae=build(VAEConfig, d["vae"]),
-            driving=build(DrivingConfig, d["driving"]),
+            driving=build(DrivingConfig, _current_motion_dim(d["driving"])),
             sampler=build(SamplerConfig, d["sampler"]),
             stream=build(StreamKnobs, d["stream"]),
             height=d.get("height", 128),
@@ -279,6 +288,14 @@ class ModelConfig:
 
 # Fields older model files carry that no longer configure anything: the number of
 # denoising steps is a stream knob (`StreamKnobs.denoise_steps`), read from "stream".
+def _current_motion_dim(driving: dict) -> dict:
+    """A stored DrivingConfig with the motion width of today's MOTION_FIELDS: a file of the
+    10 legacy fields has its weights widened on load (model/weights.widen_motion_state)."""
+    if driving.get("motion_dim") == 2 * len(LEGACY_MOTION_FIELDS):
+        return {**driving, "motion_dim": 2 * len(MOTION_FIELDS)}
+    return driving
+
+
 _RETIRED_FIELDS = {"SamplerConfig": ("denoise_steps",)}
 
 

@@ -16,7 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from model.config import DiTConfig, ModelConfig
+from model.config import LEGACY_MOTION_FIELDS, MOTION_FIELDS, DiTConfig, ModelConfig
 from model.dit import DiT
 
 FORMAT = "knotstream-avatar-v1"
@@ -60,6 +60,32 @@ def read_aux(path: str | Path) -> dict[str, Tensor]:
         return {k[len(AUX_PREFIX):]: f.get_tensor(k) for k in f.keys() if k.startswith(AUX_PREFIX)}
 
 
+def widen_motion_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The tensors of a model written before the head fields (`LEGACY_MOTION_FIELDS`, 10 of
+    them) laid out for today's MOTION_FIELDS: the motion encoder's input columns (values,
+    then "given" flags) and a portrait warp's regression rows (1, fields, squares) and rest
+    motion get zeros for the new fields, so such a model does exactly what it did. A state of
+    today's layout is returned as it is."""
+    old, new = len(LEGACY_MOTION_FIELDS), len(MOTION_FIELDS)
+    keep = [MOTION_FIELDS.index(f) for f in LEGACY_MOTION_FIELDS]
+
+    def spread(t: Tensor, dim: int, size: int, targets: list[int]) -> Tensor:
+        # The stored positions along `dim`, in order, go to `targets` of a zero tensor.
+        shape = list(t.shape)
+        shape[dim] = size
+        return t.new_zeros(shape).index_copy_(dim, torch.tensor(targets, device=t.device), t)
+
+    out = dict(state)
+    for k, t in state.items():
+        if k.endswith("motion_mlp.0.weight") and t.shape[1] == 2 * old:
+            out[k] = spread(t, 1, 2 * new, keep + [new + i for i in keep])
+        elif k.endswith("warp.landmark_map") and t.shape[0] == 1 + 2 * old:
+            out[k] = spread(t, 0, 1 + 2 * new, [0] + [1 + i for i in keep] + [1 + new + i for i in keep])
+        elif k.endswith("warp.rest") and t.shape[0] == old:
+            out[k] = spread(t, 0, new, keep)
+    return out
+
+
 def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> "AvatarModel":
     """Build on the meta device, then assign the stored tensors (cast to `dtype`)."""
     from model.avatar import AvatarModel  # the converter below does not need the VAE/driving parts
@@ -69,6 +95,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
         raise FileNotFoundError(f"model file not found: {path}")
     config = read_metadata(path)["config"]
     state = {k: v for k, v in load_file(str(path), device=str(device)).items() if not k.startswith(AUX_PREFIX)}
+    state = widen_motion_state(state)
     with torch.device("meta"):
         model = AvatarModel(config)
     model.load_state_dict(state, strict=True, assign=True)

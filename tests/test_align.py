@@ -69,3 +69,32 @@ def test_the_portrait_takes_the_clips_colour():
     assert np.allclose(shift, clip.reshape(-1, 3).mean(0) - frame.reshape(-1, 3).mean(0), atol=1e-3)
     assert np.abs(out.reshape(-1, 3).mean(0) - clip.reshape(-1, 3).mean(0)).max() < 0.6
     assert np.abs(shift - [-12, 5, -20]).max() < 3
+
+
+def test_the_head_fields_are_where_the_head_sits_in_its_smoothed_crop():
+    from model.personal import motion as M
+
+    rng = np.random.default_rng(4)
+    T, fps = 200, 25
+    s = 60.0 * np.exp(rng.normal(0, 0.01, T))                                   # pose scale, px
+    t = np.c_[320 + np.cumsum(rng.normal(0, 0.4, T)), 240 + rng.normal(0, 0.5, T), np.zeros(T)]
+    # A crop that follows the head exactly holds it at its rest place: all fields 0.
+    exact = align.crop_track(s, t, fps, smooth_seconds=0)
+    assert np.allclose(align.head_in_crop(s, t, exact), 0, atol=1e-9)
+    # The smoothed crop leaves the quick moves: the pivot's offset from the crop's rest
+    # place, in crop sides, and the size ratio.
+    boxes = align.crop_track(s, t, fps)
+    head = align.head_in_crop(s, t, boxes)
+    x0, y0, side = boxes.T
+    pivot_in_crop = np.c_[(t[:, 0] - x0) / side, (t[:, 1] - y0) / side]
+    assert np.allclose(head[:, :2], pivot_in_crop - [0.5, align.FRAME_CENTER_Y])
+    assert np.allclose(np.exp(head[:, 2]) * align.FACE_H * side, s)
+    assert head[:, :2].std() > 1e-4                                              # not all zero
+    # Frames without a face take their neighbours' values, in range.
+    found = np.ones(T, bool)
+    found[50:53] = False
+    head[50:53] = np.nan
+    motion = M.with_head(np.zeros((T, len(M.MOTION_FIELDS)), np.float32), head, found)
+    x = motion[:, M.MOTION_FIELDS.index("head_x")]
+    assert np.isfinite(motion).all() and min(x[49], x[53]) - 1e-7 <= x[51] <= max(x[49], x[53]) + 1e-7
+    assert np.allclose(x[:50], head[:50, 0], atol=1e-6)

@@ -331,3 +331,30 @@ def test_calibrated_offsets_reach_the_decoders_blend(warped_engine):
     out = layer(x, rgb, torch.cat([reference, offset], 2), CausalState(number_slots(layer), keep=False))
     assert torch.allclose(out, rgb + torch.sigmoid(logit + offset) * (reference - rgb), atol=1e-6)
     assert not torch.allclose(out, layer(x, rgb, reference, CausalState(number_slots(layer), keep=False)), atol=1e-3)
+
+
+def test_the_head_fields_small_as_they_are_move_the_predicted_landmarks():
+    """A real head sits in its smoothed crop within a few thousandths of the side (std ~0.003:
+    tenths of a pixel at 128 px). The regression must keep that: a ridge sized for fields of
+    order 1 shrank it away (docs/benchmarks.md)."""
+    from model.personal.motion_landmarks import MotionLandmarks
+
+    rng = np.random.default_rng(11)
+    points = _points()
+    motion = np.zeros((800, _N))
+    motion[:, _F["yaw"]] = rng.uniform(-0.3, 0.3, 800)
+    motion[:, _F["head_x"]] = rng.normal(0, 0.003, 800)
+    motion[:, _F["head_y"]] = rng.normal(0, 0.002, 800)
+    motion[:, _F["head_scale"]] = rng.normal(0, 0.003, 800)
+    centre = np.array([64.0, 65.0])
+    lm = (centre + (points - centre)[None] * np.exp(motion[:, _F["head_scale"], None, None])
+          + 3 * motion[:, _F["yaw"], None, None] * np.array([1.0, 0.0])
+          + S * motion[:, None, [_F["head_x"], _F["head_y"]]])
+    fit, held = slice(0, 600), slice(600, 800)
+    regression = MotionLandmarks.fit(motion[fit], lm[fit])
+    err = np.linalg.norm(regression.predict(motion[held]) - lm[held], axis=-1).mean()
+    without = motion.copy()
+    without[:, [_F["head_x"], _F["head_y"], _F["head_scale"]]] = 0
+    blind = np.linalg.norm(MotionLandmarks.fit(without[fit], lm[fit]).predict(without[held]) - lm[held], axis=-1).mean()
+    assert blind > 0.3          # the head's moves are a third of a pixel
+    assert err < 0.1 * blind

@@ -47,3 +47,60 @@ def test_sigmas_and_euler_on_a_known_flow():
     x0 = torch.tensor([0.3, -1.2])
     out = denoise(lambda x, sig: (x - x0) / sig, torch.tensor([2.0, 0.5]), s)
     assert torch.allclose(out, x0, atol=1e-6)
+
+
+def test_a_file_of_the_ten_legacy_motion_fields_loads_and_drives_as_before(tmp_path):
+    """Files written before the head fields (the bundled tiny.safetensors among them) have a
+    motion encoder of 20 inputs and a warp regression over 10 fields: they load widened, and
+    the widened model gives what the stored one gave for the same motion."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from model.config import LEGACY_MOTION_FIELDS, MOTION_FIELDS, ModelConfig
+    from model.motion_warp import MotionWarp, features
+    from model.weights import widen_motion_state
+
+    old, new = len(LEGACY_MOTION_FIELDS), len(MOTION_FIELDS)
+    cfg = small_config()
+    model = AvatarModel.random(cfg, seed=2)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    key = next(k for k in state if k.endswith("motion_mlp.0.weight"))
+    keep = [MOTION_FIELDS.index(f) for f in LEGACY_MOTION_FIELDS]
+    legacy_w = state[key][:, keep + [new + i for i in keep]].clone()            # (h, 20) as a legacy file stores it
+    state[key] = legacy_w
+    d = cfg.to_dict()
+    d["driving"]["motion_dim"] = 2 * old
+    assert ModelConfig.from_dict(d).driving.motion_dim == 2 * new               # the config is read widened
+    path = tmp_path / "legacy.safetensors"
+    save_file(state, str(path), metadata={"format": "knotstream-avatar-v1", "config": json.dumps(d)})
+    loaded = load_model(path)
+    assert loaded.driving.motion_mlp[0].weight.shape[1] == 2 * new
+
+    g = torch.Generator().manual_seed(0)
+    legacy_vec = torch.rand(5, 2 * old, generator=g)
+    vec = torch.zeros(5, 2 * new)
+    vec[:, keep], vec[:, [new + i for i in keep]] = legacy_vec[:, :old], legacy_vec[:, old:]
+    vec[:, MOTION_FIELDS.index("head_x")] = 0.2                                 # a head field given to a legacy model
+    vec[:, new + MOTION_FIELDS.index("head_x")] = 1.0
+    assert torch.allclose(loaded.driving.motion_mlp[0](vec), legacy_vec @ legacy_w.T + state[key.replace("weight", "bias")])
+
+    # A legacy warp: its 21 regression rows (1, fields, squares) and 10 rest values.
+    n_points = 7
+    lm = torch.randn(1 + 2 * old, 2 * n_points, generator=g)
+    wide = widen_motion_state({"warp.landmark_map": lm, "warp.rest": torch.arange(old, dtype=torch.float32)})
+    warp = MotionWarp(n_points, new, 32)
+    warp.set_fit(wide["warp.landmark_map"].numpy(), np.zeros((n_points, 2)), wide["warp.rest"].numpy())
+    fields = torch.zeros(3, new)
+    fields[:, keep] = torch.rand(3, old, generator=g)
+    fields[:, MOTION_FIELDS.index("head_scale")] = 0.3
+    assert torch.allclose(warp.landmarks(fields).reshape(3, -1), features(fields[:, keep]) @ lm, atol=1e-5)
+    assert torch.equal(warp.rest[keep], torch.arange(old, dtype=torch.float32))
+
+
+def test_the_bundled_model_loads_in_todays_motion_layout():
+    from model.config import MOTION_FIELDS
+    from model.sources import ASSETS
+
+    model = load_model(ASSETS / "tiny.safetensors")
+    assert model.driving.motion_mlp[0].weight.shape[1] == model.config.driving.motion_dim == 2 * len(MOTION_FIELDS)

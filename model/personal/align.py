@@ -39,6 +39,17 @@ def crop_track(s: np.ndarray, t: np.ndarray, fps: float, smooth_seconds: float =
     return np.stack([cx - 0.5 * side, cy - FRAME_CENTER_Y * side, side], axis=1)
 
 
+def head_in_crop(s: np.ndarray, t: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    """Per-frame pose scale (T,), pivot (T, 3) and crop boxes (T, 3) -> (T, 3) the motion
+    fields head_x, head_y, head_scale: where the head sits in its crop against the place the
+    crop is built to hold it (pivot at (0.5, FRAME_CENTER_Y), face half-height FACE_H of the
+    side), the offset in crop sides and the log size ratio. The smoothed track leaves the
+    head's quick moves in them (NaN where no face)."""
+    x0, y0, side = boxes[:, 0], boxes[:, 1], boxes[:, 2]
+    return np.stack([(t[:, 0] - x0) / side - 0.5, (t[:, 1] - y0) / side - FRAME_CENTER_Y,
+                     np.log(s / (FACE_H * side))], axis=1)
+
+
 def crop(frame: np.ndarray, box, size: int) -> np.ndarray:
     """(H, W, 3) uint8 frame, box (x0, y0, side) -> (size, size, 3) uint8; outside the
     frame the border pixels are repeated. Downscaling is anti-aliased (area-averaged

@@ -25,7 +25,8 @@ MOUTH_WEIGHT, EYE_WEIGHT = 4.0, 2.0   # as model.train.world.region_weights
 EYE_MARGIN = 0.35                      # eye box margin, a share of the eye's width
 DROP_GIVEN = 0.15
 # Fields that come and go together in a session's motion messages.
-GROUPS = (("yaw", "pitch", "roll"), ("blink", "gaze_x", "gaze_y"), ("mouth_open", "mouth_wide"), ("smile", "brow"))
+GROUPS = (("yaw", "pitch", "roll"), ("blink", "gaze_x", "gaze_y"), ("mouth_open", "mouth_wide"), ("smile", "brow"),
+          ("head_x", "head_y", "head_scale"))
 
 
 def driving_motion(motion: np.ndarray) -> np.ndarray:

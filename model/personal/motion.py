@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from model.config import MOTION_FIELDS
+from model.config import HEAD_FIELDS, MOTION_FIELDS
 from model.driving import MOTION_RANGES
 from model.personal import geometry as G
 from model.personal import landmarks as L
@@ -152,10 +152,25 @@ def motion_from_features(f: dict[str, np.ndarray], ypr: np.ndarray, neutral: dic
     return np.clip(m, lo, hi).astype(np.float32)
 
 
+def with_head(motion: np.ndarray, head: np.ndarray, found: np.ndarray) -> np.ndarray:
+    """A copy of `motion` (T, len(MOTION_FIELDS)) with the head fields (HEAD_FIELDS) set from
+    `head` (T, 3: align.head_in_crop), which needs the crop track `measure` does not know;
+    frames without a face take their neighbours' values, as in `measure`."""
+    idx = np.flatnonzero(found & np.isfinite(head).all(1))
+    if len(idx) == 0:
+        raise ValueError("no face was found in any frame")
+    out = motion.copy()
+    for j, name in enumerate(HEAD_FIELDS):
+        lo, hi = MOTION_RANGES[name]
+        out[:, _F[name]] = np.clip(np.interp(np.arange(len(head)), idx, head[idx, j]), lo, hi)
+    return out
+
+
 def measure(landmarks: np.ndarray, found: np.ndarray, calibration: Calibration) -> tuple[np.ndarray, Poses]:
     """(T, 478, 3) landmarks + (T,) found -> (T, len(MOTION_FIELDS)) motion and the poses.
     Frames without a face take the motion of the nearest frames (linear interpolation);
-    a clip with no face at all raises ValueError."""
+    a clip with no face at all raises ValueError. The head fields stay 0 (`with_head` sets
+    them where the crop is known)."""
     idx = np.flatnonzero(found)
     if len(idx) == 0:
         raise ValueError("no face was found in any frame")

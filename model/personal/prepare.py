@@ -5,7 +5,8 @@ with the aligned frames only):
   1. landmarks of every frame (mediapipe face mesh, tracking mode) and the sharpness of
      the face region;
   2. after the calibration (template + neutral face, from the first `fit_frames` frames),
-     the motion track, the smoothed crop track and the portrait choice: every frame
+     the motion track, the smoothed crop track (and the head's place in it: the head
+     fields) and the portrait choice: every frame
      cropped to the model's size, the portrait also at PORTRAIT_SIZE (its colour moved
      to the fitting frames' mean: `portrait.clip_colour`).
 The clip's speech is demuxed and resampled to the model's rate.
@@ -30,8 +31,9 @@ from model.personal import motion as M
 PORTRAIT_SIZE = 256      # as the bundled avatars (server/avatars.py)
 TRACK_MAX_SIDE = 720     # frames are tracked at most this large on their short side
 # The file format and the preparation that wrote it: /2 has the exact crop geometry and the
-# portrait in the clip's colour (2026-12-02); a file of an older version is prepared again.
-FORMAT = "knotstream-personal-prepared/2"
+# portrait in the clip's colour, /3 the head fields (both 2026-12-02); a file of an older
+# version is prepared again.
+FORMAT = "knotstream-personal-prepared/3"
 
 
 @dataclass
@@ -92,6 +94,7 @@ def prepare(path: str | Path, size: int = 128, fps: int = 25, sample_rate: int =
     calibration = M.calibrate(lms[:n_fit], found[:n_fit])
     motion, poses = M.measure(lms, found, calibration)
     boxes = align.crop_track(poses.s, poses.t, fps)
+    motion = M.with_head(motion, align.head_in_crop(poses.s, poses.t, boxes), found)
     index, cost = portrait.choose(motion[:n_fit], sharp[:n_fit], found[:n_fit])
 
     frames, crop_lms, portrait_image = [], [], None

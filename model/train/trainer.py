@@ -166,7 +166,7 @@ def _build_model(args, out: Path):
     (.pt) or model file, else a fresh preset."""
     from model.avatar import AvatarModel
     from model.config import ModelConfig, from_name
-    from model.weights import load_model
+    from model.weights import load_model, widen_motion_state
 
     existing = [_checkpoint_path(out, s) for s in STAGES + EXTRA_STAGES if _checkpoint_path(out, s).exists()]
     newest = max(existing, key=lambda p: p.stat().st_mtime, default=None)  # the newest weights
@@ -175,7 +175,7 @@ def _build_model(args, out: Path):
     if newest is not None:
         state = load_checkpoint(newest)
         model = AvatarModel(ModelConfig.from_dict(state["config"]))
-        model.load_state_dict(state["model"])
+        model.load_state_dict(widen_motion_state(state["model"]))  # a checkpoint of before the head fields too
         return model
     if Path(args.model).is_file():
         return load_model(args.model)
