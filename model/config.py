@@ -286,8 +286,18 @@ class ModelConfig:
         )
 
 
-# Fields older model files carry that no longer configure anything: the number of
-# denoising steps is a stream knob (`StreamKnobs.denoise_steps`), read from "stream".
+def motion_fields_read(config: "ModelConfig") -> tuple[str, ...]:
+    """The motion fields a model with `config` moves anything with: a photoreal family is
+    driven by audio (and its prompt) alone; a personal avatar's portrait warp reads every
+    field; the models of the cartoon world read all but the head fields (its heads never
+    move in their frame). A session tells its client what it ignores (streaming/messages.py)."""
+    if config.domain == "photoreal":
+        return ()
+    if config.motion_warp:
+        return MOTION_FIELDS
+    return tuple(f for f in MOTION_FIELDS if f not in HEAD_FIELDS)
+
+
 def _current_motion_dim(driving: dict) -> dict:
     """A stored DrivingConfig with the motion width of today's MOTION_FIELDS: a file of the
     10 legacy fields has its weights widened on load (model/weights.widen_motion_state)."""
@@ -296,6 +306,8 @@ def _current_motion_dim(driving: dict) -> dict:
     return driving
 
 
+# Fields older model files carry that no longer configure anything: the number of
+# denoising steps is a stream knob (`StreamKnobs.denoise_steps`), read from "stream".
 _RETIRED_FIELDS = {"SamplerConfig": ("denoise_steps",)}
 
 

@@ -28,7 +28,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from model.config import StreamKnobs
+from model.config import StreamKnobs, motion_fields_read
 from server import auth, bodies
 from server.bodies import CreateOptions, CreateRequest
 from server.errors import ApiError
@@ -173,7 +173,8 @@ class SessionManager:
                 "answer": {"type": "answer", "sdp": answer} if answer else None,
                 "ice_servers": session.options.ice_for_client,
                 "video": {"width": cfg.width, "height": cfg.height, "fps": cfg.fps, "codec": options.codec},
-                "model": {"name": cfg.name, "trained": engine.trained, "domain": cfg.domain},
+                "model": {"name": cfg.name, "trained": engine.trained, "domain": cfg.domain,
+                          "motion_fields": list(motion_fields_read(cfg))},
                 "notices": session_notices(cfg, uploaded=avatar is None)}
 
     def _personal_avatar(self, request: CreateRequest):

@@ -12,7 +12,9 @@ Client -> server:
   {"type": "ping", "id": <any>}                 -> {"type": "pong", "id": ..., "t": <server ms>}
 
 Server -> client:
-  {"type": "ack", "ref": "<type>", ...}          motion: the frame it lands on
+  {"type": "ack", "ref": "<type>", ...}          motion: the frame it lands on, and "ignored":
+                                                [fields] when it set valid fields this model
+                                                does not read (the session's model.motion_fields)
   {"type": "error", "code": "...", "message": "...", "ref": "<type or null>"}
   {"type": "playback_started" | "playback_finished", "segment": ..., "position_ms": ...,
    "interrupted": bool}

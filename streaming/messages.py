@@ -12,6 +12,7 @@ import logging
 import secrets
 import time
 
+from model.config import motion_fields_read
 from streaming import channel as proto
 
 log = logging.getLogger("knotstream.session")
@@ -43,7 +44,12 @@ async def dispatch(session, msg: proto.Message) -> dict | None:
             frame = session.set_motion(b["fields"], b.get("t"))
         except ValueError as exc:
             raise proto.ChannelError("bad_motion", str(exc), msg.type) from None
-        return {"type": "ack", "ref": msg.type, "frame": frame}
+        ack = {"type": "ack", "ref": msg.type, "frame": frame}
+        read = motion_fields_read(session.stream.cfg)
+        ignored = [name for name in b["fields"] if name not in read]
+        if ignored:  # valid fields this model does not read: say so rather than drop them silently
+            ack["ignored"] = ignored
+        return ack
     if msg.type == "audio":
         from model.media import pcm16_to_float
         seg = await session.push_pcm(pcm16_to_float(b["pcm16"]), b.get("rate", session.sample_rate),

@@ -290,11 +290,15 @@ def test_stream_driving_alignment_and_long_run_scoring():
 
     clip = E.held_out_clip(tone_bank(), 30, 25, 128, seed=0)
     from model.config import MOTION_FIELDS
+    from model.train.data import GIVEN_TO_MODEL
 
     F = len(MOTION_FIELDS)
-    for name in MOTION_FIELDS:  # the mouth is never given: it must come from the audio
+    # The mouth is never given (it must come from the audio), nor are the head fields the
+    # cartoon world does not have.
+    assert "mouth_open" not in GIVEN_TO_MODEL and "head_x" not in GIVEN_TO_MODEL
+    for name in MOTION_FIELDS:
         i = MOTION_FIELDS.index(name)
-        given = name not in ("mouth_open", "mouth_wide")
+        given = name in GIVEN_TO_MODEL
         assert (clip.given[:, F + i] == float(given)).all(), name
         np.testing.assert_array_equal(clip.given[:30, i], clip.motion[:, i] if given else 0.0)
     assert clip.given.shape == (30 + 25, 2 * F)  # a second of driving past the end: the engine's lookahead

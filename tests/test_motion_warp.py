@@ -358,3 +358,16 @@ def test_the_head_fields_small_as_they_are_move_the_predicted_landmarks():
     blind = np.linalg.norm(MotionLandmarks.fit(without[fit], lm[fit]).predict(without[held]) - lm[held], axis=-1).mean()
     assert blind > 0.3          # the head's moves are a third of a pixel
     assert err < 0.1 * blind
+
+
+def test_the_fields_a_model_reads_are_told_from_its_config():
+    """A session names the fields its model reads and acks the others as ignored
+    (streaming/messages.py): the head fields only where a portrait warp moves the face."""
+    from model.config import HEAD_FIELDS, from_name, motion_fields_read
+
+    cartoon = from_name("tiny")
+    assert set(motion_fields_read(cartoon)) == set(MOTION_FIELDS) - set(HEAD_FIELDS)
+    warped = dataclasses.replace(cartoon, domain="personal", motion_warp=478,
+                                 vae=dataclasses.replace(cartoon.vae, reference_decoder=True))
+    assert motion_fields_read(warped) == MOTION_FIELDS
+    assert motion_fields_read(dataclasses.replace(cartoon, domain="photoreal")) == ()

@@ -294,6 +294,9 @@ def test_personal_eval_scores_a_fitted_avatar(prepared, tmp_path):
     assert fit["drift"]["seconds"] == 2.0 and np.isfinite(fit["drift"]["change"])
     text = report([r], "knotstream eval --personal ...", 1.0)
     assert "## Fitted avatars" in text and ROUTED in text and "Identity drift" in text
+    # The gaps to each baseline with their intervals, and the bars read from them.
+    assert all(f"| {path.name} | {name} | " in text for name in (REPEAT, WARP, MOTION_WARP))
+    assert "Bars (beat the still portrait and the landmark warp" in text and " of 6 held" in text
     calibration = fit["fit"]["blend_calibration"]
     assert f"({calibration['frames']} held-back frames)" in text  # the 3 s clip holds its calibration frames back
     assert r["strip"].shape[0] == 5 * 128   # real, three baselines, the fitted avatar

@@ -77,6 +77,8 @@ async def test_a_session_on_the_avatar_streams_its_own_model_and_face(server, av
     session = await client.connect("me")
     try:
         assert session["model"]["domain"] == "personal" and session["notices"] == []
+        # This avatar file has no portrait warp (the bundled weights, unfitted): no head fields.
+        assert "mouth_open" in session["model"]["motion_fields"] and "head_x" not in session["model"]["motion_fields"]
         live = server.manager.sessions[session["id"]]
         loaded = server.app.state.personal.get("me")
         assert live.stream.engine is loaded.engine and live.stream.engine is not server.app.state.engine

@@ -186,6 +186,7 @@ def test_an_uploaded_photo_on_the_cartoon_model_gets_a_notice_a_bundled_avatar_n
     assert r.status_code == 201, r.text
     upload = r.json()
     assert upload["model"]["domain"] == "cartoon"   # the bundled tiny weights' metadata
+    assert "yaw" in upload["model"]["motion_fields"] and "head_x" not in upload["model"]["motion_fields"]
     [notice] = upload["notices"]
     assert notice["code"] == "cartoon_model" and notice["model_domain"] == "cartoon"
     assert "knotstream avatar create" in notice["message"] and "docs/personal-avatars.md" in notice["message"]

@@ -98,7 +98,12 @@ async def test_malformed_data_channel_messages_get_errors_and_the_session_goes_o
         assert "yaw" in err["message"]
         client.send({"type": "motion", "fields": {"yaw": 0.3, "smile": 0.8}, "t": 1000})
         ack = await client.wait_message(lambda m: m["type"] == "ack" and m["ref"] == "motion")
-        assert ack["frame"] >= 0
+        assert ack["frame"] >= 0 and "ignored" not in ack
+        # A valid field the model does not read (the cartoon model's head stays in its frame)
+        # is taken and named in the ack, not dropped in silence.
+        client.send({"type": "motion", "fields": {"head_x": 0.1, "yaw": 0.2}})
+        ack = await client.wait_message(lambda m: m["type"] == "ack" and m["ref"] == "motion" and "ignored" in m)
+        assert ack["ignored"] == ["head_x"] and "head_x" not in session["model"]["motion_fields"]
         client.send({"type": "ping", "id": 7})
         assert (await client.wait_message(lambda m: m["type"] == "pong"))["id"] == 7
         n = len(client.got.video)

@@ -46,18 +46,29 @@ def measured(frames: np.ndarray, calibration) -> tuple[np.ndarray, np.ndarray, n
     return m[:, MOTION_FIELDS.index("mouth_open")], poses.R, found
 
 
-def score(gen: np.ndarray, real: np.ndarray, boxes, real_measure, calibration) -> dict[str, float]:
-    """Every metric of METRICS for one system on one clip's held-out frames."""
+# The metrics whose per-frame values a row keeps (PER_FRAME), for the intervals of the gaps
+# between systems (model/personal/intervals.py).
+FRAME_METRICS = ("PSNR", "SSIM", "mouth-open error")
+PER_FRAME = "per frame"
+
+
+def score(gen: np.ndarray, real: np.ndarray, boxes, real_measure, calibration) -> dict:
+    """Every metric of METRICS for one system on one clip's held-out frames (the means over
+    the frames), and under PER_FRAME the (T,) values of FRAME_METRICS (NaN where a frame is
+    not scored: the mouth opening where either frame has no face)."""
     from model.personal.geometry import angle_between
     from model.train import metrics as Mt
 
     open_gen, R_gen, found_gen = measured(gen, calibration)
     open_real, R_real, found_real = real_measure
     both = found_gen & found_real
+    open_frames = np.where(both, np.abs(open_gen - open_real), np.nan)
     if both.any():
-        open_err = float(np.abs(open_gen[both] - open_real[both]).mean())
+        open_err = float(open_frames[both].mean())
         pose_err = float(np.mean([math.degrees(angle_between(R_gen[i], R_real[i])) for i in np.flatnonzero(both)]))
     else:
         open_err = pose_err = float("nan")
-    return {"PSNR": Mt.psnr(gen, real), "SSIM": Mt.ssim(gen, real), "mouth PSNR": Mt.psnr(gen, real, boxes),
-            "mouth-open error": open_err, "head-pose error (deg)": pose_err, "tracked": float(found_gen.mean())}
+    psnr, ssim = Mt.psnr_frames(gen, real), Mt.ssim_frames(gen, real)
+    return {"PSNR": float(psnr.mean()), "SSIM": float(ssim.mean()), "mouth PSNR": Mt.psnr(gen, real, boxes),
+            "mouth-open error": open_err, "head-pose error (deg)": pose_err, "tracked": float(found_gen.mean()),
+            PER_FRAME: {"PSNR": psnr, "SSIM": ssim, "mouth-open error": open_frames}}
