@@ -273,14 +273,17 @@ def test_piecewise_affine_warp_moves_pixels_with_landmarks():
 
 
 def test_personal_eval_scores_the_baselines(synthetic_clip, tmp_path):
-    from model.personal.evaluate import METRICS, MOTION_WARP, REPEAT, WARP, evaluate_clip
+    from model.personal.evaluate import FRAME_METRICS, METRICS, MOTION_WARP, PER_FRAME, REPEAT, WARP, evaluate_clip
 
     path, _ = synthetic_clip
     r = evaluate_clip(path, tmp_path, 128, FPS, SR, lambda n: None)
     assert r["held"] == int(SECONDS * FPS) - int(round(0.8 * SECONDS * FPS))
     assert set(r["rows"]) == {REPEAT, WARP, MOTION_WARP}
     for row in r["rows"].values():
+        per_frame = row.pop(PER_FRAME)  # what the intervals of the gaps between systems read
         assert set(row) == set(METRICS) and all(np.isfinite(v) for v in row.values())
+        assert set(per_frame) == set(FRAME_METRICS) and all(len(v) == r["held"] for v in per_frame.values())
+        assert np.mean(per_frame["PSNR"]) == pytest.approx(row["PSNR"], rel=1e-6)  # the row is their mean
     # Both warps follow the head (the real landmarks, or those the motion predicts); the
     # still portrait does not.
     for warp in (WARP, MOTION_WARP):
