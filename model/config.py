@@ -218,6 +218,10 @@ class ModelConfig:
     # the portrait's landmarks moved by the prediction's change from the portrait's motion
     # (False, the avatars fitted before 2026-12-02; model/motion_warp.py).
     warp_absolute: bool = False
+    # Personal avatars with a warp: the (upper, lower) inner-lip landmarks whose gap is the
+    # mouth's opening, when the model carries a second, open-mouth portrait that the warp
+    # takes the mouth from as the motion opens it (model/motion_warp.py); (): none.
+    warp_open: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.domain not in TRAINING_DOMAINS:
@@ -233,6 +237,11 @@ class ModelConfig:
         self.warp_mouth = tuple(int(i) for i in self.warp_mouth)
         if any(not 0 <= i < self.motion_warp for i in self.warp_mouth):
             raise ValueError(f"{self.name}: warp_mouth indexes landmarks outside the warp's {self.motion_warp}")
+        self.warp_open = tuple(int(i) for i in self.warp_open)
+        if self.warp_open and (len(self.warp_open) != 2 or not self.warp_mouth
+                               or any(not 0 <= i < self.motion_warp for i in self.warp_open)):
+            raise ValueError(f"{self.name}: warp_open must be two of the warp's landmarks, with warp_mouth set, "
+                             f"got {self.warp_open}")
         self.warp_blend = tuple(float(b) for b in self.warp_blend)
         if len(self.warp_blend) != 2 or not all(math.isfinite(b) for b in self.warp_blend):
             raise ValueError(f"{self.name}: warp_blend must be two finite logit offsets, got {self.warp_blend}")
@@ -283,6 +292,7 @@ class ModelConfig:
             warp_mouth=tuple(d.get("warp_mouth", ())),
             warp_blend=tuple(d.get("warp_blend", (0.0, 0.0))),
             warp_absolute=bool(d.get("warp_absolute", False)),
+            warp_open=tuple(d.get("warp_open", ())),
         )
 
 

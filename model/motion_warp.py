@@ -37,6 +37,14 @@ closed-lip portrait's thin inner-lip triangles stretch there, and the first-orde
 the opening with lip instead of the stretched lip line, which doubles the mouth-opening error
 of the warp (docs/benchmarks.md). A pixel whose walk does not end (a triangle folded over by
 an extreme motion) keeps its first-order guess.
+
+The open mouth (`set_open`, the avatars fitted from 2026-12-03 on): a closed-lip portrait has
+no picture of the inside of a mouth, so its warp fills an opening with stretched lip, a
+striped patch. The model may carry a second portrait, a frame of the clip with the mouth
+open, and its landmarks. In the mouth box (`mouth_mask`), the warp then crossfades to that
+frame warped onto the same predicted landmarks (the same triangles, located once: only the
+source corners differ), by how far the predicted inner-lip gap has gone from the portrait's
+towards the open frame's (`open_weight`). A closed mouth is the portrait's warp exactly.
 """
 
 from __future__ import annotations
@@ -162,12 +170,20 @@ def _locate(to_bary: Tensor, neighbours: Tensor, px: Tensor, start: Tensor) -> t
 class MotionWarp(nn.Module):
     """The warp of one person (see the module docstring); its buffers are part of the model file."""
 
-    def __init__(self, n_points: int, n_fields: int, size: int, absolute: bool = False):
+    def __init__(self, n_points: int, n_fields: int, size: int, absolute: bool = False,
+                 mouth: Sequence[int] = (), open_pair: Sequence[int] = ()):
         super().__init__()
         self.size, self.absolute = size, absolute
+        self.mouth = tuple(mouth)          # the landmarks ringing the mouth (`mouth_mask`)
+        self.open_pair = tuple(open_pair)  # (upper, lower) inner lip: their gap is the opening; (): no open portrait
+        if self.open_pair and (len(self.open_pair) != 2 or not self.mouth):
+            raise ValueError("an open-mouth portrait needs the mouth's landmarks and one (upper, lower) inner-lip pair")
         self.register_buffer("landmark_map", torch.zeros(1 + 2 * n_fields, 2 * n_points))
         self.register_buffer("points", torch.zeros(n_points, 2))
         self.register_buffer("rest", torch.zeros(n_fields))
+        if self.open_pair:
+            self.register_buffer("open_image", torch.zeros(3, size, size))  # [-1, 1]
+            self.register_buffer("open_points", torch.zeros(n_points, 2))
         self._cache: tuple | None = None  # (key, tables) built from the buffers on first use
 
     @torch.no_grad()
@@ -177,6 +193,31 @@ class MotionWarp(nn.Module):
         self.points.copy_(torch.as_tensor(np.asarray(points)[:, :2], dtype=self.points.dtype))
         self.rest.copy_(torch.as_tensor(np.asarray(rest), dtype=self.rest.dtype))
         self._cache = None
+
+    @torch.no_grad()
+    def set_open(self, image: np.ndarray, points: np.ndarray) -> None:
+        """The open-mouth portrait (S, S, 3) uint8 and its landmarks (N, 2+), crop pixels."""
+        if not self.open_pair:
+            raise ValueError("this warp was built without an open-mouth portrait (open_pair)")
+        if image.shape != (self.size, self.size, 3) or image.dtype != np.uint8:
+            raise ValueError(f"the open-mouth portrait must be ({self.size}, {self.size}, 3) uint8, got "
+                             f"{image.shape} {image.dtype}")
+        picture = torch.from_numpy(np.ascontiguousarray(image)).float().div(127.5).sub(1).permute(2, 0, 1)
+        self.open_image.copy_(picture)
+        self.open_points.copy_(torch.as_tensor(np.asarray(points)[:, :2], dtype=self.open_points.dtype))
+        self._cache = None
+
+    def open_weight(self, fields: Tensor) -> Tensor:
+        """(T, F) motion -> (T,) in [0, 1]: how far the predicted inner-lip gap has gone from
+        the portrait's (0) to the open-mouth portrait's (1)."""
+        up, down = self.open_pair
+
+        def gap(pts: Tensor) -> Tensor:
+            return (pts[..., up, :] - pts[..., down, :]).norm(dim=-1)
+
+        closed, opened = gap(self.points.float()), gap(self.open_points.float())
+        span = (opened - closed).clamp(min=1e-3)  # the fit sets it only when the frame opens wider
+        return ((gap(self.landmarks(fields)) - closed) / span).clamp(0, 1)
 
     def fields(self, driving: Tensor) -> Tensor:
         """(..., 2F) driving rows (values, given flags) -> (..., F): given values, else the rest."""
@@ -199,7 +240,8 @@ class MotionWarp(nn.Module):
         """What `grid` needs, built once per set of buffers: the portrait's mesh (`_mesh`), the
         landmarks' motion weights padded with the border points' zeros (K, M, 2), and the
         first-order displacement per feature (K, P, 2) and at rest (P, 2), crop pixels."""
-        key = (device, self.landmark_map.data_ptr(), self.points.data_ptr(), self.rest.data_ptr(), self.absolute)
+        key = (device, self.landmark_map.data_ptr(), self.points.data_ptr(), self.rest.data_ptr(), self.absolute,
+               self.open_points.data_ptr() if self.open_pair else None)
         if self._cache is None or self._cache[0] != key:
             S, n = self.size, self.points.shape[0]
             mesh = _mesh(self.points.float().cpu().numpy(), S)
@@ -224,6 +266,9 @@ class MotionWarp(nn.Module):
                       "corners": torch.from_numpy(mesh["vertices"][mesh["triangles"]]).float(),  # (K, 3, 2) portrait
                       "neighbours": torch.from_numpy(mesh["neighbours"]).long(),
                       "per_feature": per_feature, "rest_disp": (rest[corners] * w[..., None]).sum(1)}
+            if self.open_pair:  # the open-mouth portrait's corners of the same triangles
+                opened = np.r_[np.clip(self.open_points.float().cpu().numpy(), 0, S - 1), border_points(S)]
+                tables["open_corners"] = torch.from_numpy(opened[mesh["triangles"]]).float()
             self._cache = (key, {k: v.to(device) for k, v in tables.items()})
         return self._cache[1]
 
@@ -231,9 +276,14 @@ class MotionWarp(nn.Module):
         """(T, F) motion -> (T, S, S, 2) grid_sample coordinates into the portrait (see the
         module docstring: the first-order guess, then the exact triangle by a walk)."""
         with torch.autocast(fields.device.type, enabled=False):
-            return self._grid(fields.float())
+            return self._grids(fields.float())[0]
 
-    def _grid(self, fields: Tensor) -> Tensor:
+    def _grids(self, fields: Tensor) -> list[Tensor]:
+        """The portrait's grid, then the open-mouth portrait's when the warp has one."""
+        t = self._tables(fields.device)
+        return self._grid(fields, ("corners", "open_corners") if "open_corners" in t else ("corners",))
+
+    def _grid(self, fields: Tensor, sources: tuple[str, ...]) -> list[Tensor]:
         # float32 throughout, also under the engine's bf16 autocast: the barycentric
         # constants are differences of products of pixel coordinates, which bf16 cancels.
         t, S = self._tables(fields.device), self.size
@@ -249,10 +299,13 @@ class MotionWarp(nn.Module):
         found, tri = _locate(to_bary, t["neighbours"], px, start)
         # The triangle's affine map onto the portrait, in the same layout: corners @ weights.
         w = to_bary.view(len(fields), -1, 3, 3)                                           # (T, K, part, corner)
-        affine = torch.einsum("kcd,tkpc->tkpd", t["corners"], w).reshape(-1, 6)            # (T * K, 6)
-        exact = _apply(affine, tri, px)
-        source = torch.where(found[:, None], exact, guess.reshape(-1, 2))
-        return (source * (2.0 / (S - 1)) - 1).reshape(len(fields), S, S, 2)
+        grids = []
+        for corners in sources:
+            affine = torch.einsum("kcd,tkpc->tkpd", t[corners], w).reshape(-1, 6)          # (T * K, 6)
+            exact = _apply(affine, tri, px)
+            source = torch.where(found[:, None], exact, guess.reshape(-1, 2))
+            grids.append((source * (2.0 / (S - 1)) - 1).reshape(len(fields), S, S, 2))
+        return grids
 
     def _moved(self, t: dict[str, Tensor], f: Tensor) -> Tensor:
         """The mesh's vertices (T, M, 2) for motion features f (T, K): the portrait's
@@ -278,7 +331,13 @@ class MotionWarp(nn.Module):
         """image (1 or T, 3, S, S) -> (T, 3, S, S): the portrait warped onto each row's motion
         (sampled in float32: a bf16 grid is a quarter pixel coarse at 128 px)."""
         with torch.autocast(image.device.type, enabled=False):
-            g = self._grid(fields.float())
+            fields = fields.float()
+            grids = self._grids(fields)
             source = image.float().expand(len(fields), -1, -1, -1) if image.shape[0] == 1 else image.float()
-            out = F.grid_sample(source, g, mode="bilinear", padding_mode="border", align_corners=True)
+            out = F.grid_sample(source, grids[0], mode="bilinear", padding_mode="border", align_corners=True)
+            if len(grids) > 1:  # the mouth from the open-mouth portrait as far as the motion opens it
+                opened = self.open_image.to(out.device, out.dtype).expand(len(fields), -1, -1, -1)
+                opened = F.grid_sample(opened, grids[1], mode="bilinear", padding_mode="border", align_corners=True)
+                mix = self.mouth_mask(fields, self.mouth) * self.open_weight(fields)[:, None, None, None]
+                out = torch.lerp(out, opened, mix)
         return out.to(image.dtype)

@@ -371,3 +371,85 @@ def test_the_fields_a_model_reads_are_told_from_its_config():
                                  vae=dataclasses.replace(cartoon.vae, reference_decoder=True))
     assert motion_fields_read(warped) == MOTION_FIELDS
     assert motion_fields_read(dataclasses.replace(cartoon, domain="photoreal")) == ()
+
+
+def _open_mouth_warp():
+    """The slit-mouth face of `_slit_mouth`, plus an open-mouth portrait of the same face: the
+    lower lip 10 px down and a light interior (teeth) between the inner lips."""
+    from model.motion_warp import MotionWarp
+
+    closed, points, opening, image = _slit_mouth()
+    n_ring, n_row = 24, 7
+    mouth = tuple(range(n_ring, len(points)))
+    up, down = n_ring + n_row + 3, n_ring + 2 * n_row + 3     # the middle of the inner lips
+    opened_points = points + opening
+    opened = np.full((S, S, 3), (200, 150, 130), np.uint8)
+    opened[76:81, 50:79] = (170, 60, 60)     # upper lip
+    opened[81:90, 50:79] = (235, 235, 225)   # the teeth, in the opening
+    opened[90:96, 50:79] = (170, 60, 60)     # lower lip, moved down
+    warp = MotionWarp(len(points), _N, S, mouth=mouth, open_pair=(up, down))
+    warp.set_fit(closed.landmark_map.numpy(), points, np.zeros(_N))
+    warp.set_open(opened, opened_points)
+    return warp, closed, image, opened
+
+
+def test_an_open_mouth_portrait_fills_the_opening_a_closed_one_stretches():
+    """With an open-mouth portrait the warp takes the opening from it (teeth, not the closed
+    portrait's stretched lip line), crossfading by how far the mouth opens; a closed mouth
+    is the closed portrait's warp exactly, and nothing outside the mouth box changes."""
+    warp, closed, image, _ = _open_mouth_warp()
+    fields = torch.zeros(3, _N)
+    fields[1, _F["mouth_open"]], fields[2, _F["mouth_open"]] = 0.5, 1.0
+    weight = warp.open_weight(fields)
+    assert weight[0] == 0 and abs(float(weight[1]) - 0.5) < 0.02 and weight[2] == 1
+    got = warp.warp(_unit(image), fields)
+    plain = closed.warp(_unit(image), fields)
+    assert torch.equal(got[0], plain[0])
+    gap = (slice(83, 89), slice(56, 73))  # inside the opened mouth
+    got8, plain8 = _uint8(got), _uint8(plain)
+    assert plain8[2][gap].mean() < 60 and got8[2][gap].mean() > 200      # stretched line -> teeth
+    half = got8[1][gap[0].start - 3:gap[0].stop - 3, gap[1]].astype(float).mean()
+    assert plain8[1][gap[0].start - 3:gap[0].stop - 3, gap[1]].mean() < half < got8[2][gap].mean()
+    box = warp.mouth_mask(fields, warp.mouth)[:, 0] > 0
+    assert torch.equal(got.permute(0, 2, 3, 1)[~box], plain.permute(0, 2, 3, 1)[~box])
+
+
+def test_the_open_mouth_portrait_travels_with_the_model_file(tmp_path):
+    from model.avatar import AvatarModel
+    from model.config import from_name
+    from model.weights import load_model, save_model
+
+    warp, _, _, opened = _open_mouth_warp()
+    tiny = from_name("tiny")
+    cfg = dataclasses.replace(tiny, motion_warp=len(warp.points), warp_absolute=False, warp_mouth=warp.mouth,
+                              warp_open=warp.open_pair, vae=dataclasses.replace(tiny.vae, reference_decoder=True))
+    model = AvatarModel(cfg)
+    model.warp.load_state_dict(warp.state_dict())
+    save_model(model, tmp_path / "open.safetensors")
+    back = load_model(tmp_path / "open.safetensors")
+    assert back.config.warp_open == warp.open_pair and back.warp.open_pair == warp.open_pair
+    assert torch.equal(back.warp.open_image, warp.open_image) and torch.equal(back.warp.open_points, warp.open_points)
+    assert _uint8(back.warp.open_image[None])[0].tolist() == opened.tolist()
+    with pytest.raises(ValueError, match="warp_open"):
+        dataclasses.replace(cfg, warp_open=(0,))
+    with pytest.raises(ValueError, match="warp_open"):
+        dataclasses.replace(cfg, warp_mouth=())
+
+
+def test_the_open_mouth_portrait_is_a_clean_wide_open_frame():
+    from model.personal.portrait import OPEN_MIN, choose_open
+
+    rng = np.random.default_rng(3)
+    T = 200
+    motion = np.zeros((T, _N))
+    motion[:, _F["mouth_open"]] = rng.uniform(0, 0.3, T)
+    motion[[10, 20, 30], _F["mouth_open"]] = 0.9, 0.95, 0.92   # the widest openings...
+    motion[20, _F["yaw"]] = 0.4                                 # ...the widest with the head turned away
+    frames = np.repeat(_texture()[None], T, 0)
+    landmarks = np.repeat(_points()[None], T, 0)
+    found = np.ones(T, bool)
+    found[30] = False                                           # no face: never chosen
+    assert choose_open(motion, frames, landmarks, found, portrait_index=0) == 10
+    quiet = motion.copy()
+    quiet[:, _F["mouth_open"]] = np.minimum(quiet[:, _F["mouth_open"]], OPEN_MIN * 0.9)
+    assert choose_open(quiet, frames, landmarks, found, portrait_index=0) is None

@@ -173,7 +173,7 @@ def test_avatar_create_fits_writes_an_avatar_and_resumes(prepared, capsys):
     from model.sources import ASSETS
     from model.personal import avatar_file, speech_mouth
     from model.personal.blend_calibration import OFFSETS
-    from model.personal.landmarks import LIPS
+    from model.personal.landmarks import LIP_IN_DOWN, LIP_IN_UP, LIPS
     from model.train.trainer import load_checkpoint
     from model.weights import load_model, read_metadata
     from server.cli import main
@@ -200,7 +200,10 @@ def test_avatar_create_fits_writes_an_avatar_and_resumes(prepared, capsys):
     ckpt = folder / "me.fit"
     fitted = load_checkpoint(ckpt / "dit.pt")["model"]
     exported, base = load_model(out).state_dict(), load_model(ASSETS / "tiny.safetensors").state_dict()
-    warp = {"warp.landmark_map", "warp.points", "warp.rest"}  # the portrait warp (model/motion_warp.py)
+    # The portrait warp (model/motion_warp.py), with an open-mouth portrait: the synthetic
+    # speaker opens the mouth wide in its fitting frames (portrait.choose_open).
+    assert cfg.warp_open == (LIP_IN_UP, LIP_IN_DOWN)
+    warp = {"warp.landmark_map", "warp.points", "warp.rest", "warp.open_image", "warp.open_points"}
     assert set(exported) == set(fitted) == set(base) | warp
     assert cfg.motion_warp == 478 and torch.equal(exported["warp.points"], torch.from_numpy(
         p.landmarks[p.portrait_index, :, :2]).half().float())

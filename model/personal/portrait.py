@@ -78,3 +78,30 @@ def clip_colour(portrait: np.ndarray, frame: np.ndarray, clip: np.ndarray) -> tu
     shift = clip.reshape(-1, 3).mean(0, dtype=np.float64) - frame.reshape(-1, 3).mean(0, dtype=np.float64)
     out = np.clip(np.round(portrait.astype(np.float64) + shift), 0, 255).astype(np.uint8)
     return out, shift.astype(np.float32)
+
+
+# The open-mouth portrait (model/motion_warp.py `set_open`): among the fitting frames whose
+# opening is in the top OPEN_SHARE, the lowest cost of the terms above that an open mouth does
+# not raise, plus how much less it opens than the widest (/ OPEN_SCALE); none when it opens
+# less than OPEN_MIN more than the portrait (a clip that never speaks).
+OPEN_SHARE = 0.05
+OPEN_SCALE = 0.1
+OPEN_MIN = 0.2   # mouth_open units: a fifth of the widest opening the model knows
+
+
+def choose_open(motion: np.ndarray, frames: np.ndarray, landmarks: np.ndarray, found: np.ndarray,
+                portrait_index: int) -> int | None:
+    """Index of the open-mouth portrait among `frames` (T, S, S, 3) with their `landmarks`
+    and `motion`, or None (see OPEN_SHARE / OPEN_MIN)."""
+    opening = np.where(found, np.asarray(motion, np.float64)[:, _F["mouth_open"]], -np.inf)
+    if not found.any():
+        return None
+    wide = np.flatnonzero(found & (opening >= np.quantile(opening[found], 1 - OPEN_SHARE)))
+    sharp = np.full(len(frames), np.nan)
+    for i in wide:
+        sharp[i] = sharpness(frames[i], landmarks[i])
+    terms = costs(motion[wide], sharp[wide], found[wide])
+    clean = (terms["head turned"] + terms["eyes closing"] + terms["gaze away"] + terms["blur"]
+             + (opening[wide].max() - opening[wide]) / OPEN_SCALE)
+    k = int(wide[np.argmin(np.where(np.isfinite(clean), clean, np.inf))])
+    return k if opening[k] - motion[portrait_index, _F["mouth_open"]] >= OPEN_MIN else None
