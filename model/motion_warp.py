@@ -303,7 +303,14 @@ class MotionWarp(nn.Module):
         for corners in sources:
             affine = torch.einsum("kcd,tkpc->tkpd", t[corners], w).reshape(-1, 6)          # (T * K, 6)
             exact = _apply(affine, tri, px)
-            source = torch.where(found[:, None], exact, guess.reshape(-1, 2))
+            if corners == "open_corners":
+                # Where the lips cross, the moved mesh folds and leaves pixels no triangle
+                # holds. The first-order guess is a place in the closed portrait (its lip
+                # line: dark dots in the teeth); the open portrait continues the affine map
+                # of the triangle the walk ended in, next to the fold.
+                source = exact
+            else:
+                source = torch.where(found[:, None], exact, guess.reshape(-1, 2))
             grids.append((source * (2.0 / (S - 1)) - 1).reshape(len(fields), S, S, 2))
         return grids
 

@@ -414,6 +414,39 @@ def test_an_open_mouth_portrait_fills_the_opening_a_closed_one_stretches():
     assert torch.equal(got.permute(0, 2, 3, 1)[~box], plain.permute(0, 2, 3, 1)[~box])
 
 
+def test_where_the_lips_cross_the_open_mouth_keeps_its_teeth():
+    """A lower inner-lip landmark driven past its neighbour folds the moved mesh: some pixels
+    in the opening lie in no triangle. The open portrait samples them from the triangle next
+    to the fold (teeth), not at the closed portrait's first-order guess (its lip line: the
+    dark and red dots of the first refit, docs/benchmarks.md)."""
+    import model.motion_warp as motion_warp
+
+    warp, _, image, _ = _open_mouth_warp()
+    landmark_map = warp.landmark_map.numpy().copy()
+    fold = np.zeros((len(warp.points), 2))
+    fold[24 + 2 * 7 + 3, 0] = 7.0               # the middle lower inner lip, 7 px sideways: 4 px apart
+    landmark_map[1 + _F["mouth_wide"]] = fold.ravel()
+    warp.set_fit(landmark_map, warp.points.numpy(), np.zeros(_N))
+    fields = torch.zeros(1, _N)
+    fields[0, _F["mouth_open"]] = fields[0, _F["mouth_wide"]] = 1.0
+    held = {}
+    locate = motion_warp._locate
+
+    def recorded(*args):
+        found, tri = locate(*args)
+        held["found"] = found.reshape(S, S)
+        return found, tri
+
+    motion_warp._locate = recorded
+    try:
+        got = _uint8(warp.warp(_unit(image), fields))[0]
+    finally:
+        motion_warp._locate = locate
+    gap = (slice(82, 89), slice(54, 75))        # inside the opened mouth
+    assert (~held["found"][gap]).sum() > 0      # the fold leaves holes there
+    assert got[gap].min() >= 200                 # and every pixel of the opening is teeth
+
+
 def test_the_open_mouth_portrait_travels_with_the_model_file(tmp_path):
     from model.avatar import AvatarModel
     from model.config import from_name
