@@ -414,7 +414,7 @@ def test_an_open_mouth_portrait_fills_the_opening_a_closed_one_stretches():
     assert torch.equal(got.permute(0, 2, 3, 1)[~box], plain.permute(0, 2, 3, 1)[~box])
 
 
-def test_where_the_lips_cross_the_open_mouth_keeps_its_teeth():
+def test_where_the_lips_cross_the_open_mouth_keeps_its_teeth(monkeypatch):
     """A lower inner-lip landmark driven past its neighbour folds the moved mesh: some pixels
     in the opening lie in no triangle. The open portrait samples them from the triangle next
     to the fold (teeth), not at the closed portrait's first-order guess (its lip line: the
@@ -424,7 +424,7 @@ def test_where_the_lips_cross_the_open_mouth_keeps_its_teeth():
     warp, _, image, _ = _open_mouth_warp()
     landmark_map = warp.landmark_map.numpy().copy()
     fold = np.zeros((len(warp.points), 2))
-    fold[24 + 2 * 7 + 3, 0] = 7.0               # the middle lower inner lip, 7 px sideways: 4 px apart
+    fold[warp.open_pair[1], 0] = 7.0            # the middle lower inner lip, 7 px sideways: 4 px apart
     landmark_map[1 + _F["mouth_wide"]] = fold.ravel()
     warp.set_fit(landmark_map, warp.points.numpy(), np.zeros(_N))
     fields = torch.zeros(1, _N)
@@ -437,11 +437,8 @@ def test_where_the_lips_cross_the_open_mouth_keeps_its_teeth():
         held["found"] = found.reshape(S, S)
         return found, tri
 
-    motion_warp._locate = recorded
-    try:
-        got = _uint8(warp.warp(_unit(image), fields))[0]
-    finally:
-        motion_warp._locate = locate
+    monkeypatch.setattr(motion_warp, "_locate", recorded)
+    got = _uint8(warp.warp(_unit(image), fields))[0]
     gap = (slice(82, 89), slice(54, 75))        # inside the opened mouth
     assert (~held["found"][gap]).sum() > 0      # the fold leaves holes there
     assert got[gap].min() >= 200                 # and every pixel of the opening is teeth
