@@ -60,6 +60,20 @@ def read_aux(path: str | Path) -> dict[str, Tensor]:
         return {k[len(AUX_PREFIX):]: f.get_tensor(k) for k in f.keys() if k.startswith(AUX_PREFIX)}
 
 
+def _spread(t: Tensor, dim: int, size: int, targets: list[int]) -> Tensor:
+    """The stored positions of `t` along `dim`, in order, placed at `targets` of a zero tensor."""
+    shape = list(t.shape)
+    shape[dim] = size
+    return t.new_zeros(shape).index_copy_(dim, torch.tensor(targets, device=t.device), t)
+
+
+def _legacy_columns() -> list[int]:
+    """Where a legacy motion encoder's input columns (values, then "given" flags) go today."""
+    new = len(MOTION_FIELDS)
+    keep = [MOTION_FIELDS.index(f) for f in LEGACY_MOTION_FIELDS]
+    return keep + [new + i for i in keep]
+
+
 def widen_motion_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
     """The tensors of a model written before the head fields (`LEGACY_MOTION_FIELDS`, 10 of
     them) laid out for today's MOTION_FIELDS: the motion encoder's input columns (values,
@@ -68,22 +82,36 @@ def widen_motion_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
     today's layout is returned as it is."""
     old, new = len(LEGACY_MOTION_FIELDS), len(MOTION_FIELDS)
     keep = [MOTION_FIELDS.index(f) for f in LEGACY_MOTION_FIELDS]
-
-    def spread(t: Tensor, dim: int, size: int, targets: list[int]) -> Tensor:
-        # The stored positions along `dim`, in order, go to `targets` of a zero tensor.
-        shape = list(t.shape)
-        shape[dim] = size
-        return t.new_zeros(shape).index_copy_(dim, torch.tensor(targets, device=t.device), t)
-
     out = dict(state)
     for k, t in state.items():
         if k.endswith("motion_mlp.0.weight") and t.shape[1] == 2 * old:
-            out[k] = spread(t, 1, 2 * new, keep + [new + i for i in keep])
+            out[k] = _spread(t, 1, 2 * new, _legacy_columns())
         elif k.endswith("warp.landmark_map") and t.shape[0] == 1 + 2 * old:
-            out[k] = spread(t, 0, 1 + 2 * new, [0] + [1 + i for i in keep] + [1 + new + i for i in keep])
+            out[k] = _spread(t, 0, 1 + 2 * new, [0] + [1 + i for i in keep] + [1 + new + i for i in keep])
         elif k.endswith("warp.rest") and t.shape[0] == old:
-            out[k] = spread(t, 0, new, keep)
+            out[k] = _spread(t, 0, new, keep)
     return out
+
+
+def widen_optimizer_state(opt: torch.optim.Optimizer, checkpoint: str | Path) -> None:
+    """After `opt.load_state_dict` of a checkpoint written before the head fields: the
+    per-parameter state (Adam's moments) of the motion encoder's input layer widened as
+    `widen_motion_state` widens its weight (zeros for the new fields: as if they had had no
+    gradient yet), so the resumed fit steps instead of failing on a shape mismatch. A state
+    that fits its parameter in any other way is a checkpoint of another model: ValueError."""
+    legacy = 2 * len(LEGACY_MOTION_FIELDS)
+    for group in opt.param_groups:
+        for p in group["params"]:
+            for name, t in opt.state.get(p, {}).items():
+                if not torch.is_tensor(t) or t.dim() == 0 or t.shape == p.shape:
+                    continue
+                if t.dim() == 2 and p.dim() == 2 and t.shape == (p.shape[0], legacy) \
+                        and p.shape[1] == 2 * len(MOTION_FIELDS):
+                    opt.state[p][name] = _spread(t, 1, p.shape[1], _legacy_columns())
+                else:
+                    raise ValueError(f"{checkpoint}: its optimiser state {name} {tuple(t.shape)} does not fit a "
+                                     f"parameter {tuple(p.shape)}: the checkpoint is of another model; delete it "
+                                     "to start this stage again")
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> "AvatarModel":

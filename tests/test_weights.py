@@ -98,6 +98,74 @@ def test_a_file_of_the_ten_legacy_motion_fields_loads_and_drives_as_before(tmp_p
     assert torch.equal(warp.rest[keep], torch.arange(old, dtype=torch.float32))
 
 
+def test_a_fit_checkpointed_before_the_head_fields_resumes_its_optimiser(tmp_path):
+    """A DiT-stage checkpoint of ten motion fields (model and Adam state) resumes: the
+    weights widen on load (_build_model) and so do Adam's moments (the moved columns keep
+    theirs, the new ones start at zero), and the next step runs. Without the widening
+    the step fails on the moments' shape."""
+    from types import SimpleNamespace
+
+    from model.config import LEGACY_MOTION_FIELDS, MOTION_FIELDS
+    from model.train.trainer import _build_model, _resume, save_checkpoint
+
+    old, new = len(LEGACY_MOTION_FIELDS), len(MOTION_FIELDS)
+    keep = [MOTION_FIELDS.index(f) for f in LEGACY_MOTION_FIELDS]
+    columns = keep + [new + i for i in keep]
+    cfg = small_config()
+    model = AvatarModel.random(cfg, seed=2)
+    layer = model.driving.motion_mlp[0]
+    opt = torch.optim.AdamW(model.driving.parameters(), lr=1e-3)
+    layer(torch.rand(3, 2 * new)).square().sum().backward()
+    opt.step()
+
+    # The same checkpoint as a legacy fit wrote it: 20 input columns, moments of 20.
+    class Legacy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.config = model.config
+
+        def state_dict(self):
+            state = {k: v.clone() for k, v in model.state_dict().items()}
+            key = next(k for k in state if k.endswith("motion_mlp.0.weight"))
+            state[key] = state[key][:, columns]
+            return state
+
+    legacy_opt = opt.state_dict()
+    index = [p is layer.weight for p in model.driving.parameters()].index(True)
+    moments = {k: legacy_opt["state"][index][k].clone() for k in ("exp_avg", "exp_avg_sq")}
+    legacy_opt["state"][index] = {**legacy_opt["state"][index], **{k: v[:, columns] for k, v in moments.items()}}
+    legacy = SimpleNamespace(state_dict=lambda: legacy_opt)
+    gen = torch.Generator().manual_seed(0)
+    save_checkpoint(tmp_path / "dit.pt", Legacy(), legacy, 1, gen)
+
+    resumed = _build_model(SimpleNamespace(model="unused", seed=0), tmp_path)
+    weight = resumed.driving.motion_mlp[0].weight
+    assert weight.shape[1] == 2 * new
+    opt2 = torch.optim.AdamW(resumed.driving.parameters(), lr=1e-3)
+    assert _resume(tmp_path / "dit.pt", opt2, torch.Generator()) == 1
+    for k, v in moments.items():
+        state = opt2.state[weight][k]
+        assert state.shape == weight.shape
+        assert torch.equal(state[:, columns], v[:, columns])            # the legacy columns keep their moments
+        others = [c for c in range(2 * new) if c not in columns]
+        assert not state[:, others].any()                               # the head fields' start at zero
+    resumed.driving.motion_mlp[0](torch.rand(3, 2 * new)).square().sum().backward()
+    opt2.step()                                                         # the resumed fit steps
+    assert torch.isfinite(weight).all()
+
+    # Without the widening the step fails: what a resumed legacy fit did before.
+    opt3 = torch.optim.AdamW(resumed.driving.parameters(), lr=1e-3)
+    opt3.load_state_dict(torch.load(tmp_path / "dit.pt", weights_only=False)["opt"])
+    with pytest.raises(RuntimeError):
+        opt3.step()
+
+    # Moments that fit no parameter are another model's checkpoint: a clear error.
+    legacy_opt["state"][index]["exp_avg"] = moments["exp_avg"][:, :5]
+    save_checkpoint(tmp_path / "dit.pt", Legacy(), legacy, 1, gen)
+    with pytest.raises(ValueError, match="another model"):
+        _resume(tmp_path / "dit.pt", torch.optim.AdamW(resumed.driving.parameters(), lr=1e-3), torch.Generator())
+
+
 def test_the_bundled_model_loads_in_todays_motion_layout():
     from model.config import MOTION_FIELDS
     from model.sources import ASSETS

@@ -155,8 +155,11 @@ def _resume(ck: Path, opt, gen) -> int:
     """Optimiser and RNG state of a stage's checkpoint; returns its step (0 when none)."""
     if not ck.exists():
         return 0
+    from model.weights import widen_optimizer_state
+
     state = load_checkpoint(ck)
     opt.load_state_dict(state["opt"])
+    widen_optimizer_state(opt, ck)  # a checkpoint of before the head fields, as _build_model widens its model
     gen.set_state(state["gen"])
     return state["step"]
 
