@@ -24,7 +24,7 @@ class AvatarModel(nn.Module):
         self.driving = DrivingEncoder(config.driving, config.dit.drive_dim)
         # A personal avatar's portrait warp (ModelConfig.motion_warp), else None.
         self.warp = (MotionWarp(config.motion_warp, len(MOTION_FIELDS), config.height, config.warp_absolute,
-                                config.warp_mouth, config.warp_open)
+                                config.warp_mouth, config.warp_open, config.warp_torso)
                      if config.motion_warp else None)
 
     @classmethod

@@ -28,6 +28,7 @@ HEAD_FIELDS = ("head_x", "head_y", "head_scale")
 # The fields of files written before the head fields (2026-12-02): their motion encoder and
 # portrait warp are widened on load with zero weights for the new fields (model/weights.py).
 LEGACY_MOTION_FIELDS = MOTION_FIELDS[:10]
+MAX_TORSO_POINTS = 16  # ModelConfig.warp_torso: a model file's value sizes a buffer
 
 # What a model's weights were trained on: the procedural cartoon heads of model/train/world.py,
 # real video (photoreal checkpoints), or one person's clip (a personal avatar).
@@ -222,6 +223,10 @@ class ModelConfig:
     # mouth's opening, when the model carries a second, open-mouth portrait that the warp
     # takes the mouth from as the motion opens it (model/motion_warp.py); (): none.
     warp_open: tuple[int, ...] = ()
+    # Personal avatars with a warp: how many points along a line below the chin carry the
+    # body's displacement, regressed on the motion (model/motion_warp.py, set_torso); 0: the
+    # body stays where the portrait has it (the avatars fitted before 2026-12-03).
+    warp_torso: int = 0
 
     def __post_init__(self) -> None:
         if self.domain not in TRAINING_DOMAINS:
@@ -242,6 +247,9 @@ class ModelConfig:
                                or any(not 0 <= i < self.motion_warp for i in self.warp_open)):
             raise ValueError(f"{self.name}: warp_open must be two of the warp's landmarks, with warp_mouth set, "
                              f"got {self.warp_open}")
+        if not 0 <= self.warp_torso <= MAX_TORSO_POINTS or (self.warp_torso and not self.motion_warp):
+            raise ValueError(f"{self.name}: warp_torso must be 0-{MAX_TORSO_POINTS} body points of a motion warp, "
+                             f"got {self.warp_torso}")
         self.warp_blend = tuple(float(b) for b in self.warp_blend)
         if len(self.warp_blend) != 2 or not all(math.isfinite(b) for b in self.warp_blend):
             raise ValueError(f"{self.name}: warp_blend must be two finite logit offsets, got {self.warp_blend}")
@@ -293,6 +301,7 @@ class ModelConfig:
             warp_blend=tuple(d.get("warp_blend", (0.0, 0.0))),
             warp_absolute=bool(d.get("warp_absolute", False)),
             warp_open=tuple(d.get("warp_open", ())),
+            warp_torso=int(d.get("warp_torso", 0)),
         )
 
 

@@ -45,6 +45,16 @@ open, and its landmarks. In the mouth box (`mouth_mask`), the warp then crossfad
 frame warped onto the same predicted landmarks (the same triangles, located once: only the
 source corners differ), by how far the predicted inner-lip gap has gone from the portrait's
 towards the open frame's (`open_weight`). A closed mouth is the portrait's warp exactly.
+
+The body (`set_torso`, the avatars fitted from 2026-12-03 on): the crop follows the head, so
+the shoulders and neck move in it as the person leans and the head turns, and the mesh,
+pinned to the image border, leaves them where the portrait has them: the decoder's blend
+then draws them as a blurred average of both places. The model may carry a regression of
+where the body sits, measured in the clip (model/personal/torso.py: the displacement from
+the portrait of `torso_columns` points on a line below the chin), on the same motion
+features; below the portrait's chin line (`torso_line`, fading in over TORSO_RAMP px) every
+pixel samples the face warp where the predicted displacement, interpolated along x, says
+its content was. Above the line the warp is unchanged.
 """
 
 from __future__ import annotations
@@ -59,6 +69,13 @@ from torch import Tensor, nn
 BORDER_POINTS_PER_SIDE = 4  # pinned on the image border: the background stays where it is
 MOUTH_MARGIN = 0.3  # the mouth box of `mouth_mask` grows by this much of its size on each side
 MOUTH_FEATHER = 3.0  # px over which it fades out
+TORSO_RAMP = 6.0  # px below the torso line over which the body's displacement fades in
+
+
+def torso_columns(n: int, size: int) -> np.ndarray:
+    """(n,) x positions (crop pixels) of the body points `set_torso` displaces, spread over the
+    middle 80 % of the frame's width."""
+    return np.linspace(0.1, 0.9, n) * (size - 1)
 
 
 def features(fields: Tensor) -> Tensor:
@@ -171,7 +188,7 @@ class MotionWarp(nn.Module):
     """The warp of one person (see the module docstring); its buffers are part of the model file."""
 
     def __init__(self, n_points: int, n_fields: int, size: int, absolute: bool = False,
-                 mouth: Sequence[int] = (), open_pair: Sequence[int] = ()):
+                 mouth: Sequence[int] = (), open_pair: Sequence[int] = (), torso: int = 0):
         super().__init__()
         self.size, self.absolute = size, absolute
         self.mouth = tuple(mouth)          # the landmarks ringing the mouth (`mouth_mask`)
@@ -184,6 +201,10 @@ class MotionWarp(nn.Module):
         if self.open_pair:
             self.register_buffer("open_image", torch.zeros(3, size, size))  # [-1, 1]
             self.register_buffer("open_points", torch.zeros(n_points, 2))
+        self.torso = torso                 # body points below the chin (`set_torso`); 0: the body stays put
+        if torso:
+            self.register_buffer("torso_map", torch.zeros(1 + 2 * n_fields, 2 * torso))
+            self.register_buffer("torso_line", torch.zeros(1))
         self._cache: tuple | None = None  # (key, tables) built from the buffers on first use
 
     @torch.no_grad()
@@ -206,6 +227,33 @@ class MotionWarp(nn.Module):
         self.open_image.copy_(picture)
         self.open_points.copy_(torch.as_tensor(np.asarray(points)[:, :2], dtype=self.open_points.dtype))
         self._cache = None
+
+    @torch.no_grad()
+    def set_torso(self, torso_map: np.ndarray, line: float) -> None:
+        """The regression (K, 2 * torso) of the body points' displacement from the portrait
+        (crop pixels, at `torso_columns`) on the motion features, and the portrait's chin line
+        (y) below which the body moves."""
+        if not self.torso:
+            raise ValueError("this warp was built without body points (torso)")
+        self.torso_map.copy_(torch.as_tensor(np.asarray(torso_map), dtype=self.torso_map.dtype))
+        self.torso_line.fill_(float(line))
+
+    def torso_displacement(self, fields: Tensor) -> Tensor:
+        """(T, F) motion -> (T, S, S, 2): how far, in crop pixels, each output pixel's content
+        moved from the portrait with the body (0 above the torso line)."""
+        S = self.size
+        d = (features(fields.float()) @ self.torso_map.float()).reshape(len(fields), self.torso, 2)  # (T, n, 2)
+        # Linear interpolation along x between the body points, constant beyond the outer ones.
+        cols = torch.as_tensor(torso_columns(self.torso, S), dtype=torch.float32, device=fields.device)
+        x = torch.arange(S, dtype=torch.float32, device=fields.device)
+        if self.torso > 1:
+            hat = (1 - (x[:, None] - cols[None]).abs() / (cols[1] - cols[0])).clamp(min=0)   # (S, n)
+            hat[x < cols[0], 0], hat[x > cols[-1], -1] = 1.0, 1.0
+        else:
+            hat = torch.ones(S, 1, device=fields.device)
+        along = torch.einsum("xn,tnd->txd", hat, d)                                           # (T, S, 2)
+        ramp = ((x - self.torso_line.float()) / TORSO_RAMP).clamp(0, 1)                        # (S,) rows
+        return ramp[None, :, None, None] * along[:, None]
 
     def open_weight(self, fields: Tensor) -> Tensor:
         """(T, F) motion -> (T,) in [0, 1]: how far the predicted inner-lip gap has gone from
@@ -312,6 +360,12 @@ class MotionWarp(nn.Module):
             else:
                 source = torch.where(found[:, None], exact, guess.reshape(-1, 2))
             grids.append((source * (2.0 / (S - 1)) - 1).reshape(len(fields), S, S, 2))
+        if self.torso:
+            # The body's content at p came from p - displacement: sample the face warp's
+            # grid there (bilinear; exactly the grid above the torso line).
+            at = (t["pixels"].reshape(1, S, S, 2) - self.torso_displacement(fields)) * (2.0 / (S - 1)) - 1
+            grids = [F.grid_sample(g.permute(0, 3, 1, 2), at, mode="bilinear", padding_mode="border",
+                                   align_corners=True).permute(0, 2, 3, 1) for g in grids]
         return grids
 
     def _moved(self, t: dict[str, Tensor], f: Tensor) -> Tensor:

@@ -171,7 +171,7 @@ def test_engine_routes_speech_through_the_mouth_fields(tmp_path):
 def test_avatar_create_fits_writes_an_avatar_and_resumes(prepared, capsys):
     from model.engine import Engine
     from model.sources import ASSETS
-    from model.personal import avatar_file, speech_mouth
+    from model.personal import avatar_file, speech_mouth, torso
     from model.personal.blend_calibration import OFFSETS
     from model.personal.landmarks import LIP_IN_DOWN, LIP_IN_UP, LIPS
     from model.train.trainer import load_checkpoint
@@ -203,7 +203,10 @@ def test_avatar_create_fits_writes_an_avatar_and_resumes(prepared, capsys):
     # The portrait warp (model/motion_warp.py), with an open-mouth portrait: the synthetic
     # speaker opens the mouth wide in its fitting frames (portrait.choose_open).
     assert cfg.warp_open == (LIP_IN_UP, LIP_IN_DOWN)
-    warp = {"warp.landmark_map", "warp.points", "warp.rest", "warp.open_image", "warp.open_points"}
+    # And the body below the chin (model/personal/torso.py): the synthetic frame shows some.
+    assert cfg.warp_torso == torso.TORSO_POINTS
+    warp = {"warp.landmark_map", "warp.points", "warp.rest", "warp.open_image", "warp.open_points",
+            "warp.torso_map", "warp.torso_line"}
     assert set(exported) == set(fitted) == set(base) | warp
     assert cfg.motion_warp == 478 and torch.equal(exported["warp.points"], torch.from_numpy(
         p.landmarks[p.portrait_index, :, :2]).half().float())

@@ -205,12 +205,15 @@ def calibration_rows(prepared, config, plan: FitPlan) -> tuple[slice, slice]:
 
 def add_motion_warp(model, prepared) -> None:
     """Give the model the person's portrait warp (model/motion_warp.py): the landmarks of the
-    fitting frames regressed on their motion, the portrait's landmarks and motion, and an
-    open-mouth frame of the fitting frames when the clip has one (`portrait.choose_open`)."""
+    fitting frames regressed on their motion, the portrait's landmarks and motion, an
+    open-mouth frame of the fitting frames when the clip has one (`portrait.choose_open`),
+    and where the body below the chin sits, regressed the same way, when the frame shows
+    some (model/personal/torso.py)."""
     from model.config import MOTION_FIELDS
     from model.motion_warp import MotionWarp
     from model.personal.landmarks import LIP_IN_DOWN, LIP_IN_UP, LIPS
     from model.personal.motion_landmarks import MotionLandmarks
+    from model.personal import torso
     from model.personal.portrait import choose_open, clip_colour
 
     p, rows = prepared, slice(0, prepared.fit_frames)
@@ -220,13 +223,18 @@ def add_motion_warp(model, prepared) -> None:
     model.config.warp_absolute = True  # onto the predicted landmarks (model/motion_warp.py)
     opened = choose_open(p.motion[rows], p.frames[rows], p.landmarks[rows], p.found[rows], p.portrait_index)
     model.config.warp_open = (LIP_IN_UP, LIP_IN_DOWN) if opened is not None and model.config.warp_mouth else ()
+    line = torso.body_line(p.landmarks[p.portrait_index], p.size)
+    model.config.warp_torso = torso.TORSO_POINTS if line is not None else 0
     cfg = model.config
     model.warp = MotionWarp(landmarks.n_points, len(MOTION_FIELDS), cfg.height, cfg.warp_absolute, cfg.warp_mouth,
-                            cfg.warp_open)
+                            cfg.warp_open, cfg.warp_torso)
     model.warp.set_fit(landmarks.weights, p.landmarks[p.portrait_index], p.motion[p.portrait_index])
     if cfg.warp_open:  # in the clip's colour, as the portrait (portrait.clip_colour)
         image, _ = clip_colour(p.frames[opened], p.frames[opened], p.frames[rows])
         model.warp.set_open(image, p.landmarks[opened])
+    if cfg.warp_torso:
+        moved = torso.track(p.frames[rows], p.frames[p.portrait_index], line, cfg.warp_torso)
+        model.warp.set_torso(MotionLandmarks.fit(p.motion[rows], moved).weights, line)
 
 
 def _base_file(base: str) -> str:
