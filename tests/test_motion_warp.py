@@ -483,3 +483,113 @@ def test_the_open_mouth_portrait_is_a_clean_wide_open_frame():
     quiet = motion.copy()
     quiet[:, _F["mouth_open"]] = np.minimum(quiet[:, _F["mouth_open"]], OPEN_MIN * 0.9)
     assert choose_open(quiet, frames, landmarks, found, portrait_index=0) is None
+
+
+def _body_warp(torso_disp):
+    """_warp's face, plus body points whose displacement is torso_disp(motion) (T, n, 2),
+    regressed as the fit does; torso line at y = 100."""
+    from model.motion_warp import MotionWarp
+    from model.personal.motion_landmarks import MotionLandmarks
+    from model.personal.torso import TORSO_POINTS
+
+    points = _points()
+    regression, motion = _fit(points)
+    plain = MotionWarp(len(points), _N, S)
+    body = MotionWarp(len(points), _N, S, torso=TORSO_POINTS)
+    for w in (plain, body):
+        w.set_fit(regression.weights, points, np.zeros(_N))
+    body.set_torso(MotionLandmarks.fit(motion, torso_disp(motion)).weights, 100.0)
+    return plain, body
+
+
+def test_the_body_below_the_chin_moves_with_the_motion():
+    from model.motion_warp import TORSO_RAMP, torso_columns
+    from model.personal.torso import TORSO_POINTS
+
+    # pitch moves body point k right by (k + 1) px per unit (the face's landmarks ignore pitch).
+    def disp(motion):
+        k = np.arange(TORSO_POINTS) + 1.0
+        return np.stack([motion[:, _F["pitch"], None] * k, np.zeros((len(motion), TORSO_POINTS))], -1)
+
+    plain, body = _body_warp(disp)
+    fields = torch.zeros(1, _N)
+    fields[0, _F["pitch"]] = 1.0
+    d = body.torso_displacement(fields)[0]                                    # (S, S, 2)
+    cols = torso_columns(TORSO_POINTS, S)
+    below = 100 + int(TORSO_RAMP) + 1
+    assert d[:100].abs().max() < 1e-6                                        # above the line: no motion
+    for k, x in enumerate(cols):                                             # at a body point: its displacement
+        assert float(d[below, round(x), 0]) == pytest.approx(k + 1, abs=0.15)
+    mid = round((cols[1] + cols[2]) / 2)                                     # between two: interpolated
+    assert float(d[below, mid, 0]) == pytest.approx(2.5, abs=0.15)
+    assert float(d[below, 0, 0]) == pytest.approx(1, abs=1e-3) and float(d[below, S - 1, 0]) == pytest.approx(5, abs=1e-3)
+    assert float(d[100 + int(TORSO_RAMP) // 2, round(cols[0]), 0]) == pytest.approx(0.5, abs=0.1)  # fading in
+
+    # The warped picture: the face as without body points, the body shifted by its displacement.
+    def uniform(motion):  # every body point (2, 1) px per unit of pitch
+        return np.stack([2 * motion[:, _F["pitch"]], motion[:, _F["pitch"]]], -1)[:, None].repeat(TORSO_POINTS, 1)
+
+    plain, body = _body_warp(uniform)
+    image = _unit(_texture())
+    fields = torch.zeros(1, _N)
+    fields[0, _F["pitch"]], fields[0, _F["yaw"]] = 1.5, 0.4                  # body (3, 1.5) px; face 1.2 px right
+    a, b = _uint8(plain.warp(image, fields))[0], _uint8(body.warp(image, fields))[0]
+    assert _psnr(a[:100], b[:100]) > 50                                      # the face is the plain warp's
+    y0 = below + 2
+    moved = plain.warp(image, fields)
+    moved = torch.nn.functional.grid_sample(moved, _shift_grid(3.0, 1.5), mode="bilinear", padding_mode="border",
+                                            align_corners=True)
+    assert _psnr(b[y0:S - 2, 4:S - 4], _uint8(moved)[0][y0:S - 2, 4:S - 4]) > 40
+    assert _psnr(b[y0:S - 2, 4:S - 4], a[y0:S - 2, 4:S - 4]) < 30           # and that is not where it was
+
+
+def _shift_grid(dx: float, dy: float) -> torch.Tensor:
+    """grid_sample coordinates that move a picture by (dx, dy) px."""
+    ys, xs = torch.meshgrid(torch.arange(S, dtype=torch.float32), torch.arange(S, dtype=torch.float32), indexing="ij")
+    return torch.stack([(xs - dx) * 2 / (S - 1) - 1, (ys - dy) * 2 / (S - 1) - 1], -1)[None]
+
+
+def test_the_body_points_are_tracked_in_the_clip():
+    import cv2
+
+    from model.personal.torso import TORSO_POINTS, body_line, track
+
+    image = _texture(seed=4)
+    shifts = [(0.0, 0.0), (2.0, 1.0), (-1.5, 0.5), (3.0, -2.0)]
+    frames = np.stack([cv2.warpAffine(image, np.float32([[1, 0, dx], [0, 1, dy]]), (S, S), borderMode=cv2.BORDER_REFLECT)
+                       for dx, dy in shifts])
+    got = track(frames, image, 80.0)
+    assert got.shape == (len(shifts), TORSO_POINTS, 2)
+    assert np.abs(got - np.array(shifts)[:, None]).max() < 0.3
+    chin = np.zeros((478, 3), np.float32)
+    chin[152, 1] = 100.0
+    assert body_line(chin, S) == 100.0
+    chin[152, 1] = S - 4.0                                                   # no body under the chin
+    assert body_line(chin, S) is None
+    chin[152, 1] = np.nan
+    assert body_line(chin, S) is None
+
+
+def test_the_body_points_travel_with_the_model_file(tmp_path):
+    from model.avatar import AvatarModel
+    from model.config import MAX_TORSO_POINTS, from_name
+    from model.personal.torso import TORSO_POINTS
+    from model.weights import load_model, save_model
+
+    _, body = _body_warp(lambda m: np.stack([m[:, _F["pitch"]], m[:, _F["roll"]]], -1)[:, None].repeat(TORSO_POINTS, 1))
+    tiny = from_name("tiny")
+    cfg = dataclasses.replace(tiny, motion_warp=len(body.points), warp_torso=TORSO_POINTS,
+                              vae=dataclasses.replace(tiny.vae, reference_decoder=True))
+    model = AvatarModel(cfg)
+    model.warp.load_state_dict(body.state_dict())
+    save_model(model, tmp_path / "body.safetensors")
+    back = load_model(tmp_path / "body.safetensors")
+    assert back.config.warp_torso == TORSO_POINTS and back.warp.torso == TORSO_POINTS
+    assert torch.equal(back.warp.torso_map, body.torso_map) and float(back.warp.torso_line) == 100.0
+    fields = torch.rand(3, _N)
+    assert torch.allclose(back.warp.torso_displacement(fields), body.torso_displacement(fields))
+    for bad in (MAX_TORSO_POINTS + 1, -1):
+        with pytest.raises(ValueError, match="warp_torso"):
+            dataclasses.replace(cfg, warp_torso=bad)
+    with pytest.raises(ValueError, match="warp_torso"):
+        dataclasses.replace(tiny, warp_torso=TORSO_POINTS)                   # no warp to carry them
