@@ -593,3 +593,41 @@ def test_the_body_points_travel_with_the_model_file(tmp_path):
             dataclasses.replace(cfg, warp_torso=bad)
     with pytest.raises(ValueError, match="warp_torso"):
         dataclasses.replace(tiny, warp_torso=TORSO_POINTS)                   # no warp to carry them
+
+
+def test_the_fit_keeps_the_body_only_where_it_brings_the_warp_nearer_held_back_frames():
+    """fit.body_helps on a clip whose body shifts with pitch (the face still): the regression of
+    the tracked shift is kept; a 'tracked' shift that is noise, on a body that never moves, is
+    not (both judged on the last frames, which the regression does not see)."""
+    import cv2
+    from types import SimpleNamespace
+
+    from model.personal.fit import body_helps
+    from model.personal.motion_landmarks import MotionLandmarks
+    from model.personal.torso import TORSO_POINTS
+
+    rng = np.random.default_rng(8)
+    image, points, n = _texture(seed=6), _points(), 120
+    motion = np.zeros((n, _N), np.float32)
+    motion[:, _F["pitch"]] = rng.uniform(-1, 1, n)
+    shift = 3 * motion[:, _F["pitch"]]                                       # the body: 3 px right per unit
+
+    def clip(shifts):
+        frames = []
+        for dx in shifts:
+            moved = cv2.warpAffine(image, np.float32([[1, 0, dx], [0, 1, 0]]), (S, S), borderMode=cv2.BORDER_REFLECT)
+            frames.append(np.concatenate([image[:100], moved[100:]]))        # the body below y = 100 moves
+        lms = np.repeat(np.c_[points, np.zeros(len(points))][None], n, 0).astype(np.float32)
+        return SimpleNamespace(frames=np.stack(frames), landmarks=lms, motion=motion, portrait_index=0, size=S)
+
+    check = slice(90, n)
+    moving = clip(shift)
+    moving.frames[0] = image                                                 # the portrait: the body at rest
+    landmarks = MotionLandmarks.fit(motion, moving.landmarks)
+    tracked = np.repeat(np.c_[shift, np.zeros(n)][:, None], TORSO_POINTS, 1)
+    assert body_helps(moving, landmarks, 96.0, tracked, check)
+
+    still = clip(np.zeros(n))
+    noise = rng.normal(0, 2, (n, TORSO_POINTS, 2))
+    noise[:, :, 0] += 2 * motion[:, _F["pitch"], None] * (np.arange(n) < 90)[:, None]  # a spurious link in the first frames
+    assert not body_helps(still, landmarks, 96.0, noise, check)

@@ -156,7 +156,8 @@ def fit(prepared, base: str, out: str | Path, plan: FitPlan | None = None, max_m
     model = trainer._build_model(probe, out)  # the newest checkpoint in `out`, else the base weights
     torch.manual_seed(plan.seed)
     if plan.motion_warp and model.warp is None:  # a resumed fit has it from its checkpoint
-        add_motion_warp(model, prepared)
+        train_rows, check_rows = calibration_rows(prepared, model.config, plan)
+        add_motion_warp(model, prepared, check_rows if train_rows.stop <= check_rows.start else None)
     calibrating = model.warp is not None and plan.calibrate_blend
     train_rows, calib_rows = (calibration_rows(prepared, model.config, plan) if calibrating
                               else (slice(0, prepared.fit_frames), None))
@@ -203,12 +204,13 @@ def calibration_rows(prepared, config, plan: FitPlan) -> tuple[slice, slice]:
     return slice(0, n_fit), last_fitting_rows(n_fit, prepared.fps)
 
 
-def add_motion_warp(model, prepared) -> None:
+def add_motion_warp(model, prepared, check_rows: slice | None = None) -> None:
     """Give the model the person's portrait warp (model/motion_warp.py): the landmarks of the
     fitting frames regressed on their motion, the portrait's landmarks and motion, an
     open-mouth frame of the fitting frames when the clip has one (`portrait.choose_open`),
     and where the body below the chin sits, regressed the same way, when the frame shows
-    some (model/personal/torso.py)."""
+    some (model/personal/torso.py) and, given `check_rows` (the last fitting frames, which
+    training holds back), when it brings the warp nearer those frames (`body_helps`)."""
     from model.config import MOTION_FIELDS
     from model.motion_warp import MotionWarp
     from model.personal.landmarks import LIP_IN_DOWN, LIP_IN_UP, LIPS
@@ -224,7 +226,10 @@ def add_motion_warp(model, prepared) -> None:
     opened = choose_open(p.motion[rows], p.frames[rows], p.landmarks[rows], p.found[rows], p.portrait_index)
     model.config.warp_open = (LIP_IN_UP, LIP_IN_DOWN) if opened is not None and model.config.warp_mouth else ()
     line = torso.body_line(p.landmarks[p.portrait_index], p.size)
-    model.config.warp_torso = torso.TORSO_POINTS if line is not None else 0
+    moved = None if line is None else torso.track(p.frames[rows], p.frames[p.portrait_index], line)
+    if moved is not None and check_rows is not None and not body_helps(prepared, landmarks, line, moved, check_rows):
+        moved = None
+    model.config.warp_torso = torso.TORSO_POINTS if moved is not None else 0
     cfg = model.config
     model.warp = MotionWarp(landmarks.n_points, len(MOTION_FIELDS), cfg.height, cfg.warp_absolute, cfg.warp_mouth,
                             cfg.warp_open, cfg.warp_torso)
@@ -233,8 +238,39 @@ def add_motion_warp(model, prepared) -> None:
         image, _ = clip_colour(p.frames[opened], p.frames[opened], p.frames[rows])
         model.warp.set_open(image, p.landmarks[opened])
     if cfg.warp_torso:
-        moved = torso.track(p.frames[rows], p.frames[p.portrait_index], line, cfg.warp_torso)
         model.warp.set_torso(MotionLandmarks.fit(p.motion[rows], moved).weights, line)
+
+
+def body_helps(prepared, landmarks, line: float, moved, check_rows: slice) -> bool:
+    """Whether the body regression, fitted on the fitting frames before `check_rows`, brings
+    the portrait's warp below the chin line nearer the real `check_rows` frames (squared
+    error) than leaving the body where the portrait has it. Some bodies move in ways a shift
+    does not follow (a bow reshapes a collar): on one of three real clips the shift cost the
+    avatar 0.25 dB, and these frames said so (docs/benchmarks.md)."""
+    import numpy as np
+    import torch
+
+    from model.config import MOTION_FIELDS
+    from model.motion_warp import MotionWarp
+    from model.personal import torso
+    from model.personal.fit_data import driving_motion
+    from model.personal.motion_landmarks import MotionLandmarks
+
+    p, before = prepared, slice(0, check_rows.start)
+    warp = MotionWarp(landmarks.n_points, len(MOTION_FIELDS), p.size, True, torso=torso.TORSO_POINTS)
+    warp.set_fit(landmarks.weights, p.landmarks[p.portrait_index], p.motion[p.portrait_index])
+    warp.set_torso(MotionLandmarks.fit(p.motion[before], moved[before]).weights, line)
+    fields = warp.fields(torch.as_tensor(np.asarray(driving_motion(p.motion[check_rows])), dtype=torch.float32))
+    portrait = torch.from_numpy(p.frames[p.portrait_index]).float().div(127.5).sub(1).permute(2, 0, 1)[None]
+    real = torch.from_numpy(p.frames[check_rows]).float().div(127.5).sub(1).permute(0, 3, 1, 2)
+    below = int(line)
+    errors = []
+    for body in (warp.torso_map.clone(), torch.zeros_like(warp.torso_map)):
+        warp.torso_map.copy_(body)
+        with torch.no_grad():
+            pictures = torch.cat([warp.warp(portrait, fields[i:i + 64]) for i in range(0, len(fields), 64)])
+        errors.append(float((pictures[:, :, below:] - real[:, :, below:]).pow(2).mean()))
+    return errors[0] < errors[1]
 
 
 def _base_file(base: str) -> str:
