@@ -155,12 +155,12 @@ def fit(prepared, base: str, out: str | Path, plan: FitPlan | None = None, max_m
     probe = trainer_args(plan, base_path, 0, plan.clip_latents, on_progress)
     model = trainer._build_model(probe, out)  # the newest checkpoint in `out`, else the base weights
     torch.manual_seed(plan.seed)
+    held_rows = calibration_rows(prepared, model.config, plan)  # (training, held back), with a warp
+    held_back = held_rows[0].stop <= held_rows[1].start
     if plan.motion_warp and model.warp is None:  # a resumed fit has it from its checkpoint
-        train_rows, check_rows = calibration_rows(prepared, model.config, plan)
-        add_motion_warp(model, prepared, check_rows if train_rows.stop <= check_rows.start else None)
+        add_motion_warp(model, prepared, held_rows[1] if held_back else None)
     calibrating = model.warp is not None and plan.calibrate_blend
-    train_rows, calib_rows = (calibration_rows(prepared, model.config, plan) if calibrating
-                              else (slice(0, prepared.fit_frames), None))
+    train_rows, calib_rows = held_rows if calibrating else (slice(0, prepared.fit_frames), None)
     data = PersonData(prepared, model.config, frames=train_rows, warp=model.warp)
     clip_latents = fitted_clip_latents(data, plan.clip_latents)
     args = trainer_args(plan, base_path, pool_size(data, clip_latents), clip_latents, on_progress)
@@ -181,7 +181,7 @@ def fit(prepared, base: str, out: str | Path, plan: FitPlan | None = None, max_m
 
         if on_progress is not None:
             on_progress("calibrate", 0, 1, None)
-        calibration = calibrate(model.eval(), prepared, calib_rows, held_back=train_rows.stop <= calib_rows.start)
+        calibration = calibrate(model.eval(), prepared, calib_rows, held_back=held_back)
     dec, dit = _stage_step(out, "decoder"), _stage_step(out, "dit")
     return FitResult(model.eval(), dec, dit, dec >= plan.decoder_steps and dit >= plan.dit_steps,
                      (time.time() - t0) / 60, (time.process_time() - cpu0) / 60, calibration)
@@ -213,9 +213,9 @@ def add_motion_warp(model, prepared, check_rows: slice | None = None) -> None:
     training holds back), when it brings the warp nearer those frames (`body_helps`)."""
     from model.config import MOTION_FIELDS
     from model.motion_warp import MotionWarp
+    from model.personal import torso
     from model.personal.landmarks import LIP_IN_DOWN, LIP_IN_UP, LIPS
     from model.personal.motion_landmarks import MotionLandmarks
-    from model.personal import torso
     from model.personal.portrait import choose_open, clip_colour
 
     p, rows = prepared, slice(0, prepared.fit_frames)
