@@ -388,17 +388,40 @@ class MotionWarp(nn.Module):
             mask = (1 - outside / MOUTH_FEATHER).clamp(0, 1)
         return mask.reshape(len(fields), 1, self.size, self.size)
 
-    def warp(self, image: Tensor, fields: Tensor) -> Tensor:
-        """image (1 or T, 3, S, S) -> (T, 3, S, S): the portrait warped onto each row's motion
-        (sampled in float32: a bf16 grid is a quarter pixel coarse at 128 px)."""
+    def warp(self, image: Tensor, fields: Tensor, sharp_mouth: bool = False) -> Tensor:
+        """image (1 or T, 3, S, S) in [-1, 1] -> (T, 3, S, S): the portrait warped onto each
+        row's motion (sampled in float32: a bf16 grid is a quarter pixel coarse at 128 px).
+        sharp_mouth: sampled bicubic inside the mouth box (`_sample`; the warp needs `mouth`)."""
+        if sharp_mouth and not self.mouth:
+            raise ValueError("a sharp mouth needs the warp's mouth landmarks")
         with torch.autocast(image.device.type, enabled=False):
             fields = fields.float()
             grids = self._grids(fields)
             source = image.float().expand(len(fields), -1, -1, -1) if image.shape[0] == 1 else image.float()
-            out = F.grid_sample(source, grids[0], mode="bilinear", padding_mode="border", align_corners=True)
+            mouth = self.mouth_mask(fields, self.mouth) if len(grids) > 1 or sharp_mouth else None
+            sharp = mouth if sharp_mouth else None
+            out = _sample(source, grids[0], sharp)
             if len(grids) > 1:  # the mouth from the open-mouth portrait as far as the motion opens it
                 opened = self.open_image.to(out.device, out.dtype).expand(len(fields), -1, -1, -1)
-                opened = F.grid_sample(opened, grids[1], mode="bilinear", padding_mode="border", align_corners=True)
-                mix = self.mouth_mask(fields, self.mouth) * self.open_weight(fields)[:, None, None, None]
-                out = torch.lerp(out, opened, mix)
+                mix = mouth * self.open_weight(fields)[:, None, None, None]
+                out = torch.lerp(out, _sample(opened, grids[1], sharp), mix)
         return out.to(image.dtype)
+
+
+def _sample(image: Tensor, grid: Tensor, sharp: Tensor | None) -> Tensor:
+    """image (T, C, S, S) in [-1, 1] sampled at grid (T, S, S, 2): bilinear, crossfading to
+    bicubic by `sharp` (T, 1, S, S) in [0, 1] (None: bilinear only). Bilinear sampling at
+    sub-pixel offsets blurs the line where closed lips meet, and the landmark model reads a
+    blurred line as lips slightly parted; bicubic keeps it (docs/benchmarks.md). Bicubic over
+    the whole frame cost the warp 0.1 dB, so only where `sharp` asks for it."""
+    out = F.grid_sample(image, grid, mode="bilinear", padding_mode="border", align_corners=True)
+    if sharp is None:
+        return out
+    rows, cols = (sharp.amax(dim=(0, 1)) > 0).nonzero(as_tuple=True)  # one window holding every row's box
+    if len(rows) == 0:
+        return out
+    y0, y1, x0, x1 = int(rows.min()), int(rows.max()) + 1, int(cols.min()), int(cols.max()) + 1
+    cubic = F.grid_sample(image, grid[:, y0:y1, x0:x1], mode="bicubic", padding_mode="border", align_corners=True)
+    # bicubic overshoots at edges; clamped to the image's range as the decoder's frames are
+    out[..., y0:y1, x0:x1] = torch.lerp(out[..., y0:y1, x0:x1], cubic.clamp(-1, 1), sharp[..., y0:y1, x0:x1])
+    return out

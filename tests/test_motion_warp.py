@@ -11,6 +11,7 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from model.config import MOTION_FIELDS
 
@@ -412,6 +413,32 @@ def test_an_open_mouth_portrait_fills_the_opening_a_closed_one_stretches():
     assert plain8[1][gap[0].start - 3:gap[0].stop - 3, gap[1]].mean() < half < got8[2][gap].mean()
     box = warp.mouth_mask(fields, warp.mouth)[:, 0] > 0
     assert torch.equal(got.permute(0, 2, 3, 1)[~box], plain.permute(0, 2, 3, 1)[~box])
+
+
+def test_a_sharp_mouth_keeps_the_line_of_closed_lips():
+    """sharp_mouth samples the mouth box bicubic: the face moved half a pixel, the 1-px dark
+    line where the closed lips meet stays darker than bilinear's two half-dark rows (which
+    the landmark model reads as lips slightly parted); inside the box the pixels are
+    bicubic's, outside it nothing changes."""
+    warp, _, image, _ = _open_mouth_warp()
+    landmark_map = warp.landmark_map.numpy().copy()
+    down = np.zeros((len(warp.points), 2))
+    down[:, 1] = 0.5
+    landmark_map[1 + _F["pitch"]] = down.ravel()
+    warp.set_fit(landmark_map, warp.points.numpy(), np.zeros(_N))
+    fields = torch.zeros(1, _N)
+    fields[0, _F["pitch"]] = 1.0
+    plain = warp.warp(_unit(image), fields)
+    sharp = warp.warp(_unit(image), fields, sharp_mouth=True)
+    box = warp.mouth_mask(fields, warp.mouth)[:, 0]
+    assert torch.equal(sharp.permute(0, 2, 3, 1)[box == 0], plain.permute(0, 2, 3, 1)[box == 0])
+    cubic = F.grid_sample(_unit(image), warp.grid(fields), mode="bicubic", padding_mode="border",
+                          align_corners=True).clamp(-1, 1)
+    assert torch.allclose(sharp.permute(0, 2, 3, 1)[box == 1], cubic.permute(0, 2, 3, 1)[box == 1], atol=1e-6)
+    line = (slice(78, 84), slice(56, 73))
+    assert _uint8(sharp)[0][line][..., 0].min() < _uint8(plain)[0][line][..., 0].min() - 8  # red: 20 on 170 lips
+    with pytest.raises(ValueError, match="mouth"):
+        _warp(_points())[0].warp(_unit(image), fields, sharp_mouth=True)  # a warp without the mouth's landmarks
 
 
 def test_where_the_lips_cross_the_open_mouth_keeps_its_teeth(monkeypatch):

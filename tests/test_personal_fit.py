@@ -193,6 +193,8 @@ def test_avatar_create_fits_writes_an_avatar_and_resumes(prepared, capsys):
     # The blend's trust in the warp, calibrated on the stream of the last fitting frames.
     calibration = avatar.info["blend_calibration"]
     assert cfg.warp_mouth == LIPS and cfg.warp_blend == (calibration["face"], calibration["mouth"])
+    assert cfg.warp_sharp_mouth == calibration["sharp_mouth"]  # chosen by the opening, bilinear or bicubic
+    assert calibration["opening_error"] is None or calibration["opening_error"] >= 0
     assert calibration["frames"] > 0 and {calibration["face"], calibration["mouth"]} <= set(OFFSETS)
     assert calibration["held_back"]  # the 3 s clip holds a training clip besides its calibration frames
     assert cfg.warp_absolute  # the warp goes onto the predicted landmarks (model/motion_warp.py)
