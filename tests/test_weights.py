@@ -172,3 +172,25 @@ def test_the_bundled_model_loads_in_todays_motion_layout():
 
     model = load_model(ASSETS / "tiny.safetensors")
     assert model.driving.motion_mlp[0].weight.shape[1] == model.config.driving.motion_dim == 2 * len(MOTION_FIELDS)
+
+
+def test_a_copied_fit_folder_resumes_from_the_stage_saved_last(tmp_path):
+    """The trainer resumes from the checkpoint written last, as the checkpoint records it:
+    a folder copied without its files' times (cp -r) can leave the decoder stage's file
+    newer than the DiT stage's that followed it. By file time the resumed fit would take
+    the decoder stage's weights, its DiT untrained."""
+    import os
+    from types import SimpleNamespace
+
+    from model.train.trainer import _build_model, save_checkpoint
+
+    cfg = small_config()
+    gen = torch.Generator().manual_seed(0)
+    decoder_stage, dit_stage = AvatarModel.random(cfg, seed=1), AvatarModel.random(cfg, seed=2)
+    save_checkpoint(tmp_path / "decoder.pt", decoder_stage, None, 300, gen)
+    save_checkpoint(tmp_path / "dit.pt", dit_stage, None, 800, gen)
+    later = (tmp_path / "dit.pt").stat().st_mtime + 60
+    os.utime(tmp_path / "decoder.pt", (later, later))    # as a copy in the wrong order leaves them
+    resumed = _build_model(SimpleNamespace(model="unused", seed=0), tmp_path)
+    want = dit_stage.state_dict()
+    assert all(torch.equal(v, want[k]) for k, v in resumed.state_dict().items())

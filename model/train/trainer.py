@@ -105,7 +105,8 @@ def save_checkpoint(path: Path, model, opt, step: int, gen, extra: dict | None =
 
     tmp = path.with_suffix(".tmp")
     torch.save({"model": model.state_dict(), "opt": opt.state_dict() if opt else None, "step": step,
-                "config": model.config.to_dict(), "gen": gen.get_state(), "extra": extra or {}}, tmp)
+                "config": model.config.to_dict(), "gen": gen.get_state(), "extra": extra or {},
+                "saved_at": time.time()}, tmp)
     tmp.replace(path)  # atomic: an interrupted save never leaves a broken checkpoint
 
 
@@ -164,6 +165,17 @@ def _resume(ck: Path, opt, gen) -> int:
     return state["step"]
 
 
+def _saved_at(path: Path) -> float:
+    """When a checkpoint was written, as it records it: a folder copied without its files'
+    times (`cp -r`) keeps it, and resuming must continue from the last stage that ran, not
+    from whichever file was copied last (a fit would have resumed from its decoder stage's
+    weights, its DiT untrained). Checkpoints written before the record: the file's time."""
+    import torch
+
+    state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)  # lazily: only the record is read
+    return float(state.get("saved_at", path.stat().st_mtime))
+
+
 def _build_model(args, out: Path):
     """The model to train: from the latest checkpoint of any stage, else the given checkpoint
     (.pt) or model file, else a fresh preset."""
@@ -172,7 +184,7 @@ def _build_model(args, out: Path):
     from model.weights import load_model, widen_motion_state
 
     existing = [_checkpoint_path(out, s) for s in STAGES + EXTRA_STAGES if _checkpoint_path(out, s).exists()]
-    newest = max(existing, key=lambda p: p.stat().st_mtime, default=None)  # the newest weights
+    newest = max(existing, key=_saved_at, default=None)  # the newest weights
     if newest is None and Path(args.model).is_file() and args.model.endswith(".pt"):
         newest = Path(args.model)
     if newest is not None:
