@@ -215,10 +215,6 @@ class ModelConfig:
     # at the end of the fit, model/personal/blend_calibration.py). (0, 0): as trained.
     warp_mouth: tuple[int, ...] = ()
     warp_blend: tuple[float, float] = (0.0, 0.0)
-    # Personal avatars with a warp: the decoder's blend copies the mouth box of the warp
-    # sampled bicubic instead of bilinear (model/motion_warp.py `_sample`), chosen by the
-    # blend calibration where it reads the mouth's opening closer to the real frames.
-    warp_sharp_mouth: bool = False
     # Personal avatars with a warp: warp onto the landmarks the motion predicts (True), or onto
     # the portrait's landmarks moved by the prediction's change from the portrait's motion
     # (False, the avatars fitted before 2026-12-02; model/motion_warp.py).
@@ -254,8 +250,6 @@ class ModelConfig:
         if not 0 <= self.warp_torso <= MAX_TORSO_POINTS or (self.warp_torso and not self.motion_warp):
             raise ValueError(f"{self.name}: warp_torso must be 0-{MAX_TORSO_POINTS} body points of a motion warp, "
                              f"got {self.warp_torso}")
-        if self.warp_sharp_mouth and not self.warp_mouth:
-            raise ValueError(f"{self.name}: warp_sharp_mouth needs warp_mouth (the mouth's landmarks)")
         self.warp_blend = tuple(float(b) for b in self.warp_blend)
         if len(self.warp_blend) != 2 or not all(math.isfinite(b) for b in self.warp_blend):
             raise ValueError(f"{self.name}: warp_blend must be two finite logit offsets, got {self.warp_blend}")
@@ -305,7 +299,6 @@ class ModelConfig:
             motion_warp=d.get("motion_warp", 0),
             warp_mouth=tuple(d.get("warp_mouth", ())),
             warp_blend=tuple(d.get("warp_blend", (0.0, 0.0))),
-            warp_sharp_mouth=bool(d.get("warp_sharp_mouth", False)),
             warp_absolute=bool(d.get("warp_absolute", False)),
             warp_open=tuple(d.get("warp_open", ())),
             warp_torso=int(d.get("warp_torso", 0)),

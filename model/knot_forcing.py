@@ -283,7 +283,7 @@ class KnotForcing:
             return None
         warp, cfg = self.model.warp, self.cfg
         rows = plan.motion[first_frame - plan.motion_first:][:n]
-        images = warp.warp(state.portrait, rows, sharp_mouth=cfg.warp_sharp_mouth)
+        images = warp.warp(state.portrait, rows, sharp_mouth=True)  # the line of closed lips kept
         face, mouth = cfg.warp_blend
         if face == 0 and mouth == 0:
             return images[None]

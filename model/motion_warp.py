@@ -55,6 +55,14 @@ the portrait of `torso_columns` points on a line below the chin), on the same mo
 features; below the portrait's chin line (`torso_line`, fading in over TORSO_RAMP px) every
 pixel samples the face warp where the predicted displacement, interpolated along x, says
 its content was. Above the line the warp is unchanged.
+
+The sharp mouth (`warp(..., sharp_mouth=True)`, what the decoder's blend copies): bilinear
+sampling at a sub-pixel offset spreads the dark line where closed lips meet over two
+half-dark rows, which the landmark model (and a viewer) reads as lips slightly parted.
+Inside the mouth box the warp then samples bicubic, which keeps the line, as far as the
+motion closes the lips: fully when the predicted inner lips (`open_pair`) meet, not at all
+from SHARP_GAP apart: on an opening mouth the bicubic one read worse (docs/benchmarks.md). A warp without the inner-lip pair (no open-mouth portrait)
+stays bilinear. The DiT's condition and training keep the bilinear warp.
 """
 
 from __future__ import annotations
@@ -70,6 +78,7 @@ BORDER_POINTS_PER_SIDE = 4  # pinned on the image border: the background stays w
 MOUTH_MARGIN = 0.3  # the mouth box of `mouth_mask` grows by this much of its size on each side
 MOUTH_FEATHER = 3.0  # px over which it fades out
 TORSO_RAMP = 6.0  # px below the torso line over which the body's displacement fades in
+SHARP_GAP = 1.0  # px: predicted inner lips closer than this are a line that bilinear sampling blurs
 
 
 def torso_columns(n: int, size: int) -> np.ndarray:
@@ -267,6 +276,13 @@ class MotionWarp(nn.Module):
         span = (opened - closed).clamp(min=1e-3)  # the fit sets it only when the frame opens wider
         return ((gap(self.landmarks(fields)) - closed) / span).clamp(0, 1)
 
+    def closed_weight(self, fields: Tensor) -> Tensor:
+        """(T, F) motion -> (T,) in [0, 1]: 1 where the predicted inner lips meet, falling to
+        0 at SHARP_GAP px apart (the sharp mouth's weight; needs `open_pair`)."""
+        up, down = self.open_pair
+        pts = self.landmarks(fields)
+        return (1 - (pts[:, up] - pts[:, down]).norm(dim=-1) / SHARP_GAP).clamp(0, 1)
+
     def fields(self, driving: Tensor) -> Tensor:
         """(..., 2F) driving rows (values, given flags) -> (..., F): given values, else the rest."""
         n = self.rest.shape[0]
@@ -391,15 +407,14 @@ class MotionWarp(nn.Module):
     def warp(self, image: Tensor, fields: Tensor, sharp_mouth: bool = False) -> Tensor:
         """image (1 or T, 3, S, S) in [-1, 1] -> (T, 3, S, S): the portrait warped onto each
         row's motion (sampled in float32: a bf16 grid is a quarter pixel coarse at 128 px).
-        sharp_mouth: sampled bicubic inside the mouth box (`_sample`; the warp needs `mouth`)."""
-        if sharp_mouth and not self.mouth:
-            raise ValueError("a sharp mouth needs the warp's mouth landmarks")
+        sharp_mouth: the mouth box sampled bicubic as far as the lips are closed (the module
+        docstring; bilinear throughout for a warp without the inner-lip pair)."""
         with torch.autocast(image.device.type, enabled=False):
             fields = fields.float()
             grids = self._grids(fields)
             source = image.float().expand(len(fields), -1, -1, -1) if image.shape[0] == 1 else image.float()
-            mouth = self.mouth_mask(fields, self.mouth) if len(grids) > 1 or sharp_mouth else None
-            sharp = mouth if sharp_mouth else None
+            mouth = self.mouth_mask(fields, self.mouth) if len(grids) > 1 else None
+            sharp = mouth * self.closed_weight(fields)[:, None, None, None] if sharp_mouth and mouth is not None else None
             out = _sample(source, grids[0], sharp)
             if len(grids) > 1:  # the mouth from the open-mouth portrait as far as the motion opens it
                 opened = self.open_image.to(out.device, out.dtype).expand(len(fields), -1, -1, -1)

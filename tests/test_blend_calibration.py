@@ -89,47 +89,10 @@ def test_the_mouth_offset_is_the_one_that_opens_the_mouth_as_the_real_frames(mon
     real = np.full((T, 16, 16, 3), 127, np.uint8)
     real[:, box[0], box[1]] = 10
     rec = _Recorded(rgb, torch.zeros(T, 1, 16, 16), warp)
-    assert mouth_offset_by_opening(rec, mouth, 0.0, real, None, fallback=0.0)[0] >= 6.0  # 6 and 8: the same uint8
+    assert mouth_offset_by_opening(rec, mouth, 0.0, real, None, fallback=0.0) >= 6.0  # 6 and 8: the same uint8
     # A real mouth half as dark: the offset whose blend is nearest that.
     real[:, box[0], box[1]] = 127 - 0.5 * 0.9 * 127.5
-    assert mouth_offset_by_opening(rec, mouth, 0.0, real, None, fallback=1.0)[0] == 0.0
+    assert mouth_offset_by_opening(rec, mouth, 0.0, real, None, fallback=1.0) == 0.0
     # No face found: the fallback.
     monkeypatch.setattr(scoring, "measured", lambda f, c: (*opening(f, c)[:2], np.zeros(len(f), bool)))
-    offset, error = mouth_offset_by_opening(rec, mouth, 0.0, real, None, fallback=3.0)
-    assert offset == 3.0 and np.isnan(error)
-
-
-def test_the_sharp_mouth_is_kept_only_where_it_reads_the_opening_nearer(monkeypatch):
-    """choose_mouth: the blend copies the bicubic mouth only when its best mouth offset opens
-    the mouth strictly nearer the real frames than the bilinear one's. A stand-in
-    measurement reads the opening as the darkness of the mouth box; the bilinear warp has a
-    grey mouth, the bicubic one a dark line, as a blurred and a kept lip line."""
-    from model.personal import scoring
-    from model.personal.blend_calibration import _Recorded, choose_mouth
-
-    T, box = 6, (slice(6, 10), slice(4, 12))
-
-    def opening(frames, calibration):
-        dark = 1 - frames[:, box[0], box[1]].astype(float).mean((1, 2, 3)) / 255
-        return dark, np.zeros((len(frames), 3, 3)), np.ones(len(frames), bool)
-
-    monkeypatch.setattr(scoring, "measured", opening)
-    rgb, blurred, kept = torch.zeros(T, 3, 16, 16), torch.zeros(T, 3, 16, 16), torch.zeros(T, 3, 16, 16)
-    blurred[..., box[0], box[1]] = -0.3
-    kept[..., box[0], box[1]] = -0.9
-    mouth = torch.zeros(T, 1, 16, 16)
-    mouth[..., box[0], box[1]] = 1
-    logit = torch.zeros(T, 1, 16, 16)
-    plain, sharp = _Recorded(rgb, logit, blurred), _Recorded(rgb, logit, kept)
-    real = np.full((T, 16, 16, 3), 127, np.uint8)
-    real[:, box[0], box[1]] = 10   # as dark as only the kept line copied whole
-    chosen, offset, err, err_sharp = choose_mouth(plain, sharp, mouth, 0.0, real, None, fallback=0.0)
-    assert chosen and offset >= 6.0 and err_sharp < err
-    real[:, box[0], box[1]] = 127 - 0.3 * 127.5   # as grey as the blurred one copied whole
-    chosen, offset, err, err_sharp = choose_mouth(plain, sharp, mouth, 0.0, real, None, fallback=0.0)
-    assert not chosen and offset >= 6.0 and err <= err_sharp
-    # A tie keeps the bilinear mouth (the warp the blend was trained with).
-    assert not choose_mouth(plain, plain, mouth, 0.0, real, None, fallback=0.0)[0]
-    # No face found: nothing to choose by, the bilinear mouth and the fallback offset.
-    monkeypatch.setattr(scoring, "measured", lambda f, c: (*opening(f, c)[:2], np.zeros(len(f), bool)))
-    assert choose_mouth(plain, sharp, mouth, 0.0, real, None, fallback=2.0)[:2] == (False, 2.0)
+    assert mouth_offset_by_opening(rec, mouth, 0.0, real, None, fallback=3.0) == 3.0

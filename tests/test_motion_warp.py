@@ -416,29 +416,37 @@ def test_an_open_mouth_portrait_fills_the_opening_a_closed_one_stretches():
 
 
 def test_a_sharp_mouth_keeps_the_line_of_closed_lips():
-    """sharp_mouth samples the mouth box bicubic: the face moved half a pixel, the 1-px dark
-    line where the closed lips meet stays darker than bilinear's two half-dark rows (which
-    the landmark model reads as lips slightly parted); inside the box the pixels are
-    bicubic's, outside it nothing changes."""
+    """sharp_mouth samples the mouth box bicubic as far as the predicted inner lips are
+    closed: the face moved half a pixel, the 1-px dark line where the closed lips meet stays
+    darker than bilinear's two half-dark rows (which the landmark model reads as lips
+    slightly parted); an open mouth and everything outside the box stay bilinear."""
+    from model.motion_warp import SHARP_GAP
+
     warp, _, image, _ = _open_mouth_warp()
     landmark_map = warp.landmark_map.numpy().copy()
     down = np.zeros((len(warp.points), 2))
     down[:, 1] = 0.5
     landmark_map[1 + _F["pitch"]] = down.ravel()
     warp.set_fit(landmark_map, warp.points.numpy(), np.zeros(_N))
-    fields = torch.zeros(1, _N)
-    fields[0, _F["pitch"]] = 1.0
+    fields = torch.zeros(2, _N)
+    fields[:, _F["pitch"]] = 1.0
+    fields[1, _F["mouth_open"]] = 1.0
+    closed = warp.closed_weight(fields)
+    assert abs(float(closed[0]) - (1 - 0.6 / SHARP_GAP)) < 1e-4 and closed[1] == 0  # the slit is 0.6 px; open: 10.6
     plain = warp.warp(_unit(image), fields)
     sharp = warp.warp(_unit(image), fields, sharp_mouth=True)
-    box = warp.mouth_mask(fields, warp.mouth)[:, 0]
-    assert torch.equal(sharp.permute(0, 2, 3, 1)[box == 0], plain.permute(0, 2, 3, 1)[box == 0])
-    cubic = F.grid_sample(_unit(image), warp.grid(fields), mode="bicubic", padding_mode="border",
+    assert torch.equal(sharp[1], plain[1])
+    box = warp.mouth_mask(fields, warp.mouth)[0, 0]
+    assert torch.equal(sharp[0].permute(1, 2, 0)[box == 0], plain[0].permute(1, 2, 0)[box == 0])
+    cubic = F.grid_sample(_unit(image), warp.grid(fields[:1]), mode="bicubic", padding_mode="border",
                           align_corners=True).clamp(-1, 1)
-    assert torch.allclose(sharp.permute(0, 2, 3, 1)[box == 1], cubic.permute(0, 2, 3, 1)[box == 1], atol=1e-6)
+    want = torch.lerp(plain[:1], cubic, closed[0])
+    assert torch.allclose(sharp[0].permute(1, 2, 0)[box == 1], want[0].permute(1, 2, 0)[box == 1], atol=1e-6)
     line = (slice(78, 84), slice(56, 73))
-    assert _uint8(sharp)[0][line][..., 0].min() < _uint8(plain)[0][line][..., 0].min() - 8  # red: 20 on 170 lips
-    with pytest.raises(ValueError, match="mouth"):
-        _warp(_points())[0].warp(_unit(image), fields, sharp_mouth=True)  # a warp without the mouth's landmarks
+    assert _uint8(sharp)[0][line][..., 0].min() < _uint8(plain)[0][line][..., 0].min() - 4  # red: 20 on 170 lips
+    # A warp without the inner-lip pair has nothing to tell a closed mouth by: bilinear.
+    bare, _ = _warp(_points())
+    assert torch.equal(bare.warp(_unit(image), fields, sharp_mouth=True), bare.warp(_unit(image), fields))
 
 
 def test_where_the_lips_cross_the_open_mouth_keeps_its_teeth(monkeypatch):

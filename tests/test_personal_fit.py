@@ -84,7 +84,11 @@ def test_the_fits_warped_portraits_are_the_engines(prepared):
             plan = engine.recipe.plan(stream.state, stream.knobs, StepInput(span, None, rows), torch.Generator())
             blend = engine.recipe.blend_frames(stream.state, plan, 0, n)
             hint = encode_hints(engine.model.vae, batch.hints[b:b + 1])
-        assert torch.allclose(blend[0], batch.blend[b], atol=1e-5)
+        # The same but for the sharp mouth: the engine's blend samples a closed mouth bicubic
+        # (model/motion_warp.py), training bilinear, as the fitted decoder learnt it.
+        box = warp.mouth_mask(plan.motion[-plan.motion_first:][:n], warp.mouth) > 0
+        assert box.any() and not box.all()
+        assert torch.allclose(blend[0].masked_fill(box, 0), batch.blend[b].masked_fill(box, 0), atol=1e-5)
         assert torch.allclose(plan.hint, hint, atol=1e-4)
 
 
@@ -193,8 +197,6 @@ def test_avatar_create_fits_writes_an_avatar_and_resumes(prepared, capsys):
     # The blend's trust in the warp, calibrated on the stream of the last fitting frames.
     calibration = avatar.info["blend_calibration"]
     assert cfg.warp_mouth == LIPS and cfg.warp_blend == (calibration["face"], calibration["mouth"])
-    assert cfg.warp_sharp_mouth == calibration["sharp_mouth"]  # chosen by the opening, bilinear or bicubic
-    assert calibration["opening_error"] is None or calibration["opening_error"] >= 0
     assert calibration["frames"] > 0 and {calibration["face"], calibration["mouth"]} <= set(OFFSETS)
     assert calibration["held_back"]  # the 3 s clip holds a training clip besides its calibration frames
     assert cfg.warp_absolute  # the warp goes onto the predicted landmarks (model/motion_warp.py)

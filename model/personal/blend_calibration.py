@@ -20,12 +20,7 @@ cannot be learnt from the encoder's latents; it is measured on the stream itself
    whose re-blended frames are nearest the real ones in squared error (`best_offsets`);
    the mouth offset (inside the box) is the one whose re-blended frames open the mouth as
    the real ones do, as the landmark model measures both (`mouth_offset_by_opening`):
-   squared error in the mouth prefers a blurred half-open mouth to an opening a pixel off;
-4. the same for the warp's mouth box sampled bicubic (`ModelConfig.warp_sharp_mouth`,
-   model/motion_warp.py `_sample`), kept when its best offset opens the mouth nearer the
-   real frames: a bilinear warp blurs the line of closed lips, which the landmark model
-   reads as slightly parted (a person who keeps the mouth closed), while on a mouth that
-   moves the sharper sampling reads no better or worse (docs/benchmarks.md).
+   squared error in the mouth prefers a blurred half-open mouth to an opening a pixel off.
 
 Re-blending the recorded frames (`reblend`: the blend, the decoder's clamp, the seam blend
 of model/seams.py) gives the frames the stream makes with those offsets: nothing the blend
@@ -52,9 +47,6 @@ class Calibration:
     held_back: bool         # those frames were held back from training (else trained on: a short clip)
     psnr_fitted: float      # of those frames with the blend as fitted (offsets 0, 0)
     psnr: float             # with the chosen offsets
-    sharp_mouth: bool = False   # the blend copies the mouth box of the warp sampled bicubic
-    opening_error: float = float("nan")        # mouth-opening error of the chosen mouth offset, bilinear warp
-    opening_error_sharp: float = float("nan")  # the same with the mouth sampled bicubic
 
 
 @dataclass
@@ -130,18 +122,16 @@ def best_offsets(rec: _Recorded, mouth: Tensor, real: Tensor, seam_blend: float 
 
 
 def mouth_offset_by_opening(rec: _Recorded, mouth: Tensor, face: float, real: np.ndarray, calibration,
-                            fallback: float, seam_blend: float = 0.0, temporal_stride: int = 4,
-                            real_measure=None) -> tuple[float, float]:
+                            fallback: float, seam_blend: float = 0.0, temporal_stride: int = 4) -> float:
     """The mouth offset of OFFSETS whose re-blended frames open the mouth most nearly as the
     real frames (T, H, W, 3) uint8 do, as the landmark model measures both
-    (scoring.measured), and that mean opening error; `face` outside the mouth box. Squared
-    error in the mouth prefers a blurred, half-open mouth (the average of open and closed)
-    to an opening slightly misplaced; the opening is what a viewer reads. (`fallback`, NaN)
-    when the landmark model finds no face in most frames. real_measure: `measured(real)`
-    when the caller has it."""
+    (scoring.measured); `face` outside the mouth box. Squared error in the mouth prefers a
+    blurred, half-open mouth (the average of open and closed) to an opening slightly
+    misplaced; the opening is what a viewer reads. `fallback` when the landmark model finds
+    no face in most frames."""
     from model.personal.scoring import measured
 
-    real_open, _, real_found = real_measure if real_measure is not None else measured(real, calibration)
+    real_open, _, real_found = measured(real, calibration)
     errors = {}
     for m in OFFSETS:
         out = reblend(rec, face + (m - face) * mouth, seam_blend, temporal_stride)
@@ -150,28 +140,7 @@ def mouth_offset_by_opening(rec: _Recorded, mouth: Tensor, face: float, real: np
         both = found & real_found
         if both.sum() >= max(2, len(real) // 2):  # a face in most frames, else not comparable
             errors[m] = float(np.abs(gen_open[both] - real_open[both]).mean())
-    if not errors:
-        return fallback, float("nan")
-    best = min(errors, key=errors.get)
-    return best, errors[best]
-
-
-def choose_mouth(rec: _Recorded, sharp_rec: _Recorded, mouth: Tensor, face: float, real: np.ndarray, calibration,
-                 fallback: float, seam_blend: float = 0.0, temporal_stride: int = 4) -> tuple[bool, float, float, float]:
-    """The warp's mouth as recorded (bilinear) or as in `sharp_rec` (the mouth box bicubic),
-    each with its best mouth offset by the opening (`mouth_offset_by_opening`): the sharp
-    one only where it opens the mouth strictly nearer the real frames. -> (sharp, mouth
-    offset, opening error bilinear, opening error sharp)."""
-    from model.personal.scoring import measured
-
-    real_measure = measured(real, calibration)
-    m, err = mouth_offset_by_opening(rec, mouth, face, real, calibration, fallback, seam_blend, temporal_stride,
-                                     real_measure)
-    m_sharp, err_sharp = mouth_offset_by_opening(sharp_rec, mouth, face, real, calibration, fallback, seam_blend,
-                                                 temporal_stride, real_measure)
-    if err_sharp < err:  # NaN (no face found) never wins
-        return True, m_sharp, err, err_sharp
-    return False, m, err, err_sharp
+    return min(errors, key=errors.get) if errors else fallback
 
 
 def last_fitting_rows(fit_frames: int, fps: float) -> slice:
@@ -201,7 +170,7 @@ def calibrate(model, prepared, rows: slice | None = None, held_back: bool = Fals
     if p.audio is not None:
         audio = p.audio[round(rows.start * p.sample_rate / p.fps):round(rows.stop * p.sample_rate / p.fps)]
     motion = driving_motion(p.motion[rows])
-    cfg.warp_blend, cfg.warp_sharp_mouth = (0.0, 0.0), False  # record the blend as fitted
+    cfg.warp_blend = (0.0, 0.0)  # record the blend as fitted
     engine = Engine(model, autocast=torch.bfloat16 if native_cpu_bf16() else None)
     torch.manual_seed(seed)
     rec = record_blends(engine, p.portrait, motion, audio, n)
@@ -210,24 +179,11 @@ def calibrate(model, prepared, rows: slice | None = None, held_back: bool = Fals
     real = torch.from_numpy(np.ascontiguousarray(p.frames[rows])).float().div(127.5).sub(1).permute(0, 3, 1, 2)
     seam, stride = cfg.stream.seam_blend, engine.timeline.temporal_stride
     face, m, errors = best_offsets(rec, mouth, real, seam, stride)
-    sharp, err, err_sharp = False, float("nan"), float("nan")
     if cfg.warp_mouth and mouth_by_opening:
-        sharp_rec = _Recorded(rec.rgb, rec.logit, rec.warp + sharp_mouth_change(model.warp, p.portrait, fields))
-        sharp, m, err, err_sharp = choose_mouth(rec, sharp_rec, mouth, face, p.frames[rows], p.calibration, m,
-                                                seam, stride)
-        rec = sharp_rec if sharp else rec
-    cfg.warp_blend, cfg.warp_sharp_mouth = (face, m), sharp
-    chosen_mse = float((reblend(rec, face + (m - face) * mouth, seam, stride) - real).pow(2).mean())
+        m = mouth_offset_by_opening(rec, mouth, face, p.frames[rows], p.calibration, m, seam, stride)
+    cfg.warp_blend = (face, m)
 
     def psnr(mse: float) -> float:
         return float(10 * np.log10(4.0 / max(mse, 1e-12)))  # peak-to-peak 2 in [-1, 1]
 
-    return Calibration(face, m, n, held_back, psnr(errors[(0.0, 0.0)]), psnr(chosen_mse), sharp, err, err_sharp)
-
-
-def sharp_mouth_change(warp, portrait: np.ndarray, fields: Tensor) -> Tensor:
-    """(T, 3, S, S): what sampling the mouth box bicubic changes in the warp of the portrait
-    (S, S, 3) uint8 onto `fields` (zero outside the box)."""
-    image = torch.from_numpy(np.ascontiguousarray(portrait)).float().div(127.5).sub(1).permute(2, 0, 1)[None]
-    with torch.no_grad():
-        return warp.warp(image, fields, sharp_mouth=True) - warp.warp(image, fields)
+    return Calibration(face, m, n, held_back, psnr(errors[(0.0, 0.0)]), psnr(errors.get((face, m), float("nan"))))

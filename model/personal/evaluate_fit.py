@@ -122,17 +122,14 @@ def report_lines(results: list[dict]) -> list[str]:
         if c:
             # Avatars fitted before 2026-12-02 calibrated on frames they trained on (no record).
             where = "held-back" if c.get("held_back") else "trained-on"
-            sharp = ", mouth sampled bicubic" if c.get("sharp_mouth") else ""
-            offsets = f"{c['face']:+g} / {c['mouth']:+g}{sharp} ({c['frames']} {where} frames)"
+            offsets = f"{c['face']:+g} / {c['mouth']:+g} ({c['frames']} {where} frames)"
         lines.append(f"| {r['name']} | {f.get('decoder_steps')} | {f.get('dit_steps')} | {f.get('complete')} | "
                      f"{f.get('run_minutes', '-')} | {f.get('run_cpu_minutes', '-')} | {offsets} | "
                      f"{row['jitter / real']:.3f} |")
     lines += ["", "The fit minutes are those of the run that finished the fit: a fit resumed from its "
               "checkpoints counts only its last run. Blend offsets: what the fit's calibration adds to the "
               "decoder blend's logit outside / inside the mouth box (model/personal/blend_calibration.py), "
-              "chosen on the stream of the last fitting frames, held back from training when the clip allows; "
-              "there too, whether the blend copies the warp's mouth sampled bicubic (a sharper line of closed "
-              "lips) because it reads the mouth's opening nearer the real frames.",
+              "chosen on the stream of the last fitting frames, held back from training when the clip allows.",
               "", "Speech-driven (speech alone, no motion): correlation of the mouth opening measured on the "
               "generated frames with the speech envelope, at lag 0 and at the best lag (positive: the mouth "
               "follows the sound; 1 frame = 40 ms).", "",

@@ -301,12 +301,5 @@ def write_avatar(result: FitResult, prepared, path: str | Path, name: str) -> No
     if result.calibration is not None:
         c = result.calibration
         info["blend_calibration"] = {"face": c.face, "mouth": c.mouth, "frames": c.frames, "held_back": c.held_back,
-                                     "psnr_fitted": round(c.psnr_fitted, 2), "psnr": round(c.psnr, 2),
-                                     "sharp_mouth": c.sharp_mouth, "opening_error": _rounded(c.opening_error, 4),
-                                     "opening_error_sharp": _rounded(c.opening_error_sharp, 4)}
+                                     "psnr_fitted": round(c.psnr_fitted, 2), "psnr": round(c.psnr, 2)}
     avatar_file.save(model, prepared.portrait, path, name, info)
-
-
-def _rounded(x: float, digits: int) -> float | None:
-    """x rounded for the avatar file's JSON info; None for NaN (not measured)."""
-    return None if math.isnan(x) else round(x, digits)
