@@ -61,8 +61,9 @@ sampling at a sub-pixel offset spreads the dark line where closed lips meet over
 half-dark rows, which the landmark model (and a viewer) reads as lips slightly parted.
 Inside the mouth box the warp then samples bicubic, which keeps the line, as far as the
 motion closes the lips: fully when the predicted inner lips (`open_pair`) meet, not at all
-from SHARP_GAP apart: on an opening mouth the bicubic one read worse (docs/benchmarks.md). A warp without the inner-lip pair (no open-mouth portrait)
-stays bilinear. The DiT's condition and training keep the bilinear warp.
+from SHARP_GAP apart (on an opening mouth the bicubic one read worse, docs/benchmarks.md).
+A warp without the inner-lip pair (no open-mouth portrait) stays bilinear. The DiT's
+condition and training keep the bilinear warp.
 """
 
 from __future__ import annotations
