@@ -265,24 +265,22 @@ class MotionWarp(nn.Module):
         ramp = ((x - self.torso_line.float()) / TORSO_RAMP).clamp(0, 1)                        # (S,) rows
         return ramp[None, :, None, None] * along[:, None]
 
+    def lip_gap(self, points: Tensor) -> Tensor:
+        """(..., N, 2) landmarks -> (...,) px between the inner lips (`open_pair`)."""
+        up, down = self.open_pair
+        return (points[..., up, :] - points[..., down, :]).norm(dim=-1)
+
     def open_weight(self, fields: Tensor) -> Tensor:
         """(T, F) motion -> (T,) in [0, 1]: how far the predicted inner-lip gap has gone from
         the portrait's (0) to the open-mouth portrait's (1)."""
-        up, down = self.open_pair
-
-        def gap(pts: Tensor) -> Tensor:
-            return (pts[..., up, :] - pts[..., down, :]).norm(dim=-1)
-
-        closed, opened = gap(self.points.float()), gap(self.open_points.float())
+        closed, opened = self.lip_gap(self.points.float()), self.lip_gap(self.open_points.float())
         span = (opened - closed).clamp(min=1e-3)  # the fit sets it only when the frame opens wider
-        return ((gap(self.landmarks(fields)) - closed) / span).clamp(0, 1)
+        return ((self.lip_gap(self.landmarks(fields)) - closed) / span).clamp(0, 1)
 
     def closed_weight(self, fields: Tensor) -> Tensor:
         """(T, F) motion -> (T,) in [0, 1]: 1 where the predicted inner lips meet, falling to
         0 at SHARP_GAP px apart (the sharp mouth's weight; needs `open_pair`)."""
-        up, down = self.open_pair
-        pts = self.landmarks(fields)
-        return (1 - (pts[:, up] - pts[:, down]).norm(dim=-1) / SHARP_GAP).clamp(0, 1)
+        return (1 - self.lip_gap(self.landmarks(fields)) / SHARP_GAP).clamp(0, 1)
 
     def fields(self, driving: Tensor) -> Tensor:
         """(..., 2F) driving rows (values, given flags) -> (..., F): given values, else the rest."""
