@@ -52,3 +52,16 @@ def test_no_import_cycles():
     for module in sorted(graph):
         visit(module, [module], {module})
     assert not cycles, cycles
+
+
+def test_no_other_installed_distribution_ships_our_package_names():
+    """Our top-level packages have plain names. A dependency that installs a module of the
+    same name (transformers 5.25 pulls in Hugging Face's `kernels`) shadows ours or is
+    shadowed by it, and shares its site-packages folder: fail here, by name, instead of
+    with an ImportError deep inside another library."""
+    from importlib.metadata import packages_distributions
+
+    owners = packages_distributions()
+    clashes = {pkg: sorted(set(owners[pkg]) - {"knotstream"}) for pkg in PACKAGES
+               if set(owners.get(pkg, ())) - {"knotstream"}}
+    assert not clashes, clashes

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from model.wan import audio as wan_audio
 from model.wan.audio import (
     AudioLayout,
     Wav2VecDriving,
@@ -187,3 +188,14 @@ def test_from_pretrained_reads_a_local_folder(model, tmp_path):
     assert (enc.encode(audio) - Wav2VecDriving(model, enc.layout, normalize=False).encode(audio)).abs().max() < TOL
     with pytest.raises(FileNotFoundError, match="no config.json"):
         Wav2VecDriving.from_pretrained(tmp_path / "missing", enc.layout)
+
+
+def test_a_clashing_kernels_module_is_named_before_transformers_is_imported(monkeypatch):
+    # Hugging Face's `kernels` (required by transformers >= 5.25) installs a module of our
+    # `kernels` package's name: say which distribution to remove, not a deep ImportError.
+    monkeypatch.setattr(wan_audio, "packages_distributions",
+                        lambda: {"kernels": ["knotstream", "kernels"]})
+    with pytest.raises(ImportError, match="kernels installs a `kernels` module"):
+        require_transformers()
+    monkeypatch.setattr(wan_audio, "packages_distributions", lambda: {"kernels": ["knotstream"]})
+    assert require_transformers().__name__ == "transformers"

@@ -26,6 +26,7 @@ import json
 import math
 import threading
 from dataclasses import dataclass
+from importlib.metadata import packages_distributions
 from pathlib import Path
 
 import torch
@@ -38,6 +39,13 @@ _MIN_SAMPLES = 400  # wav2vec2-base's CNN receptive field: shorter audio gives n
 
 def require_transformers():
     """The transformers package, or an ImportError that says how to get it."""
+    clashing = sorted(set(packages_distributions().get("kernels", ())) - {"knotstream"})
+    if clashing:
+        # transformers >= 5.25 requires Hugging Face's `kernels`, which installs a module of
+        # the same name as ours; transformers then imports one and expects the other.
+        raise ImportError(f"{', '.join(clashing)} installs a `kernels` module, which clashes with "
+                          "knotstream's own; pip uninstall it and pip install 'knotstream[photoreal]' "
+                          "(transformers below 5.25)")
     try:
         import transformers
     except ImportError as exc:
