@@ -37,7 +37,8 @@ KEEP_JOBS = 8
 MIN_VIDEO_S = 2.0        # a shorter clip holds too few training clips to fit anything
 POLL_S = 1.0
 # Share of the whole job each stage stands for in `progress` (a rough guide for a bar).
-STAGE_SHARES = (("prepare", 0.15), ("decoder", 0.25), ("encode", 0.0), ("dit", 0.58), ("calibrate", 0.02))
+# "calibrate" includes choosing the DiT snapshot (model/personal/snapshots.py).
+STAGE_SHARES = (("prepare", 0.15), ("decoder", 0.22), ("encode", 0.0), ("dit", 0.5), ("calibrate", 0.13))
 
 
 @dataclass

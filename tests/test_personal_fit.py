@@ -323,3 +323,73 @@ def test_speech_that_ends_before_the_frames_reads_as_silence():
     assert out[5:14, _F["mouth_open"]].min() > 0.5 and out[18:, _F["mouth_open"]].max() < 0.1
     short = fill(np.zeros((25, 2 * _N), np.float32), audio[:100], 0, 0, tl, (0.6, 0.3))
     assert short.shape == (25, 2 * _N) and short[5:, _F["mouth_open"]].max() < 0.05  # then released
+
+
+def test_snapshot_steps_and_the_stretches_they_are_judged_on():
+    from model.personal.snapshots import snapshot_steps, stretch_rows
+
+    assert snapshot_steps(800) == (400, 600) and snapshot_steps(2) == (1,) and snapshot_steps(1) == ()
+    assert stretch_rows(1000) == [slice(0, 250), slice(250, 500), slice(500, 750), slice(750, 1000)]
+    assert stretch_rows(1600) == [slice(s, s + 250) for s in (0, 450, 900, 1350)]  # spread over the clip
+    assert stretch_rows(60) == [slice(0, 60)]  # a short clip: one stretch, all of it
+
+
+def _spoil(path):
+    """Overwrite the DiT's and decoder's weights in a checkpoint with noise."""
+    from model.train.trainer import load_checkpoint
+
+    state = load_checkpoint(path)
+    gen = torch.Generator().manual_seed(1)
+    for k, v in state["model"].items():
+        if (k.startswith("dit.") or k.startswith("vae.decoder.")) and v.is_floating_point():
+            v.add_(torch.randn(v.shape, generator=gen) * 3)
+    torch.save(state, path)
+
+
+def test_a_fit_writes_the_dit_snapshot_that_streams_its_fitting_frames_best(prepared, tmp_path, monkeypatch):
+    """The kept DiT steps and the last are calibrated and scored on streamed stretches of the
+    fitting frames; the avatar is written from the best, with that step's calibration. A
+    spoilt snapshot is never chosen; a spoilt last step is passed over; a finished fit
+    re-run scores nothing again."""
+    from model.personal import snapshots
+    from model.personal.fit import FitPlan, fit, write_avatar
+    from model.personal import avatar_file
+    from model.train.trainer import load_checkpoint
+    from model.weights import read_metadata
+
+    _, _, p = prepared
+    plan = FitPlan(decoder_steps=1, dit_steps=2)
+    out = tmp_path / "fit"
+    result = fit(p, "tiny", out, plan)
+    assert set(snapshots.kept_steps(out)) == {1}
+    assert "opt" in load_checkpoint(out / "dit.pt") and load_checkpoint(out / "dit_1.pt")["opt"] is None
+    choice = result.snapshot
+    scores = {c.step: c.psnr for c in choice.candidates}
+    assert set(scores) == {1, 2} and all(np.isfinite(list(scores.values())))
+    assert choice.step == max(scores, key=scores.get)
+    written = load_checkpoint(out / ("dit.pt" if choice.step == 2 else "dit_1.pt"))["model"]
+    assert all(torch.equal(result.model.state_dict()[k], v) for k, v in written.items())
+    chosen = next(c for c in choice.candidates if c.step == choice.step)
+    assert result.model.config.warp_blend == (chosen.calibration["face"], chosen.calibration["mouth"])
+    write_avatar(result, p, tmp_path / "me.safetensors", "me")
+    info = avatar_file.read(tmp_path / "me.safetensors").info
+    assert info["dit_snapshot"]["chosen"] == choice.step and set(info["dit_snapshot"]["psnr"]) == {"1", "2"}
+    assert read_metadata(tmp_path / "me.safetensors")["config"].warp_blend == result.model.config.warp_blend
+
+    # Re-run on the finished fit: the recorded scores stand, nothing is streamed again.
+    streamed = []
+    real_stream = snapshots.stream_psnr
+    monkeypatch.setattr(snapshots, "stream_psnr", lambda *a, **k: streamed.append(1) or real_stream(*a, **k))
+    again = fit(p, "tiny", out, plan)
+    assert not streamed and again.snapshot.step == choice.step
+    assert again.model.config.warp_blend == result.model.config.warp_blend
+
+    # A snapshot spoilt with noise streams worse than the last step, and the reverse.
+    for spoilt, kept in (("dit_1.pt", 2), ("dit.pt", 1)):
+        (out / snapshots.SCORES_FILE).unlink()
+        _spoil(out / spoilt)
+        r = fit(p, "tiny", out, plan)
+        by_step = {c.step: c.psnr for c in r.snapshot.candidates}
+        assert r.snapshot.step == kept and by_step[kept] > by_step[3 - kept] + 3, by_step
+        if spoilt == "dit_1.pt":  # restore it for the second round: a fit from scratch is slow
+            torch.save(load_checkpoint(out / "dit.pt") | {"opt": None, "step": 1}, out / "dit_1.pt")

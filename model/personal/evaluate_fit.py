@@ -123,13 +123,19 @@ def report_lines(results: list[dict]) -> list[str]:
             # Avatars fitted before 2026-12-02 calibrated on frames they trained on (no record).
             where = "held-back" if c.get("held_back") else "trained-on"
             offsets = f"{c['face']:+g} / {c['mouth']:+g} ({c['frames']} {where} frames)"
-        lines.append(f"| {r['name']} | {f.get('decoder_steps')} | {f.get('dit_steps')} | {f.get('complete')} | "
+        dit = f.get("dit_steps")
+        snapshot = f.get("dit_snapshot")  # the step the avatar was written from, when the fit chose one
+        if snapshot and snapshot["chosen"] != dit:
+            dit = f"{dit}, step {snapshot['chosen']} kept"
+        lines.append(f"| {r['name']} | {f.get('decoder_steps')} | {dit} | {f.get('complete')} | "
                      f"{f.get('run_minutes', '-')} | {f.get('run_cpu_minutes', '-')} | {offsets} | "
                      f"{row['jitter / real']:.3f} |")
     lines += ["", "The fit minutes are those of the run that finished the fit: a fit resumed from its "
               "checkpoints counts only its last run. Blend offsets: what the fit's calibration adds to the "
               "decoder blend's logit outside / inside the mouth box (model/personal/blend_calibration.py), "
-              "chosen on the stream of the last fitting frames, held back from training when the clip allows.",
+              "chosen on the stream of the last fitting frames, held back from training when the clip allows. "
+              "A DiT step kept: the earlier snapshot that streamed the fitting frames better than the last "
+              "(model/personal/snapshots.py).",
               "", "Speech-driven (speech alone, no motion): correlation of the mouth opening measured on the "
               "generated frames with the speech envelope, at lag 0 and at the best lag (positive: the mouth "
               "follows the sound; 1 frame = 40 ms).", "",

@@ -48,13 +48,17 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from model.personal import snapshots
+
 DECODER_SHARE = 0.3   # of the time limit, at most, for the decoder stage
 CALIBRATION_RESERVE_S = 60.0  # of a time limit, kept for the blend calibration after the DiT stage
+SNAPSHOT_RESERVE_S = 75.0  # of a time limit, kept per earlier DiT snapshot scored (snapshots.choose)
 POOL_PER_TILE = 1.0   # latent-pool clips per distinct clip-length stretch of the fitting frames
 MAX_POOL = 96        # encoding the pool is a large share of a short fit on a CPU
 CALIBRATION_SHARE = 0.2  # of the fitting frames, at most, held back from training for the blend calibration
@@ -83,6 +87,9 @@ class FitPlan:
     # After training, calibrate how much the decoder copies from the warp, on the stream of
     # the last fitting frames (model/personal/blend_calibration.py).
     calibrate_blend: bool = True
+    # Keep the DiT at these shares of its steps and write the avatar from the kept step, or
+    # the last, that streams the fitting frames best (model/personal/snapshots.py); () = the last.
+    snapshot_fractions: tuple[float, ...] = snapshots.FRACTIONS
 
 
 @dataclass
@@ -94,6 +101,7 @@ class FitResult:
     minutes: float         # wall time of this call
     cpu_minutes: float     # CPU time of this process during the call (all its threads)
     calibration: object = None  # blend_calibration.Calibration of the warp's blend, None without a warp
+    snapshot: object = None     # snapshots.Choice: the DiT step written, of those scored; None: the last, unscored
 
 
 def trainer_args(plan: FitPlan, base: str, pool: int, clip_latents: int,
@@ -110,7 +118,8 @@ def trainer_args(plan: FitPlan, base: str, pool: int, clip_latents: int,
         model=base, seed=plan.seed, batch=plan.batch, save_every=plan.save_every,
         decoder_steps=plan.decoder_steps, reference_decoder=False, temporal_weight=1.0,
         dit_steps=plan.dit_steps, rollout_steps=0, rollout_context="last", clip_latents=clip_latents,
-        pool=pool, mouth_given=0.0, warmup_steps=plan.warmup_steps, lr=plan.decoder_lr, on_progress=on_progress)
+        pool=pool, mouth_given=0.0, warmup_steps=plan.warmup_steps, lr=plan.decoder_lr, on_progress=on_progress,
+        keep_steps=snapshots.snapshot_steps(plan.dit_steps, plan.snapshot_fractions))
     return args
 
 
@@ -172,19 +181,29 @@ def fit(prepared, base: str, out: str | Path, plan: FitPlan | None = None, max_m
     args.lr = plan.dit_lr
     if on_progress is not None:
         on_progress("encode", 0, 1, None)  # the latent pool is encoded first (minutes for a long clip)
-    if deadline is not None and calibrating:
-        deadline -= CALIBRATION_RESERVE_S
-    trainer.train_dit(model, data, args, out, deadline, "dit")
-    calibration = None
+    train_deadline = None
+    if deadline is not None:
+        train_deadline = (deadline - (CALIBRATION_RESERVE_S if calibrating else 0)
+                          - len(args.keep_steps) * SNAPSHOT_RESERVE_S)
+    trainer.train_dit(model, data, args, out, train_deadline, "dit")
+    dec, dit = _stage_step(out, "decoder"), _stage_step(out, "dit")
+    calibrate = None
     if calibrating:
-        from model.personal.blend_calibration import calibrate
+        from model.personal.blend_calibration import calibrate as calibrate_blend
 
+        def calibrate(m):
+            return calibrate_blend(m.eval(), prepared, calib_rows, held_back=held_back)
+
+    choice, calibration = None, None
+    if any(k < dit for k in snapshots.kept_steps(out)):
+        choice, calibration = snapshots.choose(model, prepared, out, dit, calibrate, deadline, on_progress,
+                                               log=lambda line: print(line, file=sys.stderr))
+    elif calibrate is not None:
         if on_progress is not None:
             on_progress("calibrate", 0, 1, None)
-        calibration = calibrate(model.eval(), prepared, calib_rows, held_back=held_back)
-    dec, dit = _stage_step(out, "decoder"), _stage_step(out, "dit")
+        calibration = calibrate(model)
     return FitResult(model.eval(), dec, dit, dec >= plan.decoder_steps and dit >= plan.dit_steps,
-                     (time.time() - t0) / 60, (time.process_time() - cpu0) / 60, calibration)
+                     (time.time() - t0) / 60, (time.process_time() - cpu0) / 60, calibration, choice)
 
 
 def calibration_rows(prepared, config, plan: FitPlan) -> tuple[slice, slice]:
@@ -298,6 +317,8 @@ def write_avatar(result: FitResult, prepared, path: str | Path, name: str) -> No
     info = {"source": prepared.meta.get("source"), "fit_frames": prepared.fit_frames,
             "decoder_steps": result.decoder_step, "dit_steps": result.dit_step, "complete": result.complete,
             "run_minutes": round(result.minutes, 1), "run_cpu_minutes": round(result.cpu_minutes, 1)}
+    if result.snapshot is not None:
+        info["dit_snapshot"] = result.snapshot.info()
     if result.calibration is not None:
         c = result.calibration
         info["blend_calibration"] = {"face": c.face, "mouth": c.mouth, "frames": c.frames, "held_back": c.held_back,

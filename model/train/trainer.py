@@ -69,6 +69,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keep-every", type=int, default=0,
                    help="DiT stages: also keep the checkpoint of every N-th step as <stage>_<step>.pt (0 = only the "
                         "latest), e.g. to evaluate a run part way (--model <stage>_<step>.pt --export ...)")
+    p.add_argument("--keep-steps", type=_step_list, default=(), metavar="N,N,...",
+                   help="DiT stages: also keep the checkpoints of these steps, as --keep-every does")
     p.add_argument("--max-minutes", type=float, default=0, help="stop (checkpointed) after this long; 0 = no limit")
     p.add_argument("--export", help="write the trained model here (e.g. model/assets/tiny.safetensors)")
     p.add_argument("--knob", action="append", default=[], metavar="NAME=VALUE",
@@ -86,6 +88,17 @@ def _share(text: str) -> float:
     return x
 
 
+def _step_list(text: str) -> tuple[int, ...]:
+    """Training steps, comma-separated: positive whole numbers."""
+    try:
+        steps = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected steps such as 400,600, got {text!r}") from None
+    if any(n < 1 for n in steps):
+        raise argparse.ArgumentTypeError(f"steps must be positive, got {text!r}")
+    return steps
+
+
 def _window_range(text: str) -> tuple[int, int]:
     try:
         lo, hi = (int(x) for x in text.split(","))
@@ -98,6 +111,11 @@ def _window_range(text: str) -> tuple[int, int]:
 
 def _checkpoint_path(out: Path, stage: str) -> Path:
     return out / f"{stage}.pt"
+
+
+def kept_checkpoint(out: Path, stage: str, step: int) -> Path:
+    """Where --keep-every / --keep-steps keep a DiT stage's weights of `step`."""
+    return out / f"{stage}_{step}.pt"
 
 
 def save_checkpoint(path: Path, model, opt, step: int, gen, extra: dict | None = None) -> None:
@@ -446,8 +464,10 @@ def train_dit(model, data, args, out: Path, deadline, stage: str) -> None:
         loop.update(loss.item(), gnorm=float(gn))
         if loop.step % args.save_every == 0:
             save_checkpoint(ck, model, opt, loop.step, gen)
-        if args.keep_every and loop.step % args.keep_every == 0:
-            save_checkpoint(out / f"{stage}_{loop.step}.pt", model, opt, loop.step, gen)
+        if args.keep_every and loop.step % args.keep_every == 0 or loop.step in args.keep_steps:
+            # The weights only: a kept step is read as a model (--model, a fit's snapshot
+            # choice), never resumed from; the optimiser's state would double the file.
+            save_checkpoint(kept_checkpoint(out, stage, loop.step), model, None, loop.step, gen)
     loop.close()
     save_checkpoint(ck, model, opt, loop.step, gen)
 
