@@ -23,7 +23,7 @@ def args_for(tmp_path, **kw):
                 reference_decoder=False, temporal_weight=1.0, knob=[], batch=2, lr=1e-3,
                 clip_latents=5, pool=4, threads=0, seed=0, save_every=1, max_minutes=0,
                 export=str(tmp_path / "out.safetensors"), context_steps=0, replay_steps=3, replay_every=2,
-                replay_chains=4, chain_chunks=1, teacher_forced=0.3, windows=None, keep_every=0,
+                replay_chains=4, chain_chunks=1, teacher_forced=0.3, windows=None, keep_every=0, keep_steps=(),
                 mouth_given=0.0, mouth_alone=0.5)
     base.update(kw)
     return argparse.Namespace(**base)
@@ -116,7 +116,9 @@ def test_replay_stage_fine_tunes_a_model_file_resumes_and_exports(tmp_path):
     assert trainer.run(args_for(tmp_path, stage="replay", replay_steps=0, model=str(ck / "replay_2.pt"),
                                 out=str(tmp_path / "ck2"), knob=["knot_frames=0"])) == 0
     part = Engine.from_pretrained(str(tmp_path / "out.safetensors"))
-    kept = torch.load(ck / "replay_2.pt", weights_only=False)["model"]
+    kept = torch.load(ck / "replay_2.pt", weights_only=False)
+    assert kept["opt"] is None  # the weights only: a kept step is read, never resumed
+    kept = kept["model"]
     assert part.config.stream.knot_frames == 0
     exported = part.model.state_dict()
     assert all(torch.equal(exported[k], v.half().float()) for k, v in kept.items() if k.startswith("dit."))
