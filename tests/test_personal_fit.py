@@ -301,7 +301,8 @@ def test_personal_eval_scores_a_fitted_avatar(prepared, tmp_path):
     assert set(fit["speech"]["tone"]) == {ROUTED, AUDIO_PATH}
     for s in fit["speech"]["tone"].values():
         assert -1 <= s["r"] <= 1 and abs(s["lag"]) <= 10
-    assert fit["drift"]["seconds"] == 2.0 and np.isfinite(fit["drift"]["change"])
+    d = fit["drift"]
+    assert d["seconds"] >= 2.0 and 0 < 2 * d["window_seconds"] <= d["seconds"] and np.isfinite(d["change"])
     text = report([r], "knotstream eval --personal ...", 1.0)
     assert "## Fitted avatars" in text and ROUTED in text and "Identity drift" in text
     # The gaps to each baseline with their intervals, and the bars read from them.
@@ -393,3 +394,17 @@ def test_a_fit_writes_the_dit_snapshot_that_streams_its_fitting_frames_best(prep
         assert r.snapshot.step == kept and by_step[kept] > by_step[3 - kept] + 3, by_step
         if spoilt == "dit_1.pt":  # restore it for the second round: a fit from scratch is slow
             torch.save(load_checkpoint(out / "dit.pt") | {"opt": None, "step": 1}, out / "dit_1.pt")
+
+
+def test_drift_windows_are_whole_passes_of_the_looped_frames():
+    """The first and the last drift window must score the same held-out frames: franck's
+    1000 frames looped over 300 s with 60 s windows compared different stretches."""
+    from model.personal.evaluate_fit import drift_frames
+
+    for loop, fps, seconds, window_s in ((1000, 24, 300, 60), (244, 25, 300, 60), (15, 25, 2.0, 0.5),
+                                         (3000, 24, 300, 60)):
+        run, window = drift_frames(loop, fps, seconds, window_s)
+        assert window % loop == 0 and run % loop == 0 and run >= seconds * fps and run >= 2 * window
+        first, last = np.arange(window) % loop, np.arange(run - window, run) % loop
+        assert np.array_equal(first, last)
+    assert drift_frames(1000, 24, 300, 60) == (8000, 1000)  # 60 s is nearer one pass (41.7 s) than two
