@@ -58,7 +58,7 @@ from model.personal import snapshots
 
 DECODER_SHARE = 0.3   # of the time limit, at most, for the decoder stage
 CALIBRATION_RESERVE_S = 60.0  # of a time limit, kept for the blend calibration after the DiT stage
-SNAPSHOT_RESERVE_S = 75.0  # of a time limit, kept per earlier DiT snapshot scored (snapshots.choose)
+SNAPSHOT_RESERVE_S = 50.0  # of a time limit, per earlier DiT snapshot scored (snapshots.choose; 35-46 s measured)
 POOL_PER_TILE = 1.0   # latent-pool clips per distinct clip-length stretch of the fitting frames
 MAX_POOL = 96        # encoding the pool is a large share of a short fit on a CPU
 CALIBRATION_SHARE = 0.2  # of the fitting frames, at most, held back from training for the blend calibration
