@@ -155,7 +155,7 @@ def calibrate(model, prepared, rows: slice | None = None, held_back: bool = Fals
     prepared clip's frames `rows` (default: the last CALIBRATION_SECONDS of its fitting
     frames); held_back: whether the fit trained without them (recorded). mouth_by_opening:
     the mouth offset by `mouth_offset_by_opening`, else by squared error as the face's."""
-    from model.engine import Engine, native_cpu_bf16
+    from model.personal.drive import cpu_engine
     from model.personal.fit_data import driving_motion
 
     if model.warp is None:
@@ -171,7 +171,7 @@ def calibrate(model, prepared, rows: slice | None = None, held_back: bool = Fals
         audio = p.audio[round(rows.start * p.sample_rate / p.fps):round(rows.stop * p.sample_rate / p.fps)]
     motion = driving_motion(p.motion[rows])
     cfg.warp_blend = (0.0, 0.0)  # record the blend as fitted
-    engine = Engine(model, autocast=torch.bfloat16 if native_cpu_bf16() else None)
+    engine = cpu_engine(model)
     torch.manual_seed(seed)
     rec = record_blends(engine, p.portrait, motion, audio, n)
     fields = model.warp.fields(torch.as_tensor(np.asarray(motion), dtype=torch.float32))

@@ -8,6 +8,16 @@ from collections.abc import Iterator
 import numpy as np
 
 
+def cpu_engine(model):
+    """The engine a CPU session streams an in-memory `model` with: float32 weights, computed
+    in bfloat16 where the CPU has it natively, as `Engine.from_pretrained` chooses for a file."""
+    import torch
+
+    from model.engine import Engine, native_cpu_bf16
+
+    return Engine(model, autocast=torch.bfloat16 if native_cpu_bf16() else None)
+
+
 def chunks(engine, portrait: np.ndarray, motion: np.ndarray | None, audio: np.ndarray | None, n_frames: int,
            seed: int = 0) -> Iterator[tuple[int, np.ndarray]]:
     """(first frame index, (n, H, W, 3) uint8) per step until `n_frames` frames were made (the

@@ -55,14 +55,11 @@ def stretch_rows(fit_frames: int, count: int = STRETCHES, length: int = STRETCH_
 def stream_psnr(model, prepared, rows: list[slice], seed: int = 0) -> float:
     """Mean PSNR (dB) of the model's stream of each stretch of `rows` against its real
     frames, driven by the stretch's measured motion; the mean over stretches."""
-    import torch
-
-    from model.engine import Engine, native_cpu_bf16
-    from model.personal.drive import generate
+    from model.personal.drive import cpu_engine, generate
     from model.personal.fit_data import driving_motion
     from model.train.metrics import psnr_frames
 
-    engine = Engine(model, autocast=torch.bfloat16 if native_cpu_bf16() else None)
+    engine = cpu_engine(model)
     scores = []
     for r in rows:
         frames, _ = generate(engine, prepared.portrait, driving_motion(prepared.motion[r]), None, r.stop - r.start,
@@ -155,7 +152,7 @@ def choose(model, prepared, out: Path, last_step: int, calibrate: Callable | Non
         took = max(took, time.time() - t0)
         log(f"DiT step {step}: {psnr:.2f} dB on {len(rows)} streamed stretches of the fitting frames "
             f"({time.time() - t0:.0f} s)")
-    best = max((c for c in scored.values()), key=lambda c: c.psnr)
+    best = max(scored.values(), key=lambda c: c.psnr)
     if best.step == last_step:
         model.load_state_dict(trained)
     else:
